@@ -1,0 +1,1 @@
+"""Hugging Face <-> moejax weights: streaming safetensors reads and per-architecture key maps."""

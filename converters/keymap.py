@@ -1,0 +1,106 @@
+"""Declarative maps from moejax parameters to Hugging Face tensors, and the loader that applies them.
+
+A `Rule` names the Hugging Face key template of one moejax parameter ("{i}" = layer index, "{e}" =
+expert index), the shape each tensor has on disk, and how one tensor becomes moejax's layout. Layer
+parameters are stacked over the layers their scanned unit runs, and expert tensors over experts, as
+they are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One way to read a parameter: key template, on-disk shape, and disk -> moejax layout."""
+
+    template: str
+    hf_shape: tuple[int, ...]
+    to_moejax: Callable[[np.ndarray], np.ndarray] = lambda a: a
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """Rules (first match wins) for top-level params and for params inside one decoder layer."""
+
+    top: dict[tuple[str, ...], list[Rule]]
+    layer: dict[tuple[str, ...], list[Rule]]
+    num_experts: int
+    optional_keys: frozenset[str] = frozenset()
+
+
+def _param_paths(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield tuple(path), var
+
+
+def _layer_rule_key(path: tuple) -> tuple[int, int, tuple[str, ...]] | None:
+    if len(path) > 4 and path[0] == "layers" and path[1] == "units":
+        return int(path[2]), int(path[3]), tuple(str(p) for p in path[4:])
+    return None
+
+
+def _keys(template: str, layers: tuple[int, ...] | None, num_experts: int) -> np.ndarray:
+    """Keys as an array shaped [layers?, experts?] (each axis present only where the template has it)."""
+    per_expert = "{e}" in template
+    rows = [[template.format(i=i, e=e) for e in (range(num_experts) if per_expert else [None])]
+            for i in (layers if layers is not None else [None])]
+    shape = ((len(layers),) if layers is not None else ()) + ((num_experts,) if per_expert else ())
+    return np.array(rows, dtype=object).reshape(shape)
+
+
+def _choose(rules: list[Rule], layers, keymap: KeyMap, ckpt: SafetensorsCheckpoint) -> tuple[Rule, np.ndarray]:
+    for rule in rules:
+        keys = _keys(rule.template, layers, keymap.num_experts)
+        if keys.flat[0] in ckpt:
+            return rule, keys
+    rule = rules[0]
+    keys = _keys(rule.template, layers, keymap.num_experts)
+    alternatives = "" if len(rules) == 1 else f" (nor the alternative layout {[r.template for r in rules[1:]]})"
+    raise CheckpointError(f"{ckpt.directory}: missing tensor {keys.flat[0]!r}{alternatives}; "
+                          f"expected shape {rule.hf_shape}")
+
+
+def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, dtype,
+                progress: Callable[[str], None] | None = None) -> set[str]:
+    """Fills every Param of an (abstract) model from the checkpoint; returns the keys it consumed.
+
+    Raises CheckpointError naming key, file and expected shape for a missing, misshapen or
+    unexpected tensor.
+    """
+    consumed: set[str] = set()
+    for path, var in _param_paths(model):
+        located = _layer_rule_key(path)
+        if located is None:
+            rules, layers = keymap.top.get(tuple(str(p) for p in path)), None
+        else:
+            s, u, local = located
+            rules, layers = keymap.layer.get(local), model.layers.layer_ids[s][u]
+        if rules is None:
+            raise KeyError(f"no checkpoint rule for parameter {'.'.join(map(str, path))}")
+        rule, keys = _choose(rules, layers, keymap, ckpt)
+        if progress:
+            progress(rule.template)
+        flat = [rule.to_moejax(np.asarray(ckpt.read(k, rule.hf_shape))) for k in keys.flat]
+        value = np.stack(flat).reshape(*keys.shape, *flat[0].shape) if keys.ndim else flat[0]
+        if value.shape != var.shape:
+            raise CheckpointError(f"{ckpt.where(keys.flat[0])}: {rule.template} gives a parameter of shape "
+                                  f"{value.shape}, the model expects {var.shape}")
+        var.set_value(jax.device_put(jnp.asarray(value, dtype=dtype)))
+        consumed.update(keys.flat)
+    unexpected = sorted(ckpt.keys() - consumed - keymap.optional_keys)
+    if unexpected:
+        where = sorted({ckpt.where(k).name for k in unexpected})
+        raise CheckpointError(
+            f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s) in {where}, e.g. {unexpected[:5]}; "
+            "the checkpoint does not match its config.json")
+    return consumed

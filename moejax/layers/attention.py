@@ -1,0 +1,64 @@
+"""Grouped-query attention with optional QK-norm (before RoPE), optional RoPE, causal + padding mask."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.layers.norms import RMSNorm
+from moejax.layers.params import param
+from moejax.layers.rope import apply_rope
+
+
+def attention_mask(key_valid_bs: jax.Array, seq_len: int) -> jax.Array:
+    """[batch, seq, seq] boolean: query t may attend key s when s <= t and s is not padding."""
+    causal_ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+    return causal_ts[None] & key_valid_bs[:, None, :].astype(bool)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention where n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 qk_norm_eps: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        d, n, k, h = hidden, n_heads, n_kv_heads, head_dim
+        self.q_dnh = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_dkh = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_dkh = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_nhd = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype, fan_in=n * h)
+        if bias:
+            self.q_bias_nh = param(rngs, (n, h), ("q_heads", "head_dim"), dtype, init="zeros")
+            self.k_bias_kh = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias_kh = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.o_bias_d = param(rngs, (d,), ("embed",), dtype, init="zeros")
+        self.bias = bias
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
+        self.qk_norm = qk_norm_eps is not None
+        self.groups = n // k
+
+    def __call__(self, x_btd: jax.Array, mask_bts: jax.Array,
+                 rope_cos_sin: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """[batch, seq, hidden] -> [batch, seq, hidden]."""
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_dnh[...])
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_dkh[...])
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_dkh[...])
+        if self.bias:
+            q_btnh, k_btkh, v_btkh = (q_btnh + self.q_bias_nh[...], k_btkh + self.k_bias_kh[...],
+                                      v_btkh + self.v_bias_kh[...])
+        if self.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        if rope_cos_sin is not None:
+            q_btnh, k_btkh = apply_rope(q_btnh, *rope_cos_sin), apply_rope(k_btkh, *rope_cos_sin)
+        b, t, n, h = q_btnh.shape
+        q_btkgh = q_btnh.reshape(b, t, n // self.groups, self.groups, h)
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
+                                  preferred_element_type=jnp.float32) * h**-0.5
+        # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN.
+        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(x_btd.dtype)
+        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
+        y_btd = jnp.einsum("btnh,nhd->btd", out_btkgh.reshape(b, t, n, h), self.o_nhd[...])
+        return y_btd + self.o_bias_d[...] if self.bias else y_btd

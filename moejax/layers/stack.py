@@ -1,0 +1,81 @@
+"""A stack of decoder layers, scanned wherever a unit of layers repeats, so compile time stays flat in depth.
+
+The layer kinds (e.g. "moe"/"mlp", or Nemotron-H's mamba/attention/moe) are split into segments: a
+unit of 1-4 consecutive kinds repeated R times. Each unit's parameters are stacked along a leading
+"layers" axis and run under `jax.lax.scan`; a kind that does not repeat becomes a unit with R = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+MAX_UNIT = 4
+
+
+def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
+    """Greedy split of `kinds` into (unit, repeats) covering the sequence in order."""
+    kinds, out, i = tuple(kinds), [], 0
+    while i < len(kinds):
+        best_unit, best_reps = kinds[i:i + 1], 1
+        for p in range(1, MAX_UNIT + 1):
+            unit = kinds[i:i + p]
+            reps = 1
+            while kinds[i + reps * p:i + (reps + 1) * p] == unit:
+                reps += 1
+            if reps >= 2 and reps * p > best_reps * len(best_unit):
+                best_unit, best_reps = unit, reps
+        out.append((best_unit, best_reps))
+        i += len(best_unit) * best_reps
+    return out
+
+
+def _stack_states(modules: list[nnx.Module]) -> nnx.State:
+    states = [nnx.state(m) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    for var in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+    return stacked
+
+
+class LayerStack(nnx.Module):
+    """Layers of the given kinds, called in order; `layer_ids[s][u]` lists the layer index per repeat."""
+
+    def __init__(self, kinds: Sequence[str], make_layer: Callable[[str, nnx.Rngs], nnx.Module], *,
+                 rngs: nnx.Rngs):
+        self.kinds = tuple(kinds)
+        units, layer_ids, start = [], [], 0
+        for unit_kinds, reps in plan_segments(kinds):
+            copies = [[make_layer(kind, rngs) for _ in range(reps)] for kind in unit_kinds]
+            layers = []
+            for kind_copies in copies:
+                graphdef, _ = nnx.split(kind_copies[0])
+                layers.append(nnx.merge(graphdef, _stack_states(kind_copies)))
+            units.append(nnx.List(layers))
+            layer_ids.append(tuple(tuple(start + r * len(unit_kinds) + u for r in range(reps))
+                                   for u in range(len(unit_kinds))))
+            start += reps * len(unit_kinds)
+        self.units = nnx.List(units)
+        self.layer_ids = tuple(layer_ids)
+
+    def __call__(self, x: jax.Array, **context) -> tuple[jax.Array, list]:
+        """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order."""
+        aux_by_layer: list = [None] * len(self.kinds)
+        for unit, ids in zip(self.units, self.layer_ids, strict=True):
+            graphdef, state = nnx.split(unit)
+
+            def body(x, state_r, graphdef=graphdef):
+                aux = []
+                for layer in nnx.merge(graphdef, state_r):
+                    x, a = layer(x, **context)
+                    aux.append(a)
+                return x, aux
+
+            x, aux_u = jax.lax.scan(body, x, state)
+            for u, repeats in enumerate(ids):
+                for r, layer_index in enumerate(repeats):
+                    aux_by_layer[layer_index] = jax.tree.map(lambda a, r=r: a[r], aux_u[u])
+        return x, aux_by_layer

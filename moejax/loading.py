@@ -1,0 +1,35 @@
+"""`from_pretrained`: a Hugging Face checkpoint directory -> a native Flax NNX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from converters.keymap import load_params
+from converters.safetensors_io import SafetensorsCheckpoint
+from moejax.config import read_config_json
+from moejax.models import architecture
+
+
+def load_config(path: str | Path):
+    """The moejax config of a checkpoint directory (validated; see moejax.config)."""
+    source = Path(path) / "config.json"
+    hf = read_config_json(source)
+    return architecture(hf.get("model_type"), str(source)).config_cls.from_hf(hf, str(source))
+
+
+def from_pretrained(path: str | Path, dtype=jnp.float32):
+    """Loads a Hugging Face checkpoint directory (config.json + safetensors) into its moejax model.
+
+    Tensors stream one at a time from the shards into the model's parameters, cast to `dtype`;
+    the model is never materialised twice.
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    arch = architecture(cfg.model_type, str(path / "config.json"))
+    ckpt = SafetensorsCheckpoint(path)
+    model = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    load_params(model, arch.keymap(cfg), ckpt, dtype)
+    return model

@@ -1,0 +1,35 @@
+"""The architectures moejax implements, by Hugging Face model_type."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from moejax.config import ConfigError, Qwen3MoeConfig
+from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    config_cls: type
+    model_cls: type
+    keymap: Callable
+
+
+def _qwen3_keymap(cfg):
+    from converters.qwen3_moe import keymap
+
+    return keymap(cfg)
+
+
+ARCHITECTURES = {
+    "qwen3_moe": Architecture(Qwen3MoeConfig, Qwen3MoeForCausalLM, _qwen3_keymap),
+}
+
+
+def architecture(model_type: str | None, source: str) -> Architecture:
+    """The Architecture for a config.json's model_type, or a ConfigError naming the supported ones."""
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; moejax implements "
+                          f"{sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,53 @@
+"""What every causal-LM architecture shares: its output type and a jitted __call__."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+
+@struct.dataclass
+class CausalLMOutput:
+    """logits [batch, seq, vocab]; per MoE layer (tuples, in layer order) when requested:
+    router_logits [batch, seq, E] raw float32, router_expert_ids and router_weights [batch, seq, k]."""
+
+    logits: jax.Array
+    router_logits: tuple[jax.Array, ...] | None = None
+    router_expert_ids: tuple[jax.Array, ...] | None = None
+    router_weights: tuple[jax.Array, ...] | None = None
+
+
+class CausalLM(nnx.Module):
+    """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`."""
+
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
+                 return_router_logits: bool = False) -> CausalLMOutput:
+        """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        return _jitted_forward(self, input_ids, attention_mask, jnp.asarray(position_ids, jnp.int32),
+                               return_router_logits)
+
+
+@nnx.jit(static_argnums=(4,))
+def _jitted_forward(model, input_ids, attention_mask, position_ids, return_router_logits):
+    return model.forward(input_ids, attention_mask, position_ids, return_router_logits)
+
+
+def router_outputs(routing: list, batch: int, seq: int) -> dict[str, tuple[jax.Array, ...]]:
+    """Per-MoE-layer RouterOutputs (token-major) reshaped to [batch, seq, ...] tuples."""
+    routing = [r for r in routing if r is not None]
+    return {
+        "router_logits": tuple(r.logits.reshape(batch, seq, -1) for r in routing),
+        "router_expert_ids": tuple(r.expert_ids.reshape(batch, seq, -1) for r in routing),
+        "router_weights": tuple(r.weights.reshape(batch, seq, -1) for r in routing),
+    }

@@ -1,0 +1,67 @@
+"""Qwen3-MoE (e.g. Qwen3-30B-A3B): decoder layers of QK-normed GQA + softmax-routed SwiGLU experts."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import Qwen3MoeConfig
+from moejax.layers.attention import Attention, attention_mask
+from moejax.layers.mlp import MLP
+from moejax.layers.moe import SoftmaxMoE
+from moejax.layers.norms import RMSNorm
+from moejax.layers.params import param
+from moejax.layers.rope import inverse_frequencies, rope_tables
+from moejax.layers.stack import LayerStack
+from moejax.models.common import CausalLM, CausalLMOutput, router_outputs
+
+
+class DecoderLayer(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)); the mlp is the sparse MoE block when kind == "moe"."""
+
+    def __init__(self, cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+        if kind == "moe":
+            self.mlp = SoftmaxMoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                  normalize=cfg.norm_topk_prob, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
+        self.kind = kind
+
+    def __call__(self, x_btd, *, mask_bts, rope_cos_sin):
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bts, rope_cos_sin)
+        if self.kind == "moe":
+            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd))
+            return x_btd + y_btd, routing
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
+
+    def __init__(self, cfg: Qwen3MoeConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_vd = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=1)
+        self.layers = LayerStack(
+            cfg.layer_kinds, lambda kind, rngs: DecoderLayer(cfg, kind, dtype=dtype, rngs=rngs), rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool):
+        """Token ids [batch, seq] -> CausalLMOutput."""
+        cfg = self.config
+        x_btd = self.embed_vd[...][input_ids_bt]
+        rope_cos_sin = rope_tables(position_ids_bt, inverse_frequencies(cfg.rope, cfg.head_dim), cfg.rope.mscale, x_btd.dtype)
+        mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
+        x_btd, routing = self.layers(x_btd, mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
+        x_btd = self.norm(x_btd)
+        head_dv = self.embed_vd[...].T if cfg.tie_word_embeddings else self.lm_head_dv[...]
+        logits_btv = x_btd @ head_dv
+        if not return_router_logits:
+            return CausalLMOutput(logits=logits_btv)
+        return CausalLMOutput(logits=logits_btv, **router_outputs(routing, *input_ids_bt.shape))
