@@ -17,6 +17,27 @@ def attention_mask(key_valid_bs: jax.Array, seq_len: int) -> jax.Array:
     return causal_ts[None] & key_valid_bs[:, None, :].astype(bool)
 
 
+def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(h)) v over allowed keys, for g query heads per kv head -> [b, t, k, g, h].
+
+    Queries go in blocks, each against the keys up to its own end: under a causal mask the keys
+    after it carry zero weight, so skipping them is exact and saves about half the work.
+    """
+    t, h = q_btkgh.shape[1], q_btkgh.shape[-1]
+    block = max(64, -(-t // 16))
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh[:, start:end], k_bskh[:, :end],
+                                  preferred_element_type=jnp.float32) * h**-0.5
+        # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN.
+        allowed = mask_bts[:, None, None, start:end, :end]
+        scores_bkgts = jnp.where(allowed, scores_bkgts, jnp.finfo(jnp.float32).min)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh[:, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nnx.Module):
     """Multi-head attention where n_heads query heads share n_kv_heads key/value heads."""
 
@@ -53,12 +74,7 @@ class Attention(nnx.Module):
         if rope_cos_sin is not None:
             q_btnh, k_btkh = apply_rope(q_btnh, *rope_cos_sin), apply_rope(k_btkh, *rope_cos_sin)
         b, t, n, h = q_btnh.shape
-        q_btkgh = q_btnh.reshape(b, t, n // self.groups, self.groups, h)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
-                                  preferred_element_type=jnp.float32) * h**-0.5
-        # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN.
-        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(x_btd.dtype)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-        y_btd = jnp.einsum("btnh,nhd->btd", out_btkgh.reshape(b, t, n, h), self.o_nhd[...])
+        out_btnh = causal_attention(q_btnh.reshape(b, t, n // self.groups, self.groups, h), k_btkh, v_btkh,
+                                    mask_bts).reshape(b, t, n, h)
+        y_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_nhd[...])
         return y_btd + self.o_bias_d[...] if self.bias else y_btd

@@ -77,55 +77,103 @@ def plan_dispatch(ids_tk: jax.Array, num_experts: int, tile: int) -> Dispatch:
     return Dispatch(source_token_m=source, row_tk=row_tk, group_sizes_e=padded_e, tile=tile)
 
 
-def grouped_matmul(lhs_md: jax.Array, rhs_edf: jax.Array, group_sizes_e: jax.Array, tile: int) -> jax.Array:
-    """Rows of lhs in consecutive expert groups times their expert's [d, f] matrix -> [rows, f]."""
+def grouped_mlp(x_md: jax.Array, w: dict[str, jax.Array], group_sizes_e: jax.Array, tile: int,
+                activation: str) -> jax.Array:
+    """Each expert's feed-forward on its group of rows: down(act(up(x), gate(x))) -> [rows, d].
+
+    `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf".
+    """
     if tile == 1:
-        return jax.lax.ragged_dot(lhs_md, rhs_edf, group_sizes_e)
-    return _tiled_matmul(lhs_md, rhs_edf, group_sizes_e, tile)
+        def project(name, a):
+            return jax.lax.ragged_dot(a, w[name], group_sizes_e)
+
+        gate = project("gate_edf", x_md) if "gate_edf" in w else None
+        return project("down_efd", activate(activation, project("up_edf", x_md), gate))
+    return _tiled_mlp(x_md, w, group_sizes_e, tile, activation)
 
 
-def _tile_experts(group_sizes_e: jax.Array, num_tiles: int, tile: int) -> tuple[jax.Array, jax.Array]:
-    tile_ends_e = jnp.cumsum(group_sizes_e) // tile
-    return jnp.searchsorted(tile_ends_e, jnp.arange(num_tiles), side="right"), tile_ends_e[-1]
+def _over_tiles(group_sizes_e: jax.Array, tile: int, per_expert, carry):
+    """Runs per_expert(e)(i, carry) for each used tile i of each expert e that has rows.
+
+    Weights are sliced once per expert, and experts with no rows are not visited at all.
+    """
+    tile_end_e = jnp.cumsum(group_sizes_e) // tile
+    tile_start_e = tile_end_e - group_sizes_e // tile
+    busy_e = jnp.argsort(group_sizes_e == 0, stable=True)
+
+    def expert(j, carry):
+        e = busy_e[j]
+        return jax.lax.fori_loop(tile_start_e[e], tile_end_e[e], per_expert(e), carry)
+
+    return jax.lax.fori_loop(0, jnp.sum(group_sizes_e > 0), expert, carry)
 
 
-def _tiled_forward(lhs_md, rhs_edf, group_sizes_e, tile):
-    rows, f = lhs_md.shape[0], rhs_edf.shape[-1]
-    tile_expert, used = _tile_experts(group_sizes_e, rows // tile, tile)
-
-    def body(i, out_mf):
-        lhs_td = jax.lax.dynamic_slice_in_dim(lhs_md, i * tile, tile)
-        out_tf = jnp.dot(lhs_td, rhs_edf[tile_expert[i]], preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_slice_in_dim(out_mf, out_tf.astype(out_mf.dtype), i * tile, 0)
-
-    return jax.lax.fori_loop(0, used, body, jnp.zeros((rows, f), lhs_md.dtype))
+def _tile_mlp(x_td, w_e, activation):
+    up = jnp.dot(x_td, w_e["up_edf"], preferred_element_type=jnp.float32)
+    gate = jnp.dot(x_td, w_e["gate_edf"], preferred_element_type=jnp.float32) if "gate_edf" in w_e else None
+    return up, gate
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled_matmul(lhs_md, rhs_edf, group_sizes_e, tile):
-    return _tiled_forward(lhs_md, rhs_edf, group_sizes_e, tile)
+def _tiled_forward(x_md, w, group_sizes_e, tile, activation):
+    def per_expert(e):
+        w_e = {name: value[e] for name, value in w.items()}
+
+        def body(i, out_md):
+            x_td = jax.lax.dynamic_slice_in_dim(x_md, i * tile, tile)
+            h_tf = activate(activation, *_tile_mlp(x_td, w_e, activation)).astype(x_md.dtype)
+            y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(out_md, y_td.astype(out_md.dtype), i * tile, 0)
+
+        return body
+
+    return _over_tiles(group_sizes_e, tile, per_expert, jnp.zeros_like(x_md))
 
 
-def _tiled_fwd(lhs_md, rhs_edf, group_sizes_e, tile):
-    return _tiled_forward(lhs_md, rhs_edf, group_sizes_e, tile), (lhs_md, rhs_edf, group_sizes_e)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tiled_mlp(x_md, w, group_sizes_e, tile, activation):
+    return _tiled_forward(x_md, w, group_sizes_e, tile, activation)
 
 
-def _tiled_bwd(tile, residuals, dout_mf):
-    lhs_md, rhs_edf, group_sizes_e = residuals
-    dlhs_md = _tiled_forward(dout_mf, jnp.swapaxes(rhs_edf, 1, 2), group_sizes_e, tile)
-    tile_expert, used = _tile_experts(group_sizes_e, lhs_md.shape[0] // tile, tile)
-
-    def body(i, drhs_edf):
-        lhs_td = jax.lax.dynamic_slice_in_dim(lhs_md, i * tile, tile)
-        dout_tf = jax.lax.dynamic_slice_in_dim(dout_mf, i * tile, tile)
-        grad_df = jnp.dot(lhs_td.T, dout_tf, preferred_element_type=jnp.float32)
-        return drhs_edf.at[tile_expert[i]].add(grad_df)
-
-    drhs_edf = jax.lax.fori_loop(0, used, body, jnp.zeros(rhs_edf.shape, jnp.float32))
-    return dlhs_md, drhs_edf.astype(rhs_edf.dtype), None
+def _tiled_mlp_fwd(x_md, w, group_sizes_e, tile, activation):
+    return _tiled_forward(x_md, w, group_sizes_e, tile, activation), (x_md, w, group_sizes_e)
 
 
-_tiled_matmul.defvjp(_tiled_fwd, _tiled_bwd)
+def _tiled_mlp_bwd(tile, activation, residuals, dy_md):
+    """Recomputes each tile's activations; weight gradients accumulate per expert in float32."""
+    x_md, w, group_sizes_e = residuals
+    f32 = jnp.float32
+    tile_end_e = jnp.cumsum(group_sizes_e) // tile
+    tile_start_e = tile_end_e - group_sizes_e // tile
+
+    def tile_grads(w_e, i, carry):
+        dx_md, dw_e = carry
+        x_td = jax.lax.dynamic_slice_in_dim(x_md, i * tile, tile)
+        dy_td = jax.lax.dynamic_slice_in_dim(dy_md, i * tile, tile).astype(f32)
+        h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *_tile_mlp(x_td, w_e, activation))
+        d_up, d_gate = act_vjp(dy_td @ w_e["down_efd"].astype(f32).T)
+        x32 = x_td.astype(f32)
+        grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
+        dx_td = d_up @ w_e["up_edf"].astype(f32).T
+        if d_gate is not None:
+            grads["gate_edf"] = x32.T @ d_gate
+            dx_td = dx_td + d_gate @ w_e["gate_edf"].astype(f32).T
+        dx_md = jax.lax.dynamic_update_slice_in_dim(dx_md, dx_td.astype(dx_md.dtype), i * tile, 0)
+        return dx_md, {name: dw_e[name] + grads[name] for name in dw_e}
+
+    def expert(e, carry):
+        dx_md, dw = carry
+        w_e = {name: value[e] for name, value in w.items()}
+        zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
+        dx_md, dw_e = jax.lax.fori_loop(tile_start_e[e], tile_end_e[e], functools.partial(tile_grads, w_e),
+                                        (dx_md, zeros))
+        return dx_md, {name: dw[name].at[e].set(dw_e[name]) for name in dw}
+
+    dw0 = {name: jnp.zeros(value.shape, f32) for name, value in w.items()}
+    dx_md, dw = jax.lax.fori_loop(0, group_sizes_e.shape[0], expert, (jnp.zeros_like(x_md), dw0))
+    return dx_md, {name: dw[name].astype(w[name].dtype) for name in w}, None
+
+
+_tiled_mlp.defvjp(_tiled_mlp_fwd, _tiled_mlp_bwd)
 
 
 class Experts(nnx.Module):
@@ -146,11 +194,10 @@ class Experts(nnx.Module):
         num_experts = self.up_edf.shape[0]
         plan = plan_dispatch(ids_tk, num_experts, dispatch_tile(tokens * k, num_experts))
         x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
-        up_mf = grouped_matmul(x_md, self.up_edf[...], plan.group_sizes_e, plan.tile)
-        gate_mf = (grouped_matmul(x_md, self.gate_edf[...], plan.group_sizes_e, plan.tile)
-                   if self.activation == "swiglu" else None)
-        h_mf = activate(self.activation, up_mf, gate_mf)
-        y_md = grouped_matmul(h_mf, self.down_efd[...], plan.group_sizes_e, plan.tile)
+        w = {"up_edf": self.up_edf[...], "down_efd": self.down_efd[...]}
+        if self.activation == "swiglu":
+            w["gate_edf"] = self.gate_edf[...]
+        y_md = grouped_mlp(x_md, w, plan.group_sizes_e, plan.tile, self.activation)
         y_tkd = y_md[plan.row_tk]
         return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_tkd.dtype))
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference side of the parity tests: tiny transformers models with every weight random.
+"""The PyTorch reference (transformers) side of parity checks: random tiny models, saved and run.
 
 transformers' own init leaves norms at 1 and biases at 0, which would let a wrong norm or a missing
 bias pass unnoticed; `randomize` refills every parameter from a seeded normal instead.
