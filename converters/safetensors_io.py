@@ -103,7 +103,8 @@ class SafetensorsCheckpoint:
             self.key_shard = dict.fromkeys(shard.entries, shard)
         else:
             found = sorted(p.name for p in self.directory.glob("*.bin")) if self.directory.is_dir() else []
-            hint = f" It holds {found}: pickle checkpoints are never read; re-save with save_pretrained." if found else ""
+            hint = (f" It holds {found}: pickle checkpoints are never read; re-save with save_pretrained."
+                    if found else "")
             raise CheckpointError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}.{hint}")
 
     def keys(self) -> set[str]:
@@ -121,7 +122,7 @@ class SafetensorsCheckpoint:
     def read(self, key: str, expected_shape: tuple[int, ...]) -> np.ndarray:
         """The tensor `key` (a read-only view of the file), checked against `expected_shape`."""
         if key not in self.key_shard:
-            raise CheckpointError(f"{self.directory}: missing tensor {key!r} (expected shape {expected_shape})")
+            raise CheckpointError(f"{self.directory}: missing tensor {key!r}; expected shape {tuple(expected_shape)}")
         shape = self.shape(key)
         if shape != tuple(expected_shape):
             raise CheckpointError(

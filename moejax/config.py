@@ -152,7 +152,7 @@ class Qwen3MoeConfig:
         "rope_parameters", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
         "max_position_embeddings", "original_max_position_embeddings",
     }
-    _INERT: frozenset[str] = frozenset()
+    _INERT = frozenset()
 
     def __post_init__(self):
         src = f"{self.model_type} config"

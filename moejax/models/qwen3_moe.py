@@ -56,7 +56,8 @@ class Qwen3MoeForCausalLM(CausalLM):
         """Token ids [batch, seq] -> CausalLMOutput."""
         cfg = self.config
         x_btd = self.embed_vd[...][input_ids_bt]
-        rope_cos_sin = rope_tables(position_ids_bt, inverse_frequencies(cfg.rope, cfg.head_dim), cfg.rope.mscale, x_btd.dtype)
+        inv_freq_h = inverse_frequencies(cfg.rope, cfg.head_dim)
+        rope_cos_sin = rope_tables(position_ids_bt, inv_freq_h, cfg.rope.mscale, x_btd.dtype)
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
         x_btd, routing = self.layers(x_btd, mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
         x_btd = self.norm(x_btd)
