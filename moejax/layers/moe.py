@@ -92,10 +92,10 @@ def grouped_mlp(x_md: jax.Array, w: dict[str, jax.Array], group_sizes_e: jax.Arr
     return _tiled_mlp(x_md, w, group_sizes_e, tile, activation)
 
 
-def _over_tiles(group_sizes_e: jax.Array, tile: int, per_expert, carry):
-    """Runs per_expert(e)(i, carry) for each used tile i of each expert e that has rows.
+def _for_each_expert(group_sizes_e: jax.Array, tile: int, run_expert, carry):
+    """carry = run_expert(e, first_tile, end_tile, carry) for each expert e that has rows, in order.
 
-    Weights are sliced once per expert, and experts with no rows are not visited at all.
+    The callee slices its expert's weights once for all its tiles; empty experts cost nothing.
     """
     tile_end_e = jnp.cumsum(group_sizes_e) // tile
     tile_start_e = tile_end_e - group_sizes_e // tile
@@ -103,7 +103,7 @@ def _over_tiles(group_sizes_e: jax.Array, tile: int, per_expert, carry):
 
     def expert(j, carry):
         e = busy_e[j]
-        return jax.lax.fori_loop(tile_start_e[e], tile_end_e[e], per_expert(e), carry)
+        return run_expert(e, tile_start_e[e], tile_end_e[e], carry)
 
     return jax.lax.fori_loop(0, jnp.sum(group_sizes_e > 0), expert, carry)
 
@@ -115,7 +115,7 @@ def _tile_mlp(x_td, w_e, activation):
 
 
 def _tiled_forward(x_md, w, group_sizes_e, tile, activation):
-    def per_expert(e):
+    def run_expert(e, first, end, out_md):
         w_e = {name: value[e] for name, value in w.items()}
 
         def body(i, out_md):
@@ -124,9 +124,9 @@ def _tiled_forward(x_md, w, group_sizes_e, tile, activation):
             y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
             return jax.lax.dynamic_update_slice_in_dim(out_md, y_td.astype(out_md.dtype), i * tile, 0)
 
-        return body
+        return jax.lax.fori_loop(first, end, body, out_md)
 
-    return _over_tiles(group_sizes_e, tile, per_expert, jnp.zeros_like(x_md))
+    return _for_each_expert(group_sizes_e, tile, run_expert, jnp.zeros_like(x_md))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -142,8 +142,6 @@ def _tiled_mlp_bwd(tile, activation, residuals, dy_md):
     """Recomputes each tile's activations; weight gradients accumulate per expert in float32."""
     x_md, w, group_sizes_e = residuals
     f32 = jnp.float32
-    tile_end_e = jnp.cumsum(group_sizes_e) // tile
-    tile_start_e = tile_end_e - group_sizes_e // tile
 
     def tile_grads(w_e, i, carry):
         dx_md, dw_e = carry
@@ -160,16 +158,15 @@ def _tiled_mlp_bwd(tile, activation, residuals, dy_md):
         dx_md = jax.lax.dynamic_update_slice_in_dim(dx_md, dx_td.astype(dx_md.dtype), i * tile, 0)
         return dx_md, {name: dw_e[name] + grads[name] for name in dw_e}
 
-    def expert(e, carry):
+    def run_expert(e, first, end, carry):
         dx_md, dw = carry
         w_e = {name: value[e] for name, value in w.items()}
         zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
-        dx_md, dw_e = jax.lax.fori_loop(tile_start_e[e], tile_end_e[e], functools.partial(tile_grads, w_e),
-                                        (dx_md, zeros))
+        dx_md, dw_e = jax.lax.fori_loop(first, end, functools.partial(tile_grads, w_e), (dx_md, zeros))
         return dx_md, {name: dw[name].at[e].set(dw_e[name]) for name in dw}
 
     dw0 = {name: jnp.zeros(value.shape, f32) for name, value in w.items()}
-    dx_md, dw = jax.lax.fori_loop(0, group_sizes_e.shape[0], expert, (jnp.zeros_like(x_md), dw0))
+    dx_md, dw = _for_each_expert(group_sizes_e, tile, run_expert, (jnp.zeros_like(x_md), dw0))
     return dx_md, {name: dw[name].astype(w[name].dtype) for name in w}, None
 
 
