@@ -1,13 +1,14 @@
-"""Mixture-of-Experts: routing, dropless sorted dispatch, grouped matmul, and the expert weights.
+"""Mixture-of-Experts: routing, dropless sorted dispatch, the expert computation, and the expert weights.
 
-Dispatch sorts the (token, slot) pairs by expert and multiplies each expert's group by that expert's
-weights; no token is dropped and no expert runs on tokens it was not given. The grouped matmul has
-two paths, chosen by `dispatch_tile` alone:
-- TPU/GPU: `jax.lax.ragged_dot` over contiguous groups (tile 1, no padding);
-- CPU: ragged_dot is ~70x slower than a dense matmul there, so each expert's group is padded to a
-  multiple of a row tile and a loop over the used tiles runs one dense [tile, d] x [d, f] matmul
-  each (the loop's trip count is the number of used tiles, so padding costs at most tile-1 rows per
-  expert).
+Dispatch sorts the (token, slot) pairs by expert; each expert multiplies only its own rows, no token
+is dropped, and no expert runs on tokens it was not given. `dispatch_tiles` alone picks the path:
+- TPU/GPU: gather the rows, three `jax.lax.ragged_dot`s over contiguous expert groups, combine.
+- CPU, where ragged_dot runs ~70x slower than a dense matmul: each expert's rows go through dense
+  tiles of a few fixed sizes (full tiles of the largest, then at most one of each smaller size, so
+  padding is under the smallest tile per expert). One loop over the busy experts does, per tile,
+  the gather of its token rows, the whole expert MLP, and the weighted scatter-add into the output,
+  so no [rows, d] intermediate is ever materialised (fresh large buffers cost page faults here).
+  A custom VJP recomputes each tile's activations for the backward pass.
 """
 
 from __future__ import annotations
@@ -40,70 +41,92 @@ def softmax_topk(logits_te: jax.Array, k: int, normalize: bool) -> tuple[jax.Arr
     return weights_tk, ids_tk.astype(jnp.int32)
 
 
-def dispatch_tile(num_rows: int, num_experts: int) -> int:
-    """Rows per tile of the grouped matmul for the default backend: 1 means ragged_dot."""
+def dispatch_tiles(num_rows: int, num_experts: int) -> tuple[int, ...]:
+    """Tile sizes for the default backend, largest first; () means ragged_dot (TPU/GPU)."""
     if jax.default_backend() != "cpu":
-        return 1
-    # Big enough to keep each matmul efficient, small enough that padding (<= tile-1 rows per
-    # expert) stays a small share of the rows each expert gets on average.
+        return ()
+    # The largest tile keeps each matmul efficient; the halvings down to 8 rows cover each
+    # expert's remainder, so padding stays under 8 rows per expert.
     per_expert = max(num_rows // num_experts, 1)
-    return int(min(64, max(8, 1 << (per_expert.bit_length() - 1))))
+    largest = int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+    return tuple(largest >> i for i in range(largest.bit_length() - 3))
 
 
 @struct.dataclass
 class Dispatch:
-    """Where each (token, slot) pair lives once grouped by expert (groups padded to `tile` rows)."""
+    """Where each (token, slot) pair lives once grouped by expert (groups padded to `align` rows)."""
 
     source_token_m: jax.Array  # [rows] token feeding each grouped row; num_tokens marks an empty row
-    row_tk: jax.Array  # [tokens, k] grouped row holding each pair's output
-    group_sizes_e: jax.Array  # [E] rows per expert, each a multiple of tile
-    tile: int = struct.field(pytree_node=False)
+    row_tk: jax.Array  # [tokens, k] grouped row holding each pair
+    group_sizes_e: jax.Array  # [E] rows per expert, each a multiple of align
 
 
-def plan_dispatch(ids_tk: jax.Array, num_experts: int, tile: int) -> Dispatch:
-    """Sorts the pairs by expert; each expert's group starts at a multiple of `tile`."""
+def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
+    """Sorts the pairs by expert; each expert's group is padded to a multiple of `align` rows."""
     tokens, k = ids_tk.shape
     pairs = tokens * k
     flat_m = ids_tk.reshape(pairs)
     order_m = jnp.argsort(flat_m, stable=True)
     counts_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
-    padded_e = (counts_e + tile - 1) // tile * tile
+    padded_e = (counts_e + align - 1) // align * align
     sorted_e = flat_m[order_m]
     rank_m = jnp.arange(pairs, dtype=jnp.int32) - (jnp.cumsum(counts_e) - counts_e)[sorted_e]
     dest_m = (jnp.cumsum(padded_e) - padded_e)[sorted_e] + rank_m
-    rows = pairs if tile == 1 else -(-(pairs + num_experts * (tile - 1)) // tile) * tile
+    rows = -(-(pairs + num_experts * (align - 1)) // align) * align
     source = jnp.full((rows,), tokens, jnp.int32).at[dest_m].set(order_m // k)
     row_tk = jnp.zeros((pairs,), jnp.int32).at[order_m].set(dest_m).reshape(tokens, k)
-    return Dispatch(source_token_m=source, row_tk=row_tk, group_sizes_e=padded_e, tile=tile)
+    return Dispatch(source_token_m=source, row_tk=row_tk, group_sizes_e=padded_e)
 
 
-def grouped_mlp(x_md: jax.Array, w: dict[str, jax.Array], group_sizes_e: jax.Array, tile: int,
-                activation: str) -> jax.Array:
-    """Each expert's feed-forward on its group of rows: down(act(up(x), gate(x))) -> [rows, d].
+def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
+                activation: str, tiles: tuple[int, ...] | None = None) -> jax.Array:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, d], dropless.
 
-    `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf".
+    `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf". `tiles` defaults to the backend's
+    choice (`dispatch_tiles`); () forces the ragged_dot path.
     """
-    if tile == 1:
-        def project(name, a):
-            return jax.lax.ragged_dot(a, w[name], group_sizes_e)
+    tokens, k = ids_tk.shape
+    num_experts = w["up_edf"].shape[0]
+    tiles = dispatch_tiles(tokens * k, num_experts) if tiles is None else tuple(tiles)
+    plan = plan_dispatch(ids_tk, num_experts, tiles[-1] if tiles else 1)
+    if tiles:
+        weights_m = jnp.zeros(plan.source_token_m.shape, jnp.float32).at[plan.row_tk.reshape(-1)].set(
+            weights_tk.reshape(-1).astype(jnp.float32))
+        return _tiled_mixture(x_td, weights_m, plan.source_token_m, plan.group_sizes_e, w, tiles, activation)
+    x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
 
-        gate = project("gate_edf", x_md) if "gate_edf" in w else None
-        return project("down_efd", activate(activation, project("up_edf", x_md), gate))
-    return _tiled_mlp(x_md, w, group_sizes_e, tile, activation)
+    def project(name, a):
+        return jax.lax.ragged_dot(a, w[name], plan.group_sizes_e)
+
+    gate = project("gate_edf", x_md) if "gate_edf" in w else None
+    y_md = project("down_efd", activate(activation, project("up_edf", x_md), gate))
+    return jnp.einsum("tkd,tk->td", y_md[plan.row_tk], weights_tk.astype(y_md.dtype))
 
 
-def _for_each_expert(group_sizes_e: jax.Array, tile: int, run_expert, carry):
-    """carry = run_expert(e, first_tile, end_tile, carry) for each expert e that has rows, in order.
+def _for_each_tile(group_sizes_e: jax.Array, tiles: tuple[int, ...], run_expert, carry):
+    """carry = run_expert(e, over_tiles, carry) for each expert e with rows, in order.
 
-    The callee slices its expert's weights once for all its tiles; empty experts cost nothing.
+    over_tiles(visit, carry) calls visit(row, size, carry) for full tiles of tiles[0] over the
+    expert's rows, then at most one tile of each smaller size for the remainder. The callee slices
+    its expert's weights once for all its tiles; experts without rows cost nothing.
     """
-    tile_end_e = jnp.cumsum(group_sizes_e) // tile
-    tile_start_e = tile_end_e - group_sizes_e // tile
+    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
     busy_e = jnp.argsort(group_sizes_e == 0, stable=True)
 
     def expert(j, carry):
         e = busy_e[j]
-        return run_expert(e, tile_start_e[e], tile_end_e[e], carry)
+        rows, row0, largest = group_sizes_e[e], start_e[e], tiles[0]
+
+        def over_tiles(visit, carry):
+            carry = jax.lax.fori_loop(0, rows // largest, lambda i, c: visit(row0 + i * largest, largest, c), carry)
+            row = row0 + rows // largest * largest
+            for size in tiles[1:]:
+                take = rows % (2 * size) >= size
+                carry = jax.lax.cond(take, functools.partial(visit, row, size), lambda c: c, carry)
+                row = row + jnp.where(take, size, 0)
+            return carry
+
+        return run_expert(e, over_tiles, carry)
 
     return jax.lax.fori_loop(0, jnp.sum(group_sizes_e > 0), expert, carry)
 
@@ -114,63 +137,79 @@ def _tile_mlp(x_td, w_e, activation):
     return up, gate
 
 
-def _tiled_forward(x_md, w, group_sizes_e, tile, activation):
-    def run_expert(e, first, end, out_md):
+def _with_zero_row(a_td):
+    return jnp.concatenate([a_td, jnp.zeros_like(a_td[:1])])
+
+
+def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
+    x_pad = _with_zero_row(x_td)
+
+    def run_expert(e, over_tiles, out_td):
         w_e = {name: value[e] for name, value in w.items()}
 
-        def body(i, out_md):
-            x_td = jax.lax.dynamic_slice_in_dim(x_md, i * tile, tile)
-            h_tf = activate(activation, *_tile_mlp(x_td, w_e, activation)).astype(x_md.dtype)
+        def visit(row, size, out_td):
+            tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
+            h_tf = activate(activation, *_tile_mlp(x_pad[tokens_t], w_e, activation)).astype(x_td.dtype)
             y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
-            return jax.lax.dynamic_update_slice_in_dim(out_md, y_td.astype(out_md.dtype), i * tile, 0)
+            y_td = y_td * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
+            return out_td.at[tokens_t].add(y_td.astype(out_td.dtype))
 
-        return jax.lax.fori_loop(first, end, body, out_md)
+        return over_tiles(visit, out_td)
 
-    return _for_each_expert(group_sizes_e, tile, run_expert, jnp.zeros_like(x_md))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled_mlp(x_md, w, group_sizes_e, tile, activation):
-    return _tiled_forward(x_md, w, group_sizes_e, tile, activation)
+    return _for_each_tile(group_sizes_e, tiles, run_expert, jnp.zeros_like(x_pad))[:-1]
 
 
-def _tiled_mlp_fwd(x_md, w, group_sizes_e, tile, activation):
-    return _tiled_forward(x_md, w, group_sizes_e, tile, activation), (x_md, w, group_sizes_e)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _tiled_mixture(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
+    return _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation)
 
 
-def _tiled_mlp_bwd(tile, activation, residuals, dy_md):
+def _tiled_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
+    out = _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation)
+    return out, (x_td, weights_m, source_m, group_sizes_e, w)
+
+
+def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
     """Recomputes each tile's activations; weight gradients accumulate per expert in float32."""
-    x_md, w, group_sizes_e = residuals
+    x_td, weights_m, source_m, group_sizes_e, w = residuals
     f32 = jnp.float32
+    x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
 
-    def tile_grads(w_e, i, carry):
-        dx_md, dw_e = carry
-        x_td = jax.lax.dynamic_slice_in_dim(x_md, i * tile, tile)
-        dy_td = jax.lax.dynamic_slice_in_dim(dy_md, i * tile, tile).astype(f32)
-        h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *_tile_mlp(x_td, w_e, activation))
-        d_up, d_gate = act_vjp(dy_td @ w_e["down_efd"].astype(f32).T)
-        x32 = x_td.astype(f32)
-        grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
-        dx_td = d_up @ w_e["up_edf"].astype(f32).T
-        if d_gate is not None:
-            grads["gate_edf"] = x32.T @ d_gate
-            dx_td = dx_td + d_gate @ w_e["gate_edf"].astype(f32).T
-        dx_md = jax.lax.dynamic_update_slice_in_dim(dx_md, dx_td.astype(dx_md.dtype), i * tile, 0)
-        return dx_md, {name: dw_e[name] + grads[name] for name in dw_e}
-
-    def run_expert(e, first, end, carry):
-        dx_md, dw = carry
+    def run_expert(e, over_tiles, carry):
+        dx_pad, dweights_m, dw = carry
         w_e = {name: value[e] for name, value in w.items()}
+
+        def visit(row, size, carry):
+            dx_pad, dweights_m, dw_e = carry
+            tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
+            x_td = x_pad[tokens_t]
+            h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *_tile_mlp(x_td, w_e, activation))
+            down_fd = w_e["down_efd"].astype(f32)
+            dout_rows = dout_pad[tokens_t]
+            dweights_m = jax.lax.dynamic_update_slice_in_dim(
+                dweights_m, jnp.sum((h_tf @ down_fd) * dout_rows, axis=-1), row, 0)
+            dy_td = dout_rows * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
+            d_up, d_gate = act_vjp(dy_td @ down_fd.T)
+            x32 = x_td.astype(f32)
+            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
+            dx_td = d_up @ w_e["up_edf"].astype(f32).T
+            if d_gate is not None:
+                grads["gate_edf"] = x32.T @ d_gate
+                dx_td = dx_td + d_gate @ w_e["gate_edf"].astype(f32).T
+            return dx_pad.at[tokens_t].add(dx_td), dweights_m, {n: dw_e[n] + grads[n] for n in dw_e}
+
         zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
-        dx_md, dw_e = jax.lax.fori_loop(first, end, functools.partial(tile_grads, w_e), (dx_md, zeros))
-        return dx_md, {name: dw[name].at[e].set(dw_e[name]) for name in dw}
+        dx_pad, dweights_m, dw_e = over_tiles(visit, (dx_pad, dweights_m, zeros))
+        return dx_pad, dweights_m, {name: dw[name].at[e].set(dw_e[name]) for name in dw}
 
-    dw0 = {name: jnp.zeros(value.shape, f32) for name, value in w.items()}
-    dx_md, dw = _for_each_expert(group_sizes_e, tile, run_expert, (jnp.zeros_like(x_md), dw0))
-    return dx_md, {name: dw[name].astype(w[name].dtype) for name in w}, None
+    carry = (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m),
+             {name: jnp.zeros(value.shape, f32) for name, value in w.items()})
+    dx_pad, dweights_m, dw = _for_each_tile(group_sizes_e, tiles, run_expert, carry)
+    return (dx_pad[:-1].astype(x_td.dtype), dweights_m, None, None,
+            {name: dw[name].astype(w[name].dtype) for name in w})
 
 
-_tiled_mlp.defvjp(_tiled_mlp_fwd, _tiled_mlp_bwd)
+_tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)
 
 
 class Experts(nnx.Module):
@@ -187,16 +226,10 @@ class Experts(nnx.Module):
 
     def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, hidden]."""
-        tokens, k = ids_tk.shape
-        num_experts = self.up_edf.shape[0]
-        plan = plan_dispatch(ids_tk, num_experts, dispatch_tile(tokens * k, num_experts))
-        x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
         w = {"up_edf": self.up_edf[...], "down_efd": self.down_efd[...]}
         if self.activation == "swiglu":
             w["gate_edf"] = self.gate_edf[...]
-        y_md = grouped_mlp(x_md, w, plan.group_sizes_e, plan.tile, self.activation)
-        y_tkd = y_md[plan.row_tk]
-        return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_tkd.dtype))
+        return mix_experts(x_td, ids_tk, weights_tk, w, self.activation)
 
 
 class Router(nnx.Module):
