@@ -1,11 +1,14 @@
 """Forward throughput: moejax (jitted) vs transformers (PyTorch eager), same weights, same machine, same run.
 
-    python benchmarks/bench_forward.py                 # the issue's Qwen3-MoE config, batch 4 x 512
+    python benchmarks/bench_forward.py                       # both issue configs, batch 4 x 512
+    python benchmarks/bench_forward.py --arch nemotron_h     # one of them
     python benchmarks/bench_forward.py --batch 1 --seq 128 --repeats 2   # a quick look
 
 Both sides load one checkpoint written by save_pretrained with every weight random, run float32 with
-router logits requested, and use the same number of CPU threads. Also reported: the MoE layer's
-achieved FLOP/s on active-expert FLOPs as a fraction of a dense matmul's FLOP/s measured here.
+router logits requested, and use the same number of CPU threads; they alternate, a second apart, and
+the best run of each is reported. Also reported: for Qwen3-MoE, the MoE layer's FLOP/s on its active
+expert FLOPs as a fraction of a dense matmul's FLOP/s measured in the same run; for Nemotron-H, the
+SSD scan's share of the forward time.
 """
 
 from __future__ import annotations
@@ -19,15 +22,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import transformers
 from flax import nnx
 
 import moejax
 from moejax.layers.moe import SoftmaxMoE
+from moejax.layers.ssd import ssd_chunked
 from moejax.reference import randomize
 
-QWEN3_BENCH = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=64,
-                   num_experts_per_tok=8, moe_intermediate_size=512, norm_topk_prob=True)
+CONFIGS = {
+    "qwen3_moe": transformers.Qwen3MoeConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
+        norm_topk_prob=True),
+    "nemotron_h": transformers.NemotronHConfig(
+        vocab_size=4096, hidden_size=512, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, intermediate_size=1024, mamba_num_heads=16, mamba_head_dim=32,
+        ssm_state_size=64, n_groups=2, chunk_size=64, n_routed_experts=64, num_experts_per_tok=6,
+        moe_intermediate_size=512, moe_shared_expert_intermediate_size=512, routed_scaling_factor=2.5),
+}
 
 
 def best_time(fn, repeats: int) -> float:
@@ -39,41 +52,50 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def moe_layer_efficiency(cfg, tokens: int, repeats: int) -> tuple[float, float]:
-    """(MoE block active-expert GFLOP/s, dense matmul GFLOP/s), both jitted, measured back to back."""
-    d, f, e, k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
-    block = SoftmaxMoE(d, f, e, k, normalize=True, rngs=nnx.Rngs(0))
-    x_btd = jax.random.normal(jax.random.key(1), (1, tokens, d))
-    graphdef, state = nnx.split(block)
+def timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    return best_time(lambda: jax.block_until_ready(fn()), repeats)
+
+
+def moe_layer_efficiency(cfg, tokens: int, repeats: int) -> str:
+    """Qwen3-MoE block alone: active-expert FLOP/s vs a dense matmul of the same FLOPs, both jitted."""
+    d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    graphdef, state = nnx.split(SoftmaxMoE(d, f, e, k, normalize=True, rngs=nnx.Rngs(0)))
     run_moe = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
-    jax.block_until_ready(run_moe(state, x_btd))
-    moe_s = best_time(lambda: jax.block_until_ready(run_moe(state, x_btd)), repeats)
-    active_flops = tokens * k * 3 * 2 * d * f
+    x_btd = jax.random.normal(jax.random.key(1), (1, tokens, d))
+    moe_s = timed(lambda: run_moe(state, x_btd), repeats)
     a_md = jax.random.normal(jax.random.key(2), (tokens * k, d))
     w_df = jax.random.normal(jax.random.key(3), (d, 3 * f))
     dense = jax.jit(jnp.dot)
-    jax.block_until_ready(dense(a_md, w_df))
-    dense_s = best_time(lambda: jax.block_until_ready(dense(a_md, w_df)), repeats)
-    return active_flops / moe_s / 1e9, active_flops / dense_s / 1e9
+    dense_s = timed(lambda: dense(a_md, w_df), repeats)
+    flops = tokens * k * 3 * 2 * d * f
+    moe, peak = flops / moe_s / 1e9, flops / dense_s / 1e9
+    return f"MoE layer: {moe:.1f} GFLOP/s on active-expert FLOPs = {moe / peak:.0%} of a dense matmul's {peak:.1f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best is reported")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    import transformers
+def ssd_share(cfg, batch: int, seq: int, forward_s: float, repeats: int) -> str:
+    """Time of the model's SSD scans (each Mamba layer's, run alone on its shapes) over the forward time."""
+    h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (batch, seq, h, p))
+    dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, seq, h)))
+    a = -jnp.exp(jax.random.normal(keys[2], (h,)))
+    b, c = (jax.random.normal(k, (batch, seq, g, n)) for k in keys[3:])
+    scan = jax.jit(ssd_chunked, static_argnums=5)
+    scan_s = timed(lambda: scan(x, dt, a, b, c, cfg.chunk_size), repeats)
+    layers = cfg.layers_block_type.count("linear_attention")
+    return (f"SSD scan: {scan_s * 1e3:.1f} ms per Mamba layer x {layers} layers = "
+            f"{layers * scan_s / forward_s:.0%} of the forward time")
 
-    ids = np.random.default_rng(0).integers(0, QWEN3_BENCH["vocab_size"], (args.batch, args.seq))
+
+def bench(arch: str, args) -> None:
+    cfg = CONFIGS[arch]
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        reference = randomize(transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**QWEN3_BENCH)), 0)
-        reference.eval().save_pretrained(tmp)
+        reference = randomize(transformers.AutoModelForCausalLM.from_config(cfg), 0).eval()
+        reference.save_pretrained(tmp)
         model = moejax.from_pretrained(tmp)
-
     ids_pt = torch.from_numpy(ids)
 
     def run_reference():
@@ -95,18 +117,30 @@ def main() -> None:
             time.sleep(1.0)
             times.append(best_time(run, 1))
     ref_s, ours_s = min(ref_times), min(ours_times)
-
     tokens = args.batch * args.seq
-    moe_gflops, dense_gflops = moe_layer_efficiency(QWEN3_BENCH, tokens, args.repeats)
-    print(f"qwen3_moe forward, batch {args.batch} x seq {args.seq}, float32, router logits requested, "
+    extra = (moe_layer_efficiency(cfg, tokens, args.repeats) if arch == "qwen3_moe"
+             else ssd_share(cfg, args.batch, args.seq, ours_s, args.repeats))
+    print(f"{arch} forward, batch {args.batch} x seq {args.seq}, float32, router logits requested, "
           f"{args.threads} torch threads, jax {jax.__version__} on {jax.default_backend()}, "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"  transformers eager: {ref_s:8.3f} s  {tokens / ref_s:9.1f} tok/s")
     print(f"  moejax jitted:      {ours_s:8.3f} s  {tokens / ours_s:9.1f} tok/s  (first call incl. compile "
           f"{compile_s:.1f} s)")
     print(f"  speed-up: {ref_s / ours_s:.2f}x (target >= 1.5x)")
-    print(f"  MoE layer: {moe_gflops:.1f} GFLOP/s on active-expert FLOPs = {moe_gflops / dense_gflops:.0%} of "
-          f"a dense matmul's {dense_gflops:.1f} GFLOP/s")
+    print(f"  {extra}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=[*CONFIGS, "all"], default="all")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best is reported")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for arch in CONFIGS if args.arch == "all" else [args.arch]:
+        bench(arch, args)
 
 
 if __name__ == "__main__":

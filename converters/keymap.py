@@ -36,6 +36,7 @@ class KeyMap:
     layer: dict[tuple[str, ...], list[Rule]]
     num_experts: int
     optional_keys: frozenset[str] = frozenset()
+    ignored_prefixes: tuple[str, ...] = ()
 
 
 def _param_paths(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
@@ -70,9 +71,10 @@ def _choose(rules: list[Rule], layers, keymap: KeyMap, ckpt: SafetensorsCheckpoi
                           f"expected shape {rule.hf_shape}")
 
 
-def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, dtype,
+def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint,
                 progress: Callable[[str], None] | None = None) -> set[str]:
-    """Fills every Param of an (abstract) model from the checkpoint; returns the keys it consumed.
+    """Fills every Param of an (abstract) model from the checkpoint, each cast to the dtype the model
+    declared for it; returns the keys it consumed.
 
     Raises CheckpointError naming key, file and expected shape for a missing, misshapen or
     unexpected tensor.
@@ -95,9 +97,10 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
         if value.shape != var.shape:
             raise CheckpointError(f"{ckpt.where(keys.flat[0])}: {rule.template} gives a parameter of shape "
                                   f"{value.shape}, the model expects {var.shape}")
-        var.set_value(jax.device_put(jnp.asarray(value, dtype=dtype)))
+        var.set_value(jax.device_put(jnp.asarray(value, dtype=var.dtype)))
         consumed.update(keys.flat)
-    unexpected = sorted(ckpt.keys() - consumed - keymap.optional_keys)
+    unexpected = sorted(k for k in ckpt.keys() - consumed - keymap.optional_keys
+                        if not k.startswith(keymap.ignored_prefixes))
     if unexpected:
         where = sorted({ckpt.where(k).name for k in unexpected})
         raise CheckpointError(

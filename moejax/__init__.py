@@ -1,11 +1,13 @@
 """moejax: Mixture-of-Experts models in JAX/Flax NNX for routing research, checked against transformers."""
 
-from moejax.config import ConfigError, Qwen3MoeConfig, RopeConfig
+from moejax.config import ConfigError, NemotronHConfig, Qwen3MoeConfig, RopeConfig
 from moejax.loading import from_pretrained, load_config
 from moejax.models.common import CausalLMOutput
+from moejax.models.nemotron_h import NemotronHForCausalLM
 from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
 
 __all__ = [
-    "CausalLMOutput", "ConfigError", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "RopeConfig",
+    "CausalLMOutput", "ConfigError", "NemotronHConfig", "NemotronHForCausalLM", "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM", "RopeConfig",
     "from_pretrained", "load_config",
 ]

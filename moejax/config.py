@@ -243,3 +243,193 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return d
+
+
+NEMOTRON_PATTERN = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+# transformers >= 5 names the kinds linear_attention/moe/full_attention/mlp; older configs mamba/moe/attention/mlp.
+NEMOTRON_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "moe": "moe", "attention": "attention",
+                  "full_attention": "attention", "mlp": "mlp"}
+# Config fields from before transformers 5 renamed them.
+NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_limit": "time_step_limit",
+                   "mamba_dt_min": "time_step_min", "mamba_conv_bias": "use_conv_bias",
+                   "mamba_chunk_size": "chunk_size"}
+
+
+def _float_pair(value, source: str, name: str) -> tuple[float, float]:
+    """A [low, high] pair; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    def one(v):
+        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+    try:
+        low, high = (one(v) for v in value)
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"{source}: {name} must be a [low, high] pair, got {value!r}") from None
+    return low, high
+
+
+@dataclasses.dataclass(frozen=True)
+class NemotronHConfig:
+    """Every Nemotron-H config.json field that changes the forward pass.
+
+    `dt_floor` is where the pinned transformers and the published model differ: transformers' PyTorch
+    Mamba-2 path clamps dt to [time_step_min, inf) whatever `time_step_limit` says, while the model
+    as trained and served (mamba_ssm kernels) clamps to `time_step_limit`. The default follows the
+    config ("time_step_limit"); "time_step_min" reproduces transformers (the parity tests use it).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    layer_kinds: tuple[str, ...]
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    mamba_num_heads: int
+    mamba_head_dim: int
+    ssm_state_size: int
+    n_groups: int
+    conv_kernel: int
+    chunk_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    moe_shared_expert_intermediate_size: int
+    moe_latent_size: int | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    use_conv_bias: bool = True
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    time_step_min: float = 0.001
+    layer_norm_epsilon: float = 1e-5
+    dt_floor: str = "time_step_limit"
+
+    model_type = "nemotron_h"
+    DT_FLOORS = ("time_step_limit", "time_step_min")
+    _READ = {
+        "vocab_size", "hidden_size", "layers_block_type", "hybrid_override_pattern", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "mlp_hidden_act", "mlp_bias",
+        "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
+        "use_conv_bias", "mamba_hidden_act", "mamba_proj_bias", "use_bias", "time_step_limit", "time_step_min",
+        "n_routed_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+        "moe_shared_expert_intermediate_size", "moe_latent_size", "n_group", "topk_group", "routed_scaling_factor",
+        "norm_topk_prob", "layer_norm_epsilon", "tie_word_embeddings", "sliding_window", *NEMOTRON_LEGACY,
+    }
+    # Read by transformers only for initialisation, caching, kernels or multi-token prediction, or
+    # (attention_bias, residual_in_fp32, RoPE fields) not used by its Nemotron-H forward at all.
+    _INERT = frozenset({
+        "expand", "mamba_expand", "time_step_max", "time_step_floor", "mamba_dt_max", "mamba_dt_init_floor",
+        "use_mamba_kernels", "mamba_ssm_cache_dtype", "num_logits_to_keep", "rescale_prenorm_residual",
+        "hidden_dropout", "residual_in_fp32", "attention_bias", "moe_shared_expert_overlap",
+        "num_nextn_predict_layers", "mtp_layers_block_type", "mtp_hybrid_override_pattern", "auto_map",
+        "rope_theta", "partial_rotary_factor", "norm_eps", "rope_scaling", "rope_parameters",
+    })
+
+    def __post_init__(self):
+        src = f"{self.model_type} config"
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, src,
+                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                 f"num_key_value_heads={self.num_key_value_heads}")
+        _require(self.mamba_num_heads % self.n_groups == 0, src,
+                 f"mamba_num_heads={self.mamba_num_heads} is not a multiple of n_groups={self.n_groups}")
+        _require(self.n_routed_experts % self.n_group == 0 and 0 < self.topk_group <= self.n_group, src,
+                 f"n_routed_experts={self.n_routed_experts} must split into n_group={self.n_group} groups, "
+                 f"and topk_group={self.topk_group} must be in [1, n_group]")
+        _require(self.n_group == 1 or self.n_routed_experts // self.n_group >= 2, src,
+                 "group-limited routing scores each group by its top-2 experts: groups need >= 2 experts")
+        _require(self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group), src,
+                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group groups")
+        _require(self.dt_floor in self.DT_FLOORS, src, f"dt_floor={self.dt_floor!r} is not one of {self.DT_FLOORS}")
+        bad = sorted(set(self.layer_kinds) - set(NEMOTRON_PATTERN.values()))
+        _require(not bad, src, f"unknown layer kinds {bad}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> NemotronHConfig:
+        """Builds the config from a parsed Nemotron-H config.json; unsupported values raise ConfigError."""
+        _require(d.get("model_type") == cls.model_type, source,
+                 f"model_type is {d.get('model_type')!r}, expected {cls.model_type!r}")
+        _check_fields(d, cls._READ, set(cls._INERT), source)
+        d = {**{new: d[old] for old, new in NEMOTRON_LEGACY.items() if old in d}, **d}
+        if d.get("layers_block_type"):
+            unknown = sorted(set(d["layers_block_type"]) - set(NEMOTRON_KINDS))
+            _require(not unknown, source, f"layers_block_type has unknown kinds {unknown}; "
+                                          f"expected {sorted(NEMOTRON_KINDS)}")
+            kinds = tuple(NEMOTRON_KINDS[k] for k in d["layers_block_type"])
+        else:
+            pattern = d.get("hybrid_override_pattern")
+            _require(isinstance(pattern, str) and pattern, source,
+                     "needs layers_block_type or hybrid_override_pattern")
+            unknown = sorted(set(pattern) - set(NEMOTRON_PATTERN))
+            _require(not unknown, source, f"hybrid_override_pattern has unknown symbols {unknown}; "
+                                          f"expected {sorted(NEMOTRON_PATTERN)}")
+            kinds = tuple(NEMOTRON_PATTERN[c] for c in pattern)
+        layers = d.get("num_hidden_layers")
+        _require(layers is None or layers == len(kinds), source,
+                 f"num_hidden_layers={layers} but the layer pattern has {len(kinds)} layers")
+        for field, supported in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
+            _require(d.get(field, supported) == supported, source,
+                     f"{field}={d.get(field)!r} is not supported (Nemotron-H uses {supported!r})")
+        for field in ("mlp_bias", "use_bias", "mamba_proj_bias", "tie_word_embeddings"):
+            _require(not d.get(field, False), source, f"{field}=true is not supported (no Nemotron-H uses it)")
+        _require(d.get("sliding_window") is None, source, "sliding_window attention is not supported")
+        _require(d.get("n_shared_experts", 1) == 1, source,
+                 f"n_shared_experts={d.get('n_shared_experts')} is not supported: transformers builds exactly one "
+                 "shared expert of moe_shared_expert_intermediate_size")
+        try:
+            return cls(
+                vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]), layer_kinds=kinds,
+                num_attention_heads=int(d["num_attention_heads"]),
+                num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+                intermediate_size=int(d["intermediate_size"]), mamba_num_heads=int(d["mamba_num_heads"]),
+                mamba_head_dim=int(d["mamba_head_dim"]), ssm_state_size=int(d["ssm_state_size"]),
+                n_groups=int(d.get("n_groups", 1)), conv_kernel=int(d.get("conv_kernel", 4)),
+                chunk_size=int(d.get("chunk_size", 128)),
+                n_routed_experts=int(d.get("n_routed_experts", d.get("num_local_experts", 0))),
+                num_experts_per_tok=int(d["num_experts_per_tok"]),
+                moe_intermediate_size=int(d["moe_intermediate_size"]),
+                moe_shared_expert_intermediate_size=int(d["moe_shared_expert_intermediate_size"]),
+                moe_latent_size=None if d.get("moe_latent_size") is None else int(d["moe_latent_size"]),
+                n_group=int(d.get("n_group", 1)), topk_group=int(d.get("topk_group", 1)),
+                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+                norm_topk_prob=bool(d.get("norm_topk_prob", True)), use_conv_bias=bool(d.get("use_conv_bias", True)),
+                time_step_limit=_float_pair(d.get("time_step_limit", (0.0, math.inf)), source, "time_step_limit"),
+                time_step_min=float(d.get("time_step_min", 0.001)),
+                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json transformers reads for this model."""
+        skip = {"layer_kinds", "time_step_limit", "dt_floor"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        inverse = {v: k for k, v in NEMOTRON_PATTERN.items()}
+        d.update(model_type=self.model_type, architectures=["NemotronHForCausalLM"],
+                 hybrid_override_pattern="".join(inverse[k] for k in self.layer_kinds),
+                 time_step_limit=list(self.time_step_limit), mlp_hidden_act="relu2", mamba_hidden_act="silu")
+        return d
+
+    @property
+    def dt_limits(self) -> tuple[float, float]:
+        """The [low, high] dt is clamped to, after softplus."""
+        low, high = self.time_step_limit
+        return (self.time_step_min, math.inf) if self.dt_floor == "time_step_min" else (low, high)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
+
+    @classmethod
+    def nemotron_3_nano_30b_a3b(cls) -> NemotronHConfig:
+        """nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B: 52 layers = 23 Mamba-2 + 23 MoE + 6 attention."""
+        pattern = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+        return cls(
+            vocab_size=131072, hidden_size=2688, layer_kinds=tuple(NEMOTRON_PATTERN[c] for c in pattern),
+            num_attention_heads=32, num_key_value_heads=2, head_dim=128, intermediate_size=1856,
+            mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4, chunk_size=128,
+            n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
+            moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True, layer_norm_epsilon=1e-5,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from flax import nnx
 
 from converters.keymap import load_params
 from converters.safetensors_io import SafetensorsCheckpoint
-from moejax.config import read_config_json
+from moejax.config import ConfigError, read_config_json
 from moejax.models import architecture
 
 
@@ -20,16 +21,23 @@ def load_config(path: str | Path):
     return architecture(hf.get("model_type"), str(source)).config_cls.from_hf(hf, str(source))
 
 
-def from_pretrained(path: str | Path, dtype=jnp.float32):
+def from_pretrained(path: str | Path, dtype=jnp.float32, **config_overrides):
     """Loads a Hugging Face checkpoint directory (config.json + safetensors) into its moejax model.
 
     Tensors stream one at a time from the shards into the model's parameters, cast to `dtype`;
-    the model is never materialised twice.
+    the model is never materialised twice. `config_overrides` replace fields of the moejax config
+    (e.g. Nemotron-H's dt_floor="time_step_min" or chunk_size=64).
     """
     path = Path(path)
     cfg = load_config(path)
+    if config_overrides:
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(config_overrides) - fields)
+        if unknown:
+            raise ConfigError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+        cfg = dataclasses.replace(cfg, **config_overrides)
     arch = architecture(cfg.model_type, str(path / "config.json"))
     ckpt = SafetensorsCheckpoint(path)
     model = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_params(model, arch.keymap(cfg), ckpt, dtype)
+    load_params(model, arch.keymap(cfg), ckpt)
     return model

@@ -1,7 +1,8 @@
 """The PyTorch reference (transformers) side of parity checks: random tiny models, saved and run.
 
-transformers' own init leaves norms at 1 and biases at 0, which would let a wrong norm or a missing
-bias pass unnoticed; `randomize` refills every parameter from a seeded normal instead.
+transformers' own init leaves norms at 1, biases at 0 and (Nemotron-H) D at 1 and the correction
+bias at 0, which would let a wrong norm, a missing bias or an ignored correction pass unnoticed;
+`randomize` refills every parameter and persistent buffer from a seeded normal instead.
 """
 
 from __future__ import annotations
@@ -22,28 +23,55 @@ def tiny_qwen3_config(**overrides) -> transformers.Qwen3MoeConfig:
     return transformers.Qwen3MoeConfig(**base)
 
 
+def tiny_nemotron_h_config(**overrides) -> transformers.NemotronHConfig:
+    """All four block kinds, n_groups 2, group-limited routing (2 groups, 1 kept), a latent MoE."""
+    base = dict(vocab_size=97, hidden_size=48, hybrid_override_pattern="ME*-ME", num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=40, mamba_num_heads=4, mamba_head_dim=12,
+                ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=8, n_routed_experts=8,
+                num_experts_per_tok=3, moe_intermediate_size=24, moe_shared_expert_intermediate_size=20,
+                moe_latent_size=32, n_group=2, topk_group=1, routed_scaling_factor=1.7, norm_topk_prob=True,
+                layer_norm_epsilon=1e-5)
+    base.update(overrides)
+    return transformers.NemotronHConfig(**base)
+
+
+def _scale(name: str, shape: torch.Size) -> tuple[float, float]:
+    """(mean, std) of a parameter's refill, by its role."""
+    if "norm" in name:
+        return 1.0, 0.2
+    if name.endswith("A_log"):
+        return 0.0, 0.5  # A = -exp(A_log) spread around -1
+    if name.endswith("dt_bias"):
+        return -1.0, 0.5  # softplus(dt + dt_bias) around 0.3: the state both keeps and forgets
+    if name.endswith(".D"):
+        return 0.0, 1.0
+    if name.endswith("e_score_correction_bias"):
+        return 0.0, 0.1  # comparable to the spread of sigmoid scores: it changes selections
+    if name.endswith("bias"):
+        return 0.0, 0.2
+    if "embed" in name:
+        return 0.0, 1.0
+    return 0.0, shape[-1] ** -0.5
+
+
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter from N(0, 1): norms as 1 + 0.2 N, biases as 0.2 N, matrices scaled by fan_in^-1/2."""
+    """Every parameter and persistent buffer refilled from a seeded normal, scaled by its role."""
     gen = torch.Generator().manual_seed(seed)
+    persistent = model.state_dict().keys()
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in persistent}
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if "norm" in name:
-                value = 1.0 + 0.2 * noise
-            elif name.endswith("bias"):
-                value = 0.2 * noise
-            elif "embed" in name:
-                value = noise
-            else:
-                value = noise * p.shape[-1] ** -0.5
-            p.copy_(value.to(p.dtype))
+        for name, p in sorted(tensors.items()):
+            mean, std = _scale(name, p.shape)
+            p.copy_((mean + std * torch.randn(p.shape, generator=gen, dtype=torch.float32)).to(p.dtype))
     return model
 
 
-def make_qwen3(tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None, **overrides):
-    """A random Qwen3MoeForCausalLM saved with save_pretrained; returns (fp32 reference model, dir)."""
+def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None, **overrides):
+    """A random transformers model of `arch` ("qwen3_moe" or "nemotron_h") saved with save_pretrained;
+    returns (the float32 reference model reloaded from disk, the directory)."""
+    config = tiny_qwen3_config(**overrides) if arch == "qwen3_moe" else tiny_nemotron_h_config(**overrides)
     torch.manual_seed(seed)
-    model = randomize(transformers.Qwen3MoeForCausalLM(tiny_qwen3_config(**overrides)), seed).eval()
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
     save = model if save_dtype is None else model.to(save_dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     save.save_pretrained(tmp, **kwargs)
@@ -51,12 +79,26 @@ def make_qwen3(tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None
     return reference, Path(tmp)
 
 
+def make_qwen3(tmp: Path, seed: int = 0, **kwargs):
+    """make_checkpoint for Qwen3-MoE."""
+    return make_checkpoint("qwen3_moe", tmp, seed, **kwargs)
+
+
 def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
-    """logits [b, t, V] and router logits per MoE layer [b, t, E], as float64 numpy."""
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).long(),
-                    attention_mask=None if mask is None else torch.from_numpy(mask).long(),
-                    output_router_logits=True)
+    """logits [b, t, V], router logits per MoE layer [b, t, E] (float64 numpy) and the experts the
+    reference chose per MoE layer [b, t, k] (sorted: transformers' Nemotron-H top-k is unordered)."""
+    chosen = []
+    routers = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    hooks = [r.register_forward_hook(lambda _m, _i, out: chosen.append(out[2])) for r in routers]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids).long(),
+                        attention_mask=None if mask is None else torch.from_numpy(mask).long(),
+                        output_router_logits=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
     b, t = ids.shape
-    routers = [r.reshape(b, t, -1).double().numpy() for r in (out.router_logits or ())]
-    return out.logits.double().numpy(), routers
+    logits = [r.reshape(b, t, -1).double().numpy() for r in (out.router_logits or ())]
+    ids_out = [np.sort(c.reshape(b, t, -1).numpy(), axis=-1) for c in chosen]
+    return out.logits.double().numpy(), logits, ids_out

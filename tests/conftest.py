@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from moejax.reference import run_reference
+
+LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
 
 
 def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], seq: int, side: str):
@@ -17,7 +20,18 @@ def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], seq: 
     return ids, mask
 
 
-def reference_topk(router_logits: np.ndarray, k: int) -> np.ndarray:
-    """The experts transformers selects from its router logits: top-k of the float32 softmax."""
-    probs = torch.softmax(torch.from_numpy(router_logits).float(), dim=-1)
-    return torch.topk(probs, k, dim=-1).indices.numpy()
+def assert_parity(model, reference, ids, mask, logits_tol=LOGITS_TOL, router_tol=ROUTER_TOL):
+    """Content tokens only: logits and raw router logits within tolerance, chosen expert sets identical."""
+    ref_logits, ref_routers, ref_ids = run_reference(reference, ids, mask)
+    out = model(ids, mask, return_router_logits=True)
+    content = mask.astype(bool)
+    diff = np.abs(np.asarray(out.logits) - ref_logits)[content].max()
+    assert diff <= logits_tol, f"logits differ by {diff}"
+    assert len(out.router_logits) == len(ref_routers) == len(ref_ids) > 0
+    for layer, (ours, ref, ours_ids, want_ids) in enumerate(
+            zip(out.router_logits, ref_routers, out.router_expert_ids, ref_ids, strict=True)):
+        assert np.asarray(ours).dtype == np.float32
+        diff = np.abs(np.asarray(ours) - ref)[content].max()
+        assert diff <= router_tol, f"MoE layer {layer}: router logits differ by {diff}"
+        np.testing.assert_array_equal(np.sort(np.asarray(ours_ids), axis=-1)[content], want_ids[content],
+                                      err_msg=f"MoE layer {layer}: selected experts differ")

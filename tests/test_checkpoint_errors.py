@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 import moejax
 from converters.safetensors_io import CheckpointError
 from moejax.config import ConfigError
-from moejax.reference import make_qwen3
+from moejax.reference import make_checkpoint, make_qwen3
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,43 @@ def test_pickle_checkpoints_are_refused(checkpoint, tmp_path):
 def test_missing_config(tmp_path):
     with pytest.raises(ConfigError, match=r"no config\.json"):
         moejax.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def nemotron_checkpoint(tmp_path_factory):
+    return make_checkpoint("nemotron_h", tmp_path_factory.mktemp("nemotron"), seed=1)[1]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(layers_block_type=None, hybrid_override_pattern="ME*X"), "hybrid_override_pattern has unknown symbols ['X']"),
+    (dict(layers_block_type=["mamba", "conv"]), "layers_block_type has unknown kinds ['conv']"),
+    (dict(num_hidden_layers=5), "num_hidden_layers=5 but the layer pattern has 6 layers"),
+    (dict(mlp_hidden_act="gelu"), "mlp_hidden_act='gelu' is not supported"),
+    (dict(n_shared_experts=2), "n_shared_experts=2 is not supported"),
+    (dict(time_step_limit="fast"), "time_step_limit must be a [low, high] pair"),
+    (dict(n_group=3), "n_routed_experts=8 must split into n_group=3 groups"),
+])
+def test_nemotron_config_errors(nemotron_checkpoint, tmp_path, changes, message):
+    path = copy_of(nemotron_checkpoint, tmp_path)
+    edit_config(path, **changes)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        moejax.from_pretrained(path)
+
+
+def test_nemotron_truncated_and_missing(nemotron_checkpoint, tmp_path):
+    path = copy_of(nemotron_checkpoint, tmp_path)
+    rewrite(path, lambda t: t.pop("backbone.layers.0.mixer.A_log"))
+    with pytest.raises(CheckpointError, match=re.escape("missing tensor 'backbone.layers.0.mixer.A_log'")):
+        moejax.from_pretrained(path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match="truncated"):
+        moejax.from_pretrained(path)
+
+
+def test_nemotron_conv_shape_mismatch(nemotron_checkpoint, tmp_path):
+    path = copy_of(nemotron_checkpoint, tmp_path)
+    key = "backbone.layers.4.mixer.conv1d.weight"
+    rewrite(path, lambda t: t.__setitem__(key, np.zeros((112, 1, 3), np.float32)))
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key}' has shape (112, 1, 3), expected (112, 1, 4)")):
+        moejax.from_pretrained(path)

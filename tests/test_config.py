@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import transformers
 from flax import nnx
 
-from moejax.config import Qwen3MoeConfig, RopeConfig
+from moejax.config import NemotronHConfig, Qwen3MoeConfig, RopeConfig
 from moejax.layers.stack import plan_segments
+from moejax.models.nemotron_h import NemotronHForCausalLM
 from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
 
 # config.json of Qwen/Qwen3-30B-A3B as published (transformers 4.51 era: rope_theta, num_experts).
@@ -62,3 +66,68 @@ def test_segments_scan_repeats():
     kinds = list("MEMEM*EMEM")
     segments = plan_segments(kinds)
     assert [k for unit, reps in segments for _ in range(reps) for k in unit] == kinds
+
+
+# config.json of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 as published (transformers 4.55 era: a
+# hybrid_override_pattern string, Infinity in time_step_limit, RoPE fields the model does not use).
+NEMOTRON_3_NANO_JSON = json.loads("""{
+  "architectures": ["NemotronHForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 1, "chunk_size": 128, "conv_kernel": 4, "eos_token_id": 2, "head_dim": 128,
+  "hidden_dropout": 0.0, "hidden_size": 2688,
+  "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+  "initializer_range": 0.02, "intermediate_size": 1856, "layer_norm_epsilon": 1e-05, "mamba_head_dim": 64,
+  "mamba_hidden_act": "silu", "mamba_num_heads": 64, "mamba_proj_bias": false, "max_position_embeddings": 262144,
+  "mlp_bias": false, "mlp_hidden_act": "relu2", "model_type": "nemotron_h", "moe_intermediate_size": 1856,
+  "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "n_groups": 8, "n_routed_experts": 128,
+  "n_shared_experts": 1, "norm_eps": 1e-05, "norm_topk_prob": true, "num_attention_heads": 32,
+  "num_experts_per_tok": 6, "num_hidden_layers": 52, "num_key_value_heads": 2, "num_logits_to_keep": 1,
+  "pad_token_id": 0, "partial_rotary_factor": 1.0, "rescale_prenorm_residual": true, "residual_in_fp32": false,
+  "rope_theta": 10000, "routed_scaling_factor": 2.5, "sliding_window": null, "ssm_state_size": 128,
+  "tie_word_embeddings": false, "time_step_floor": 0.0001, "time_step_limit": [0.0, Infinity],
+  "time_step_max": 0.1, "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16",
+  "transformers_version": "4.55.4", "use_bias": false, "use_cache": true, "use_conv_bias": true,
+  "use_mamba_kernels": true, "vocab_size": 131072
+}""")
+
+
+def test_nemotron_published_config_matches_preset():
+    cfg = NemotronHConfig.from_hf(NEMOTRON_3_NANO_JSON)
+    assert cfg == NemotronHConfig.nemotron_3_nano_30b_a3b()
+    assert [cfg.layer_kinds.count(k) for k in ("mamba", "moe", "attention")] == [23, 23, 6]
+    assert cfg.dt_limits == (0.0, math.inf)
+
+
+def test_nemotron_layer_kinds_both_naming_schemes():
+    base = {k: v for k, v in NEMOTRON_3_NANO_JSON.items() if k not in ("hybrid_override_pattern", "num_hidden_layers")}
+    new = NemotronHConfig.from_hf({**base, "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]})
+    old = NemotronHConfig.from_hf({**base, "layers_block_type": ["mamba", "moe", "attention", "mlp"]})
+    pattern = NemotronHConfig.from_hf({**base, "hybrid_override_pattern": "ME*-"})
+    assert new.layer_kinds == old.layer_kinds == pattern.layer_kinds == ("mamba", "moe", "attention", "mlp")
+
+
+def test_nemotron_transformers_5_config_round_trips():
+    """transformers 5 writes layers_block_type and {"__float__": "Infinity"}; to_hf goes back through it."""
+    hf = transformers.NemotronHConfig(hybrid_override_pattern="ME*-ME", n_routed_experts=8, n_group=2,
+                                      topk_group=1, moe_latent_size=32, mamba_num_heads=4, n_groups=2)
+    cfg = NemotronHConfig.from_hf(json.loads(hf.to_json_string()))
+    assert cfg.layer_kinds == ("mamba", "moe", "attention", "mlp", "mamba", "moe")
+    assert cfg.time_step_limit == (0.0, math.inf) and cfg.moe_latent_size == 32
+    again = NemotronHConfig.from_hf(json.loads(transformers.NemotronHConfig(**cfg.to_hf()).to_json_string()))
+    assert again == cfg
+
+
+def test_nemotron_preset_parameter_count():
+    """~31.6B parameters (NVIDIA quotes 31.6B total for Nemotron-3-Nano-30B-A3B)."""
+    cfg = NemotronHConfig.nemotron_3_nano_30b_a3b()
+    model = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(v.shape)) for v in jax_leaves(nnx.state(model, nnx.Param)))
+    d, inner, e = cfg.hidden_size, cfg.mamba_num_heads * cfg.mamba_head_dim, cfg.n_routed_experts
+    conv = inner + 2 * cfg.n_groups * cfg.ssm_state_size
+    mamba = d * (inner + conv + cfg.mamba_num_heads) + conv * (cfg.conv_kernel + 1) + 3 * cfg.mamba_num_heads \
+        + inner + inner * d
+    attention = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    moe = d * e + e + 2 * e * d * cfg.moe_intermediate_size + 2 * d * cfg.moe_shared_expert_intermediate_size
+    per_kind = {"mamba": mamba, "attention": attention, "moe": moe, "mlp": 2 * d * cfg.intermediate_size}
+    expected = 2 * cfg.vocab_size * d + d + sum(per_kind[k] + d for k in cfg.layer_kinds)
+    assert count == expected
+    assert 31.4e9 < count < 31.8e9

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moejax.layers.mlp import activate
+from moejax.layers.mlp import MLP, activate
 from moejax.layers.params import param
 
 
@@ -39,6 +39,30 @@ def softmax_topk(logits_te: jax.Array, k: int, normalize: bool) -> tuple[jax.Arr
     if normalize:
         weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
     return weights_tk, ids_tk.astype(jnp.int32)
+
+
+def sigmoid_group_topk(logits_te: jax.Array, correction_e: jax.Array, k: int, n_group: int, topk_group: int,
+                       normalize: bool, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Nemotron-H / DeepSeek-V3 routing -> weights, ids [tokens, k].
+
+    Sigmoid scores in float32; the correction bias is added for choosing only; experts are chosen
+    among the topk_group groups whose two best biased scores sum highest; the chosen experts'
+    unbiased scores are normalised, then scaled.
+    """
+    tokens, experts = logits_te.shape
+    scores_te = jax.nn.sigmoid(logits_te.astype(jnp.float32))
+    choice_te = scores_te + correction_e.astype(jnp.float32)
+    if n_group > 1:
+        choice_tgx = choice_te.reshape(tokens, n_group, experts // n_group)
+        group_scores_tg = jnp.sum(jax.lax.top_k(choice_tgx, 2)[0], axis=-1)
+        _, groups_tk = jax.lax.top_k(group_scores_tg, topk_group)
+        keep_tg = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], groups_tk].set(True)
+        choice_te = jnp.where(keep_tg[:, :, None], choice_tgx, -jnp.inf).reshape(tokens, experts)
+    _, ids_tk = jax.lax.top_k(choice_te, k)
+    weights_tk = jnp.take_along_axis(scores_te, ids_tk, axis=-1)
+    if normalize:
+        weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + 1e-20)
+    return weights_tk * scale, ids_tk.astype(jnp.int32)
 
 
 def dispatch_tiles(num_rows: int, num_experts: int) -> tuple[int, ...]:
@@ -260,3 +284,37 @@ class SoftmaxMoE(nnx.Module):
         weights_tk, ids_tk = softmax_topk(logits_te, self.top_k, self.normalize)
         y_td = self.experts(x_td, ids_tk, weights_tk)
         return y_td.reshape(b, s, d), RouterOutput(logits_te, ids_tk, weights_tk)
+
+
+class SigmoidMoE(nnx.Module):
+    """Nemotron-H MoE: group-limited sigmoid router over relu^2 experts (optionally in a latent space),
+    plus a shared relu^2 expert on the block input."""
+
+    def __init__(self, hidden: int, ffn: int, shared_ffn: int, num_experts: int, top_k: int, *,
+                 latent: int | None, n_group: int, topk_group: int, normalize: bool, scale: float,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.normalize, self.scale, self.latent = normalize, scale, latent
+        self.router = Router(hidden, num_experts, dtype=dtype, rngs=rngs)
+        # Kept in float32 whatever the model dtype, as transformers does: it decides selections.
+        self.correction_e = param(rngs, (num_experts,), ("expert_router",), jnp.float32, init="zeros")
+        expert_dim = hidden if latent is None else latent
+        if latent is not None:
+            self.to_latent_dl = param(rngs, (hidden, latent), ("embed", "latent"), dtype)
+            self.from_latent_ld = param(rngs, (latent, hidden), ("latent", "embed"), dtype)
+        self.experts = Experts(num_experts, expert_dim, ffn, activation="relu2", dtype=dtype, rngs=rngs)
+        self.shared = MLP(hidden, shared_ffn, activation="relu2", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, RouterOutput]:
+        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens."""
+        b, s, d = x_btd.shape
+        x_td = x_btd.reshape(b * s, d)
+        logits_te = self.router(x_td)
+        weights_tk, ids_tk = sigmoid_group_topk(logits_te, self.correction_e[...], self.top_k, self.n_group,
+                                                self.topk_group, self.normalize, self.scale)
+        h_td = x_td if self.latent is None else x_td @ self.to_latent_dl[...]
+        y_td = self.experts(h_td, ids_tk, weights_tk)
+        if self.latent is not None:
+            y_td = y_td @ self.from_latent_ld[...]
+        y_btd = y_td.reshape(b, s, d) + self.shared(x_btd)
+        return y_btd, RouterOutput(logits_te, ids_tk, weights_tk)

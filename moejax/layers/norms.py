@@ -16,12 +16,18 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    """weight * x / rms(x); the weight multiplies after the cast back, as transformers does."""
+    """weight * x / rms(x).
 
-    def __init__(self, dim: int, eps: float, *, axis_name: str = "norm", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.eps = eps
+    Qwen3 multiplies by the weight after casting back to the input dtype; Nemotron-H multiplies in
+    float32 and casts the product (`weight_in_float32`). The two differ only below float32.
+    """
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str = "norm", weight_in_float32: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = param(rngs, (dim,), (axis_name,), dtype, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.weight_in_float32:
+            return (self.weight[...].astype(jnp.float32) * rms_normalize(x, self.eps)).astype(x.dtype)
         return self.weight[...] * rms_normalize(x, self.eps).astype(x.dtype)

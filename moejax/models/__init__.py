@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from moejax.config import ConfigError, Qwen3MoeConfig
+from moejax.config import ConfigError, NemotronHConfig, Qwen3MoeConfig
+from moejax.models.nemotron_h import NemotronHForCausalLM
 from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
 
 
@@ -22,8 +23,15 @@ def _qwen3_keymap(cfg):
     return keymap(cfg)
 
 
+def _nemotron_keymap(cfg):
+    from converters.nemotron_h import keymap
+
+    return keymap(cfg)
+
+
 ARCHITECTURES = {
     "qwen3_moe": Architecture(Qwen3MoeConfig, Qwen3MoeForCausalLM, _qwen3_keymap),
+    "nemotron_h": Architecture(NemotronHConfig, NemotronHForCausalLM, _nemotron_keymap),
 }
 
 
