@@ -96,6 +96,31 @@ def test_mixer_chunked_scan_matches_sequential_oracle(tmp_path, monkeypatch):
     assert np.abs(chunked - oracle)[content].max() <= 1e-5
 
 
+def test_mixer_output_matches_sequential_oracle(monkeypatch):
+    """One Mamba2Mixer over 3.5 chunks with padding, random weights: chunked SSD vs recurrence (bound 1e-5)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    mixer = mamba2.Mamba2Mixer(32, 4, 8, 16, 2, 4, 8, conv_bias=True, eps=1e-5, dt_limits=(0.0, float("inf")),
+                               rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(1), 4)
+    for name, key in zip(("dt_bias_h", "a_log_h", "d_h", "conv_bias_c"), keys, strict=True):
+        var = getattr(mixer, name)
+        var.set_value(jax.random.normal(key, var.shape) * 0.5)
+    x_btd = jax.random.normal(jax.random.key(2), (2, 28, 32))
+    valid_bt = jnp.ones((2, 28), jnp.int32).at[1, :5].set(0)
+    chunked = np.asarray(mixer(x_btd, valid_bt))
+
+    def sequential(x, dt, a, b, c, chunk_size, initial_state_bhpn=None):
+        return ssd_sequential(x, dt, a, b, c, initial_state_bhpn)
+
+    monkeypatch.setattr(mamba2, "ssd_chunked", sequential)
+    oracle = np.asarray(mixer(x_btd, valid_bt))
+    assert np.abs(oracle).max() > 0.1
+    np.testing.assert_allclose(chunked, oracle, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_invariance(tmp_path, side):
     """Content logits do not change when padding is added: padding is zeroed before the conv and the scan."""
