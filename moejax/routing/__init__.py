@@ -1,0 +1,1 @@
+"""Routing statistics accumulated in the jitted forward pass, and the metrics of METRICS.md."""
