@@ -102,3 +102,21 @@ def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
     logits = [r.reshape(b, t, -1).double().numpy() for r in (out.router_logits or ())]
     ids_out = [np.sort(c.reshape(b, t, -1).numpy(), axis=-1) for c in chosen]
     return out.logits.double().numpy(), logits, ids_out
+
+
+def save_byte_tokenizer(directory: Path) -> None:
+    """A byte-level transformers tokenizer (259 ids: <pad> 0, <s> 1, </s> 2, then the 256 bytes) that prefixes <s>.
+
+    Tiny test checkpoints carry it so the analysis reads a real tokenizer from the model directory.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         pad_token="<pad>").save_pretrained(directory)

@@ -1,0 +1,1 @@
+"""Parallel corpora, chunking and tokenisation for the routing analysis."""

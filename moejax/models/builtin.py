@@ -1,0 +1,26 @@
+"""The built-in demonstration model: a small random Qwen3-MoE over bytes, so `moejax analyze` runs anywhere.
+
+Its weights are a fixed seeded initialisation, not a trained model: its routing differs by script
+because the byte embeddings do, which is enough to exercise the whole analysis.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from moejax.config import Qwen3MoeConfig
+from moejax.data.tokenize import ByteTokenizer
+from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
+
+NAME = "builtin-tiny-qwen3-moe"
+
+
+def builtin_config() -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                          moe_intermediate_size=32, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True)
+
+
+def builtin_model() -> Qwen3MoeForCausalLM:
+    """The seeded demonstration model (the same weights on every machine)."""
+    return Qwen3MoeForCausalLM(builtin_config(), rngs=nnx.Rngs(0))

@@ -1,0 +1,92 @@
+"""PNG figures mirroring the published ones; several models side by side (one column each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _rows(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def _grid(n_models: int, n_rows: int = 1):
+    fig, axes = plt.subplots(n_rows, n_models, figsize=(5 * n_models, 3.4 * n_rows), squeeze=False)
+    return fig, axes
+
+
+def _per_layer(ax, tables, model, langs, metric, ylabel, with_std=True):
+    for lang in langs:
+        rows = _rows(tables["layers"], model=model, lang=lang)
+        x = [r["layer"] for r in rows]
+        y = np.array([r[metric] for r in rows])
+        err = np.array([r[f"{metric}_chunk_std"] for r in rows]) if with_std else None
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=lang)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, str]:
+    """Writes the figures into `out`; returns {figure name: file name}."""
+    models = [r.name for r in runs]
+    written = {}
+
+    fig, axes = _grid(len(models))
+    for ax, model in zip(axes[0], models, strict=True):
+        _per_layer(ax, tables, model, langs, "usage_entropy_bits", "usage entropy (bits)")
+        ax.set_title(f"{model}: usage entropy (bars: 1 std across chunks)", fontsize=9)
+    written["entropy"] = _save(fig, out, "entropy_per_layer.png")
+
+    fig, axes = _grid(len(models), 2)
+    for col, model in enumerate(models):
+        _per_layer(axes[0, col], tables, model, langs, "gini", "Gini (top-K counts)")
+        _per_layer(axes[1, col], tables, model, langs, "active_experts", "active experts", with_std=False)
+        axes[0, col].set_title(model, fontsize=9)
+    written["gini_active"] = _save(fig, out, "gini_active_per_layer.png")
+
+    ref, targets = tables["reference"], tables["targets"]
+    panels = [(model, target) for model in models for target in targets]
+    fig, axes = _grid(len(panels), 3)
+    for col, (model, target) in enumerate(panels):
+        mean = np.array([r["lsi"] for r in _rows(tables["lsi"], model=model, lang_a=target, layer="mean")])
+        order = np.argsort(mean)
+        axes[0, col].bar(range(len(mean)), mean[order], color=np.where(mean[order] > 0, "tab:red", "tab:blue"))
+        axes[0, col].axhline(0.1, ls="--", c="k", lw=0.8)
+        axes[0, col].axhline(-0.1, ls="--", c="k", lw=0.8)
+        axes[0, col].set_title(f"{model}: LSI {target} vs {ref}, mean over MoE layers (sorted)", fontsize=9)
+        axes[1, col].hist(mean, bins=21, range=(-1, 1))
+        axes[1, col].set_xlabel("LSI")
+        cats = [int((mean > 0.1).sum()), int((np.abs(mean) <= 0.1).sum()), int((mean < -0.1).sum())]
+        axes[2, col].bar([f"{target}-specific", "shared", f"{ref}-specific"], cats)
+        axes[2, col].set_ylabel("experts (theta 0.1)")
+    written["lsi"] = _save(fig, out, "lsi.png")
+
+    for metric, label, name in (("cosine", "cosine of usage (f)", "cosine_per_layer.png"),
+                                ("njsd", "normalised JS divergence", "divergence_per_layer.png")):
+        fig, axes = _grid(len(models))
+        for ax, model in zip(axes[0], models, strict=True):
+            pairs = sorted({(r["lang_a"], r["lang_b"]) for r in _rows(tables["pairs"], model=model)})
+            for a, b in pairs:
+                rows = _rows(tables["pairs"], model=model, lang_a=a, lang_b=b)
+                ax.plot([r["layer"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=f"{a}-{b}")
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel(label)
+            ax.set_title(model, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        written[metric] = _save(fig, out, name)
+    return written
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name

@@ -1,0 +1,287 @@
+"""`moejax analyze`: routing statistics of several models over a parallel corpus, the METRICS.md tables,
+figures and a written report.
+
+Each language's chunks run in their own forward passes (never mixed with another language), padded
+into a few length buckets and fixed-size batches so a long corpus compiles a handful of programs.
+Statistics are reduced in the jitted forward (moejax.routing.stats); only per-chunk [layers, experts]
+arrays reach the host. Outputs are written to a temporary directory beside OUT and moved into place
+at the end, so a failed run leaves nothing half-written in OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from moejax.data.corpus import CorpusError, chunk, read_corpus
+from moejax.data.tokenize import ByteTokenizer, HFTokenizer
+from moejax.routing import metrics as M
+from moejax.routing.stats import chunk_stats
+
+BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PAIRS_PER_CHUNK = 64
+
+
+@dataclasses.dataclass
+class LangRun:
+    """One model over one language: per-chunk arrays ([C, L, E] counts and sums, [C, L], [C])."""
+
+    topk: np.ndarray
+    top1: np.ndarray
+    prob_sums: np.ndarray
+    entropy_sums: np.ndarray
+    tokens: np.ndarray
+    jaccard_sums: np.ndarray
+    pairs: np.ndarray
+    tokenization: dict
+
+
+@dataclasses.dataclass
+class ModelRun:
+    name: str
+    path: str
+    model_type: str
+    moe_blocks: tuple[int, ...]
+    k: int
+    experts: int
+    excluded_ids: list[int]
+    langs: dict[str, LangRun]
+
+
+def _bucket(length: int) -> int:
+    for size in BUCKETS:
+        if length <= size:
+            return size
+    return -(-length // BUCKETS[-1]) * BUCKETS[-1]
+
+
+def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
+            progress=None) -> LangRun:
+    """Runs every chunk of one language through the model; returns its per-chunk statistics."""
+    encoded = [tokenizer.encode(t) for t in texts]
+    if any(len(e) == 0 for e in encoded):
+        raise CorpusError("a chunk tokenised to no tokens")
+    excluded = np.array(sorted(exclude_ids), np.int64)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: dict[int, dict] = {}
+    for bucket, members in itertools.groupby(order, key=lambda i: _bucket(len(encoded[i]))):
+        members = list(members)
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            ids = np.full((batch_size, bucket), tokenizer.pad_id, np.int64)
+            mask = np.zeros((batch_size, bucket), np.int64)
+            pairs = np.zeros((batch_size, PAIRS_PER_CHUNK, 2), np.int64)
+            for r, i in enumerate(rows):
+                n = len(encoded[i])
+                ids[r, :n], mask[r, :n] = encoded[i], 1
+                pairs[r] = np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
+            content = mask.astype(bool) & ~np.isin(ids, excluded)
+            stats = jax.device_get(chunk_stats(model, ids, mask, content, pairs, probabilities))
+            for r, i in enumerate(rows):
+                results[i] = {f.name: np.asarray(getattr(stats, f.name))[r] for f in dataclasses.fields(stats)}
+            if progress is not None:
+                progress(len(rows), int(mask.sum()))
+    stacked = {name: np.stack([results[i][name] for i in range(len(texts))]) for name in results[0]}
+    counts = [int(stacked["tokens"][i]) for i in range(len(texts))]
+    return LangRun(topk=stacked["topk_counts"], top1=stacked["top1_counts"], prob_sums=stacked["prob_sums"],
+                   entropy_sums=stacked["entropy_sums_bits"], tokens=stacked["tokens"],
+                   jaccard_sums=stacked["pair_jaccard_sums"], pairs=stacked["pairs"],
+                   tokenization=M.tokenization_stats(texts, counts))
+
+
+def _load(path: str | None):
+    """(name, path, model, tokenizer) for a checkpoint directory, or the built-in model for None."""
+    from moejax.loading import from_pretrained
+    from moejax.models.builtin import NAME, builtin_model
+
+    if path is None:
+        return NAME, "builtin", builtin_model(), ByteTokenizer()
+    tokenizer = HFTokenizer(path)
+    model = from_pretrained(path)
+    if not model.config.moe_layers:
+        raise CorpusError(f"{path}: the model has no MoE layers; there is no routing to analyse")
+    return Path(path).name, str(path), model, tokenizer
+
+
+def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
+    """Load metrics per MoE layer over the given chunks (all by default): arrays [L]."""
+    sel = slice(None) if chunks is None else chunks
+    counts = run.topk[sel].sum(0)
+    f = M.usage_fractions(counts, k)
+    return {"usage_entropy_bits": M.usage_entropy_bits(f), "usage_entropy_norm": M.usage_entropy_normalized(f),
+            "gini": M.gini(counts), "active_experts": M.active_experts(f).astype(float),
+            "selection_entropy_bits": M.selection_entropy_bits(run.entropy_sums[sel].sum(0),
+                                                               np.full(counts.shape[0], run.tokens[sel].sum()))}
+
+
+def chunk_stds(run: LangRun, k: int) -> dict[str, np.ndarray]:
+    per_chunk = [layer_metrics(run, k, [c]) for c in range(len(run.tokens))]
+    return {name: np.array([M.chunk_spread(np.array([pc[name][layer] for pc in per_chunk]))[1]
+                            for layer in range(run.topk.shape[1])]) for name in per_chunk[0]}
+
+
+def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
+    """All rows of layers/experts/pairs/lsi.csv and the summary for metrics.json and the report."""
+    reference = "en" if "en" in langs else langs[-1]
+    targets = [lang for lang in langs if lang != reference]
+    layers, experts, pairs, lsi_rows, summary = [], [], [], [], {}
+    for run in runs:
+        per_lang = {lang: layer_metrics(r, run.k) for lang, r in run.langs.items()}
+        stds = {lang: chunk_stds(r, run.k) for lang, r in run.langs.items()}
+        model_summary = {"collapse": {}, "noise_floor": {}, "flags": {}, "lsi_sweep": {}, "activation_difference": {},
+                         "routing_consistency": {},
+                         "tokenization": {lang: r.tokenization for lang, r in run.langs.items()}}
+        for lang, r in run.langs.items():
+            for layer, block in enumerate(run.moe_blocks):
+                row = {"model": run.name, "lang": lang, "layer": layer, "block": block}
+                row.update({name: float(v[layer]) for name, v in per_lang[lang].items()})
+                row.update({f"{name}_chunk_std": float(v[layer]) for name, v in stds[lang].items()})
+                layers.append(row)
+                counts = r.topk[:, layer].sum(0)
+                f = M.usage_fractions(counts, run.k)
+                pbar = M.mean_probabilities(r.prob_sums[:, layer].sum(0), r.tokens.sum())
+                experts += [{"model": run.name, "lang": lang, "layer": layer, "block": block, "expert": e,
+                             "topk_count": int(counts[e]), "topk_fraction": float(f[e]), "mean_prob": float(pbar[e])}
+                            for e in range(run.experts)]
+            model_summary["collapse"][lang] = {
+                name: M.collapse_summary(per_lang[lang][name]) for name in ("usage_entropy_bits", "gini")}
+            first, second = M.split_halves(len(r.tokens), seed)
+            halves = [layer_metrics(r, run.k, idx) for idx in (first, second)]
+            model_summary["noise_floor"][lang] = {
+                name: float(np.mean(np.abs(halves[0][name] - halves[1][name])))
+                for name in ("usage_entropy_bits", "gini")}
+            model_summary["routing_consistency"][lang] = [
+                float(v) for v in r.jaccard_sums.sum(0) / max(int(r.pairs.sum()), 1)]
+        for a, b in itertools.combinations(langs, 2):
+            ra, rb = run.langs[a], run.langs[b]
+            for layer, block in enumerate(run.moe_blocks):
+                fa, fb = (M.usage_fractions(x.topk[:, layer].sum(0), run.k) for x in (ra, rb))
+                jac, over = M.topk_overlap(fa, fb, run.k)
+                p, q = (M.mean_probabilities(x.prob_sums[:, layer], x.tokens) for x in (ra, rb))
+                pairs.append({"model": run.name, "layer": layer, "block": block, "lang_a": a, "lang_b": b,
+                              "cosine": M.cosine(fa, fb), "topk_jaccard": jac, "topk_overlap": over,
+                              "spearman": M.spearman(fa, fb), "kendall": M.kendall_tau_b(fa, fb),
+                              "njsd": M.normalized_jsd(p, q)})
+        for target in targets:
+            ra, rb = run.langs[target], run.langs[reference]
+            per_layer = []
+            for layer, block in enumerate(run.moe_blocks):
+                pa = M.mean_probabilities(ra.prob_sums[:, layer].sum(0), ra.tokens.sum())
+                pb = M.mean_probabilities(rb.prob_sums[:, layer].sum(0), rb.tokens.sum())
+                values = M.lsi(pa, pb)
+                per_layer.append(values)
+                lsi_rows += [{"model": run.name, "lang_a": target, "lang_b": reference, "layer": layer,
+                              "block": block, "expert": e, "lsi": float(values[e])} for e in range(run.experts)]
+            mean = np.mean(per_layer, axis=0)
+            cats = M.lsi_categories(mean)
+            lsi_rows += [{"model": run.name, "lang_a": target, "lang_b": reference, "layer": "mean", "block": "mean",
+                          "expert": e, "lsi": float(mean[e]), "category": int(cats[e])} for e in range(run.experts)]
+            model_summary["lsi_sweep"][f"{target}-{reference}"] = {str(t): c for t, c in M.lsi_sweep(mean).items()}
+            delta = M.activation_difference(ra.topk.sum((0, 1)), ra.tokens.sum() * len(run.moe_blocks),
+                                            rb.topk.sum((0, 1)), rb.tokens.sum() * len(run.moe_blocks))
+            model_summary["activation_difference"][f"{target}-{reference}"] = [float(x) for x in delta]
+            flags = []
+            for layer in range(len(run.moe_blocks)):
+                name = "usage_entropy_bits"
+                if M.gap_exceeds_spread(per_lang[target][name][layer], per_lang[reference][name][layer],
+                                        stds[target][name][layer], stds[reference][name][layer]):
+                    flags.append(layer)
+            model_summary["flags"][f"{target}-{reference}"] = flags
+        summary[run.name] = model_summary
+    return {"layers": layers, "experts": experts, "pairs": pairs, "lsi": lsi_rows, "summary": summary,
+            "reference": reference, "targets": targets}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def analyze(models: list[str | None], langs: list[str], data: str | None, out: str | Path, *, chunk_words: int = 300,
+            mode: str = "paragraph", batch_size: int = 8, probabilities: str = "softmax",
+            exclude_ids: list[int] | None = None, seed: int = 0, show_progress: bool = True) -> Path:
+    """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md)."""
+    from tqdm import tqdm
+
+    from moejax.report.figures import write_figures
+    from moejax.report.markdown import write_report
+
+    out = Path(out)
+    corpus = chunk(read_corpus(data, langs), chunk_words, mode)
+    runs = []
+    started = time.perf_counter()
+    for path in models:
+        name, where, model, tokenizer = _load(path)
+        excluded = sorted(set(tokenizer.special_ids) | set(exclude_ids or ()))
+        lang_runs = {}
+        for lang in langs:
+            bar = tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=not show_progress)
+            tokens_done, t0 = [0], time.perf_counter()
+
+            def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
+                tokens_done[0] += n_tokens
+                bar.update(n_chunks)
+                bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+            lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded, batch_size=batch_size,
+                                      probabilities=probabilities, seed=seed, progress=progress)
+            bar.close()
+        cfg = model.config
+        runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
+                             k=cfg.num_experts_per_tok,
+                             experts=getattr(cfg, "num_experts", None) or cfg.n_routed_experts,
+                             excluded_ids=excluded, langs=lang_runs))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        for i, run in enumerate(runs):
+            run.name = f"{i}:{run.name}"
+    tables = build_tables(runs, langs, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in ("layers", "experts", "pairs", "lsi"):
+            _write_csv(tmp / f"{name}.csv", tables[name])
+        settings = {
+            "models": {r.name: {"path": r.path, "model_type": r.model_type, "moe_blocks": list(r.moe_blocks),
+                                "experts": r.experts, "top_k": r.k, "excluded_token_ids": r.excluded_ids,
+                                "tokens": {lang: int(lr.tokens.sum()) for lang, lr in r.langs.items()},
+                                "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
+            "langs": langs, "reference": tables["reference"], "data": data or "builtin sample corpus",
+            "chunking": {"mode": mode, "words": chunk_words}, "probabilities": probabilities, "seed": seed,
+            "variants": {"usage": "top-K counts (f)", "gini": "top-K counts", "active_theta": 0.0,
+                         "cosine": "f vectors", "lsi_theta": 0.1, "njsd": "per aligned chunk, averaged"},
+            "seconds": time.perf_counter() - started, "versions": _versions(),
+            "summary": tables["summary"],
+        }
+        (tmp / "metrics.json").write_text(json.dumps(settings, indent=2))
+        figures = write_figures(tmp, tables, runs, langs)
+        write_report(tmp / "report.md", tables, settings, figures)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import flax
+
+    import moejax
+
+    return {"moejax": getattr(moejax, "__version__", "0.1.0"), "jax": jax.__version__, "flax": flax.__version__,
+            "numpy": np.__version__}

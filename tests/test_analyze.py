@@ -1,0 +1,223 @@
+"""`moejax analyze` end to end: its CSVs against an independent recomputation from transformers' raw router
+logits, batching invariance, the content mask, bad input, and the no-argument demo.
+
+The independent side tokenises with the same tokenizer, runs the PyTorch model one chunk at a time
+(unpadded), takes router logits (output_router_logits) and chosen experts (router forward hooks),
+drops the BOS position, and computes each metric in float64 with numpy/scipy. Bounds: counts exact;
+other metrics 1e-6 relative, plus 1e-6 absolute for those that are differences (LSI, Gini, rank
+correlations, nJSD), which near 0 inherit the ~1e-7 absolute gap between the two models' logits.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats as sps
+from scipy.spatial import distance
+
+from moejax.cli import main
+from moejax.data.corpus import CorpusError, chunk, read_corpus
+from moejax.reference import make_checkpoint, run_reference, save_byte_tokenizer
+from moejax.routing.analyze import analyze
+
+LANGS = ["he", "en"]
+TEXT = {
+    "en": ["The river rises in spring.", "Bread needs flour, water and time.", "Trains leave at seven.",
+           "She plays the violin every evening.", "Snow covered the hills overnight."],
+    "he": ["הנהר עולה באביב.", "לחם צריך קמח, מים וזמן.", "הרכבות יוצאות בשבע.",
+           "היא מנגנת בכינור כל ערב.", "שלג כיסה את הגבעות בלילה."],
+}
+
+
+def write_corpus(directory, text=TEXT):
+    directory.mkdir(exist_ok=True)
+    for lang, lines in text.items():
+        (directory / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+def checkpoint(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    reference, path = make_checkpoint(request.param, root / "model", seed=31, vocab_size=259)
+    save_byte_tokenizer(path)
+    return reference, path
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def independent(reference, path):
+    """Per language, per MoE layer: counts [E], prob sums [E], entropy sum, tokens, per-chunk mean probs."""
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    out = {}
+    for lang in LANGS:
+        per_chunk = []
+        for text in TEXT[lang]:
+            ids = np.array([tok(text)["input_ids"]])
+            _, logits, chosen = run_reference(reference, ids)
+            keep = ids[0] != tok.bos_token_id
+            layers = []
+            for lg, ch in zip(logits, chosen, strict=True):
+                p = torch.softmax(torch.from_numpy(lg[0]), -1).numpy()[keep]
+                counts = np.bincount(ch[0][keep].ravel(), minlength=p.shape[-1])
+                layers.append((counts, p.sum(0), sps.entropy(p, base=2, axis=-1).sum(), keep.sum()))
+            per_chunk.append(layers)
+        out[lang] = per_chunk
+    return out
+
+
+def test_csvs_match_independent_recomputation(checkpoint, tmp_path):
+    reference, path = checkpoint
+    out = analyze([str(path)], LANGS, str(write_corpus(tmp_path / "corpus")), tmp_path / "out", mode="sentence",
+                  batch_size=2, show_progress=False)
+    ref = independent(reference, path)
+    k = reference.config.num_experts_per_tok
+    layers, experts, pairs, lsi = (read(out / f"{n}.csv") for n in ("layers", "experts", "pairs", "lsi"))
+    n_layers = len(ref["en"][0])
+    totals = {lang: [tuple(sum(c[layer][i] for c in ref[lang]) for i in range(4)) for layer in range(n_layers)]
+              for lang in LANGS}
+
+    def close(got, want, atol=0.0):
+        np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=atol)
+
+    for row in layers:
+        counts, probs, ent, tokens = totals[row["lang"]][int(row["layer"])]
+        f = counts / counts.sum()
+        close(row["usage_entropy_bits"], sps.entropy(f, base=2))
+        close(row["usage_entropy_norm"], sps.entropy(f, base=2) / np.log2(len(f)))
+        x = counts.astype(float)
+        close(row["gini"], np.abs(x[:, None] - x[None]).sum() / (2 * len(x) ** 2 * x.mean()), atol=1e-6)
+        assert float(row["active_experts"]) == (counts > 0).sum()
+        close(row["selection_entropy_bits"], ent / tokens)
+    for row in experts:
+        counts, probs, _, tokens = totals[row["lang"]][int(row["layer"])]
+        e = int(row["expert"])
+        assert int(row["topk_count"]) == counts[e]
+        close(row["topk_fraction"], counts[e] / (k * tokens))
+        close(row["mean_prob"], probs[e] / tokens, atol=1e-7)
+    for row in pairs:
+        layer = int(row["layer"])
+        fa, fb = (totals[lang][layer][0] / totals[lang][layer][0].sum() for lang in (row["lang_a"], row["lang_b"]))
+        close(row["cosine"], 1 - distance.cosine(fa, fb))
+        top = [set(np.lexsort((np.arange(len(f)), -f))[:k]) for f in (fa, fb)]
+        close(row["topk_jaccard"], len(top[0] & top[1]) / len(top[0] | top[1]))
+        close(row["topk_overlap"], len(top[0] & top[1]) / k)
+        close(row["spearman"], sps.spearmanr(fa, fb).statistic, atol=1e-6)
+        close(row["kendall"], sps.kendalltau(fa, fb).statistic, atol=1e-6)
+        njsd = []
+        for ca, cb in zip(ref[row["lang_a"]], ref[row["lang_b"]], strict=True):
+            p, q = ca[layer][1] / ca[layer][3], cb[layer][1] / cb[layer][3]
+            floor = max(np.log(len(p)) - (sps.entropy(p) + sps.entropy(q)) / 2, 1e-6)
+            njsd.append(distance.jensenshannon(p, q) ** 2 / floor)
+        close(row["njsd"], np.mean(njsd), atol=1e-6)
+    for row in (r for r in lsi if r["layer"] != "mean"):
+        layer, e = int(row["layer"]), int(row["expert"])
+        pa, pb = (totals[lang][layer][1][e] / totals[lang][layer][3] for lang in ("he", "en"))
+        close(row["lsi"], (pa - pb) / (pa + pb), atol=1e-6)
+    settings = json.loads((out / "metrics.json").read_text())
+    model = next(iter(settings["models"].values()))
+    assert model["excluded_token_ids"] == [0, 1, 2]
+    assert model["tokens"] == {lang: int(sum(c[0][3] for c in ref[lang])) for lang in LANGS}
+
+
+def test_batching_and_bucketing_invariance(checkpoint, tmp_path):
+    """Batch size 1 vs 3 and sentence vs a bucket-crossing padding: the same statistics."""
+    _, path = checkpoint
+    corpus = write_corpus(tmp_path / "corpus")
+    a = analyze([str(path)], LANGS, str(corpus), tmp_path / "a", mode="sentence", batch_size=1, show_progress=False)
+    b = analyze([str(path)], LANGS, str(corpus), tmp_path / "b", mode="sentence", batch_size=3, show_progress=False)
+    for name in ("layers", "experts", "pairs"):
+        for ra, rb in itertools.zip_longest(read(a / f"{name}.csv"), read(b / f"{name}.csv")):
+            for key in ra:
+                try:
+                    np.testing.assert_allclose(float(ra[key]), float(rb[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+                except ValueError:
+                    assert ra[key] == rb[key]
+
+
+def test_content_mask_excludes_added_specials(checkpoint, tmp_path):
+    """Chat-template-like ids passed with --exclude-ids leave the token counts short by exactly their number."""
+    _, path = checkpoint
+    corpus = write_corpus(tmp_path / "corpus")
+    base = analyze([str(path)], LANGS, str(corpus), tmp_path / "a", mode="sentence", show_progress=False)
+    space = transformers.AutoTokenizer.from_pretrained(path)(" ", add_special_tokens=False)["input_ids"][0]
+    excl = analyze([str(path)], LANGS, str(corpus), tmp_path / "b", mode="sentence", exclude_ids=[space],
+                   show_progress=False)
+    tokens = [next(iter(json.loads((o / "metrics.json").read_text())["models"].values()))["tokens"]
+              for o in (base, excl)]
+    spaces = {lang: sum(t.count(" ") for t in TEXT[lang]) for lang in LANGS}
+    assert {lang: tokens[0][lang] - tokens[1][lang] for lang in LANGS} == spaces
+
+
+@pytest.mark.parametrize("text, message", [
+    ({"en": TEXT["en"]}, "missing file for language 'he'"),
+    ({"en": TEXT["en"], "he": TEXT["he"][:4]}, "not aligned: line counts differ"),
+    ({"en": TEXT["en"], "he": [*TEXT["he"][:2], "", *TEXT["he"][3:]]}, "empty line(s) [3]"),
+])
+def test_bad_corpora(tmp_path, text, message):
+    corpus = write_corpus(tmp_path / "corpus", text)
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        analyze([None], LANGS, str(corpus), out, show_progress=False)
+    assert not out.exists()
+
+
+def test_unknown_language_and_no_moe(tmp_path):
+    with pytest.raises(CorpusError, match="unknown language code"):
+        read_corpus(None, ["en", "xx"])
+    _, path = make_checkpoint("qwen3_moe", tmp_path / "dense", seed=1, vocab_size=259, mlp_only_layers=[0, 1, 2, 3])
+    save_byte_tokenizer(path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("earlier results")
+    code = main(["analyze", "--model", str(path), "--langs", "he,en", "--data", str(write_corpus(tmp_path / "c")),
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert (tmp_path / "out" / "keep.txt").read_text() == "earlier results"
+
+
+def test_missing_tokenizer(tmp_path):
+    _, path = make_checkpoint("qwen3_moe", tmp_path / "m", seed=1)
+    with pytest.raises(CorpusError, match="no tokenizer"):
+        analyze([str(path)], LANGS, str(write_corpus(tmp_path / "c")), tmp_path / "out", show_progress=False)
+
+
+def test_paragraph_chunks_share_boundaries():
+    corpus = {"en": ["one two three"] * 5, "ja": ["いち。"] * 5}
+    chunks = chunk(corpus, words=6)
+    assert chunks["en"] == ["one two three one two three"] * 2 + ["one two three"]
+    assert chunks["ja"] == ["いち。いち。"] * 2 + ["いち。"]
+
+
+def test_no_argument_demo(tmp_path, monkeypatch):
+    """`moejax analyze` alone: the built-in model on the built-in en/he/ja corpus, the whole output set."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--quiet"]) == 0
+    out = tmp_path / "moejax-analysis"
+    for name in ("layers.csv", "experts.csv", "pairs.csv", "lsi.csv", "metrics.json", "report.md",
+                 "entropy_per_layer.png", "gini_active_per_layer.png", "lsi.png", "cosine_per_layer.png",
+                 "divergence_per_layer.png"):
+        assert (out / name).stat().st_size > 0, name
+    settings = json.loads((out / "metrics.json").read_text())
+    assert settings["langs"] == ["en", "he", "ja"] and settings["reference"] == "en"
+    report = (out / "report.md").read_text()
+    assert "he-en" in report and "ja-en" in report and "![LSI](lsi.png)" in report
+    assert len(read(out / "layers.csv")) == 3 * 8
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--langs", "--data", "--out", "--chunk-mode", "--chunk-words", "--batch-size",
+                 "--probabilities", "--exclude-ids", "--seed", "--quiet"):
+        assert flag in text
