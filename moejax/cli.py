@@ -30,9 +30,9 @@ def parser() -> argparse.ArgumentParser:
         "metrics.json, PNG figures and report.md to OUT. With no arguments: the built-in small model on the "
         "built-in English/Hebrew/Japanese sample corpus.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--model", action="append", metavar="DIR",
-                   help="Hugging Face checkpoint directory with its tokenizer (repeat to compare models, e.g. base "
-                   "and CPT); default: the built-in demonstration model")
+    a.add_argument("--model", action="append", metavar="[LABEL=]DIR",
+                   help="Hugging Face checkpoint directory with its tokenizer, optionally labelled (repeat to compare "
+                   "models, e.g. base=DIR1 cpt=DIR2); default: the built-in demonstration model")
     a.add_argument("--langs", default="en,he,ja",
                    help=f"comma-separated language codes; the reference is en if present, else the last. "
                    f"Known: {','.join(sorted(FLORES_CODES))}")

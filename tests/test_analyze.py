@@ -221,3 +221,20 @@ def test_help_documents_every_option(capsys):
     for flag in ("--model", "--langs", "--data", "--out", "--chunk-mode", "--chunk-words", "--batch-size",
                  "--probabilities", "--exclude-ids", "--seed", "--quiet"):
         assert flag in text
+
+
+def test_experiment_compares_labelled_models(checkpoint, tmp_path):
+    """experiments.multilingual_routing: two labelled models side by side, one directory per pair, a summary."""
+    from experiments.multilingual_routing import main as experiment
+
+    _, path = checkpoint
+    corpus = write_corpus(tmp_path / "corpus", {**TEXT, "ja": ["川は春に増える。", "パンには小麦粉と水と時間が要る。",
+                                                               "列車は七時に出る。", "彼女は毎晩バイオリンを弾く。",
+                                                               "雪が一晩で丘を覆った。"]})
+    experiment(["--model", f"base={path}", "--model", f"cpt={path}/.", "--data", str(corpus),
+                "--out", str(tmp_path / "exp"), "--chunk-mode", "sentence"])
+    for pair in ("he-en", "ja-en"):
+        models = {r["model"] for r in read(tmp_path / "exp" / pair / "layers.csv")}
+        assert models == {"base", "cpt"}
+    summary = (tmp_path / "exp" / "summary.md").read_text()
+    assert "| ja-en | cpt | ja |" in summary

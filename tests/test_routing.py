@@ -152,3 +152,15 @@ def test_metric_edge_cases():
     assert M.collapse_summary(np.arange(8.0)) == pytest.approx(6.5 - 3.5)
     first, second = M.split_halves(9, seed=1)
     assert sorted(np.concatenate([first, second]).tolist()) == list(range(9)) and len(first) == 4
+
+
+def test_native_probabilities_are_sigmoid_for_nemotron(routed):
+    """--probabilities native: Nemotron-H's sigmoid scores (Qwen3-MoE's native scores are the softmax)."""
+    ids, mask = routed["batch"]
+    native = chunk_stats(routed["model"], ids, mask, routed["content"], routed["pairs"], "native")
+    content = routed["content"][..., None]
+    if routed["model"].config.model_type == "nemotron_h":
+        want = [(torch.sigmoid(torch.from_numpy(lg)).numpy() * content).sum(1) for lg in routed["logits"]]
+    else:
+        want = [(torch.softmax(torch.from_numpy(lg), -1).numpy() * content).sum(1) for lg in routed["logits"]]
+    np.testing.assert_allclose(np.asarray(native.prob_sums), np.stack(want, axis=1), rtol=RTOL, atol=1e-6)

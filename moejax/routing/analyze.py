@@ -97,18 +97,21 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
                    tokenization=M.tokenization_stats(texts, counts))
 
 
-def _load(path: str | None):
-    """(name, path, model, tokenizer) for a checkpoint directory, or the built-in model for None."""
+def _load(spec: str | None):
+    """(name, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
     from moejax.loading import from_pretrained
     from moejax.models.builtin import NAME, builtin_model
 
-    if path is None:
+    if spec is None:
         return NAME, "builtin", builtin_model(), ByteTokenizer()
+    label, sep, path = spec.partition("=")
+    if not sep or not label or Path(spec).exists():
+        label, path = Path(spec).name, spec
     tokenizer = HFTokenizer(path)
     model = from_pretrained(path)
     if not model.config.moe_layers:
         raise CorpusError(f"{path}: the model has no MoE layers; there is no routing to analyse")
-    return Path(path).name, str(path), model, tokenizer
+    return label, str(path), model, tokenizer
 
 
 def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Reproductions of published analyses, each a runnable module: `python -m experiments.<name> --help`."""
