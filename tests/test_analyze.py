@@ -55,8 +55,17 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+def selection_scores(reference, layer, logits):
+    """What each model's top-1 is taken over: the softmax (Qwen3) or the biased sigmoid (Nemotron-H)."""
+    routers = [m for m in reference.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    bias = getattr(routers[layer], "e_score_correction_bias", None)
+    if bias is None:
+        return logits
+    return 1 / (1 + np.exp(-logits)) + bias.detach().double().numpy()
+
+
 def independent(reference, path):
-    """Per language, per MoE layer: counts [E], prob sums [E], entropy sum, tokens, per-chunk mean probs."""
+    """Per language, per MoE layer: counts [E], prob sums [E], entropy sum, tokens, top-1 counts [E]."""
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     out = {}
     for lang in LANGS:
@@ -66,10 +75,13 @@ def independent(reference, path):
             _, logits, chosen = run_reference(reference, ids)
             keep = ids[0] != tok.bos_token_id
             layers = []
-            for lg, ch in zip(logits, chosen, strict=True):
+            for layer, (lg, ch) in enumerate(zip(logits, chosen, strict=True)):
                 p = torch.softmax(torch.from_numpy(lg[0]), -1).numpy()[keep]
                 counts = np.bincount(ch[0][keep].ravel(), minlength=p.shape[-1])
-                layers.append((counts, p.sum(0), sps.entropy(p, base=2, axis=-1).sum(), keep.sum()))
+                scores = np.take_along_axis(selection_scores(reference, layer, lg[0]), ch[0], axis=-1)
+                top1 = np.take_along_axis(ch[0], scores.argmax(-1)[:, None], axis=-1)[keep, 0]
+                layers.append((counts, p.sum(0), sps.entropy(p, base=2, axis=-1).sum(), keep.sum(),
+                               np.bincount(top1, minlength=p.shape[-1])))
             per_chunk.append(layers)
         out[lang] = per_chunk
     return out
@@ -83,23 +95,28 @@ def test_csvs_match_independent_recomputation(checkpoint, tmp_path):
     k = reference.config.num_experts_per_tok
     layers, experts, pairs, lsi = (read(out / f"{n}.csv") for n in ("layers", "experts", "pairs", "lsi"))
     n_layers = len(ref["en"][0])
-    totals = {lang: [tuple(sum(c[layer][i] for c in ref[lang]) for i in range(4)) for layer in range(n_layers)]
+    totals = {lang: [tuple(sum(c[layer][i] for c in ref[lang]) for i in range(5)) for layer in range(n_layers)]
               for lang in LANGS}
+
+    def gini(x):
+        x = np.asarray(x, float)
+        return np.abs(x[:, None] - x[None]).sum() / (2 * len(x) ** 2 * x.mean())
 
     def close(got, want, atol=0.0):
         np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=atol)
 
     for row in layers:
-        counts, probs, ent, tokens = totals[row["lang"]][int(row["layer"])]
+        counts, probs, ent, tokens, top1 = totals[row["lang"]][int(row["layer"])]
         f = counts / counts.sum()
         close(row["usage_entropy_bits"], sps.entropy(f, base=2))
         close(row["usage_entropy_norm"], sps.entropy(f, base=2) / np.log2(len(f)))
-        x = counts.astype(float)
-        close(row["gini"], np.abs(x[:, None] - x[None]).sum() / (2 * len(x) ** 2 * x.mean()), atol=1e-6)
+        close(row["gini"], gini(counts), atol=1e-6)
+        close(row["gini_top1"], gini(top1), atol=1e-6)
         assert float(row["active_experts"]) == (counts > 0).sum()
+        assert float(row["active_experts_0.001"]) == (f > 0.001).sum()
         close(row["selection_entropy_bits"], ent / tokens)
     for row in experts:
-        counts, probs, _, tokens = totals[row["lang"]][int(row["layer"])]
+        counts, probs, _, tokens, _ = totals[row["lang"]][int(row["layer"])]
         e = int(row["expert"])
         assert int(row["topk_count"]) == counts[e]
         close(row["topk_fraction"], counts[e] / (k * tokens))
@@ -108,6 +125,8 @@ def test_csvs_match_independent_recomputation(checkpoint, tmp_path):
         layer = int(row["layer"])
         fa, fb = (totals[lang][layer][0] / totals[lang][layer][0].sum() for lang in (row["lang_a"], row["lang_b"]))
         close(row["cosine"], 1 - distance.cosine(fa, fb))
+        pa, pb = (totals[lang][layer][1] / totals[lang][layer][3] for lang in (row["lang_a"], row["lang_b"]))
+        close(row["cosine_pbar"], 1 - distance.cosine(pa, pb))
         top = [set(np.lexsort((np.arange(len(f)), -f))[:k]) for f in (fa, fb)]
         close(row["topk_jaccard"], len(top[0] & top[1]) / len(top[0] | top[1]))
         close(row["topk_overlap"], len(top[0] & top[1]) / k)

@@ -120,7 +120,9 @@ def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
     counts = run.topk[sel].sum(0)
     f = M.usage_fractions(counts, k)
     return {"usage_entropy_bits": M.usage_entropy_bits(f), "usage_entropy_norm": M.usage_entropy_normalized(f),
-            "gini": M.gini(counts), "active_experts": M.active_experts(f).astype(float),
+            "gini": M.gini(counts), "gini_top1": M.gini(run.top1[sel].sum(0)),
+            "active_experts": M.active_experts(f).astype(float),
+            "active_experts_0.001": M.active_experts(f, 0.001).astype(float),
             "selection_entropy_bits": M.selection_entropy_bits(run.entropy_sums[sel].sum(0),
                                                                np.full(counts.shape[0], run.tokens[sel].sum()))}
 
@@ -169,8 +171,10 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
                 fa, fb = (M.usage_fractions(x.topk[:, layer].sum(0), run.k) for x in (ra, rb))
                 jac, over = M.topk_overlap(fa, fb, run.k)
                 p, q = (M.mean_probabilities(x.prob_sums[:, layer], x.tokens) for x in (ra, rb))
+                pbar_a, pbar_b = (M.mean_probabilities(x.prob_sums[:, layer].sum(0), x.tokens.sum()) for x in (ra, rb))
                 pairs.append({"model": run.name, "layer": layer, "block": block, "lang_a": a, "lang_b": b,
-                              "cosine": M.cosine(fa, fb), "topk_jaccard": jac, "topk_overlap": over,
+                              "cosine": M.cosine(fa, fb), "cosine_pbar": M.cosine(pbar_a, pbar_b),
+                              "topk_jaccard": jac, "topk_overlap": over,
                               "spearman": M.spearman(fa, fb), "kendall": M.kendall_tau_b(fa, fb),
                               "njsd": M.normalized_jsd(p, q)})
         for target in targets:
@@ -190,7 +194,10 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
             model_summary["lsi_sweep"][f"{target}-{reference}"] = {str(t): c for t, c in M.lsi_sweep(mean).items()}
             delta = M.activation_difference(ra.topk.sum((0, 1)), ra.tokens.sum() * len(run.moe_blocks),
                                             rb.topk.sum((0, 1)), rb.tokens.sum() * len(run.moe_blocks))
-            model_summary["activation_difference"][f"{target}-{reference}"] = [float(x) for x in delta]
+            per_seq = M.activation_difference_per_sequence(ra.topk.sum(1), ra.tokens * len(run.moe_blocks),
+                                                           rb.topk.sum(1), rb.tokens * len(run.moe_blocks))
+            model_summary["activation_difference"][f"{target}-{reference}"] = {
+                "pooled": [float(x) for x in delta], "per_sequence": [float(x) for x in per_seq]}
             flags = []
             for layer in range(len(run.moe_blocks)):
                 name = "usage_entropy_bits"
@@ -264,8 +271,11 @@ def analyze(models: list[str | None], langs: list[str], data: str | None, out: s
                                 "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
             "langs": langs, "reference": tables["reference"], "data": data or "builtin sample corpus",
             "chunking": {"mode": mode, "words": chunk_words}, "probabilities": probabilities, "seed": seed,
-            "variants": {"usage": "top-K counts (f)", "gini": "top-K counts", "active_theta": 0.0,
-                         "cosine": "f vectors", "lsi_theta": 0.1, "njsd": "per aligned chunk, averaged"},
+            "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",
+                         "active_experts": "theta 0 (active_experts_0.001: theta 0.001)",
+                         "cosine": "f vectors (cosine_pbar: mean probabilities)", "lsi_theta": 0.1,
+                         "njsd": "per aligned chunk, averaged", "activation_difference": "a_e over all MoE layers",
+                         "routing_consistency": f"mean Jaccard of {PAIRS_PER_CHUNK} sampled token pairs per chunk"},
             "seconds": time.perf_counter() - started, "versions": _versions(),
             "summary": tables["summary"],
         }

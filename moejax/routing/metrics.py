@@ -93,6 +93,16 @@ def activation_difference(counts_a: np.ndarray, tokens_a, counts_b: np.ndarray, 
             - np.asarray(counts_b, np.float64) / max(float(tokens_b), 1.0))
 
 
+def activation_difference_per_sequence(counts_a_se: np.ndarray, tokens_a_s: np.ndarray, counts_b_se: np.ndarray,
+                                       tokens_b_s: np.ndarray) -> np.ndarray:
+    """Delta_e with a_e averaged over sequences (paper b's per-sequence variant) rather than pooled."""
+    def per_sequence(counts, tokens):
+        tokens = np.maximum(np.asarray(tokens, np.float64), 1.0)[:, None]
+        return (np.asarray(counts, np.float64) / tokens).mean(axis=0)
+
+    return per_sequence(counts_a_se, tokens_a_s) - per_sequence(counts_b_se, tokens_b_s)
+
+
 def cosine(u: np.ndarray, v: np.ndarray) -> float:
     """Cosine similarity of two usage vectors (f by default, pbar as the option); 0 if either is 0."""
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
