@@ -115,6 +115,13 @@ def _check_fields(d: dict[str, Any], read: set[str], inert: set[str], source: st
         )
 
 
+def _check_hf(cls, d: dict[str, Any], source: str) -> None:
+    """The config.json is of cls's model_type and has no field cls does not know."""
+    _require(d.get("model_type") == cls.model_type, source,
+             f"model_type is {d.get('model_type')!r}, expected {cls.model_type!r}")
+    _check_fields(d, cls._READ, set(cls._INERT), source)
+
+
 def _require(cond: bool, source: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{source}: {message}")
@@ -168,9 +175,7 @@ class Qwen3MoeConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> Qwen3MoeConfig:
         """Builds the config from a parsed Qwen3-MoE config.json; unsupported values raise ConfigError."""
-        _require(d.get("model_type") == cls.model_type, source,
-                 f"model_type is {d.get('model_type')!r}, expected {cls.model_type!r}")
-        _check_fields(d, cls._READ, set(cls._INERT), source)
+        _check_hf(cls, d, source)
         act = d.get("hidden_act", "silu")
         _require(act == "silu", source, f"hidden_act={act!r} is not supported (Qwen3-MoE uses 'silu')")
         _require(not d.get("use_sliding_window", False), source,
@@ -347,9 +352,7 @@ class NemotronHConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> NemotronHConfig:
         """Builds the config from a parsed Nemotron-H config.json; unsupported values raise ConfigError."""
-        _require(d.get("model_type") == cls.model_type, source,
-                 f"model_type is {d.get('model_type')!r}, expected {cls.model_type!r}")
-        _check_fields(d, cls._READ, set(cls._INERT), source)
+        _check_hf(cls, d, source)
         d = {**{new: d[old] for old, new in NEMOTRON_LEGACY.items() if old in d}, **d}
         if d.get("layers_block_type"):
             unknown = sorted(set(d["layers_block_type"]) - set(NEMOTRON_KINDS))
