@@ -257,3 +257,28 @@ def test_experiment_compares_labelled_models(checkpoint, tmp_path):
         assert models == {"base", "cpt"}
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| ja-en | cpt | ja |" in summary
+
+
+def test_corpus_formats(tmp_path):
+    """FLORES-200 (flat or split dev/devtest), TSV with a header of codes, JSONL: the same aligned corpus."""
+    flores = tmp_path / "flores"
+    (flores / "dev").mkdir(parents=True)
+    (flores / "devtest").mkdir()
+    for lang, code in (("en", "eng_Latn"), ("he", "heb_Hebr")):
+        (flores / "dev" / f"{code}.dev").write_text("\n".join(TEXT[lang][:3]) + "\n", encoding="utf-8")
+        (flores / "devtest" / f"{code}.devtest").write_text("\n".join(TEXT[lang][3:]) + "\n", encoding="utf-8")
+    tsv = tmp_path / "ted.tsv"
+    tsv.write_text("en\the\n" + "".join(f"{e}\t{h}\n" for e, h in zip(TEXT["en"], TEXT["he"], strict=True)),
+                   encoding="utf-8")
+    jsonl = tmp_path / "ted.jsonl"
+    jsonl.write_text("".join(json.dumps({"en": e, "he": h}, ensure_ascii=False) + "\n"
+                             for e, h in zip(TEXT["en"], TEXT["he"], strict=True)), encoding="utf-8")
+    for source in (flores, tsv, jsonl, write_corpus(tmp_path / "plain")):
+        assert read_corpus(str(source), ["he", "en"]) == {"he": TEXT["he"], "en": TEXT["en"]}, source
+    with pytest.raises(CorpusError, match=r"no column for language\(s\) \['ja'\]"):
+        read_corpus(str(tsv), ["ja", "en"])
+    with pytest.raises(CorpusError, match="no FLORES-200 file jpn_Jpan"):
+        read_corpus(str(flores), ["ja", "en"])
+    jsonl.write_text(json.dumps({"en": "x", "he": ""}) + "\n")
+    with pytest.raises(CorpusError, match="row 1 has no 'he' text"):
+        read_corpus(str(jsonl), ["he", "en"])

@@ -26,7 +26,7 @@ def _per_layer(ax, tables, model, langs, metric, ylabel, with_std=True):
         x = [r["layer"] for r in rows]
         y = np.array([r[metric] for r in rows])
         err = np.array([r[f"{metric}_chunk_std"] for r in rows]) if with_std else None
-        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=lang)
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=lang, color=f"C{langs.index(lang)}")
     ax.set_xlabel("MoE layer")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -38,10 +38,26 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
     models = [r.name for r in runs]
     written = {}
 
-    fig, axes = _grid(len(models))
-    for ax, model in zip(axes[0], models, strict=True):
-        _per_layer(ax, tables, model, langs, "usage_entropy_bits", "usage entropy (bits)")
-        ax.set_title(f"{model}: usage entropy (bars: 1 std across chunks)", fontsize=9)
+    ref, targets = tables["reference"], tables["targets"]
+    fig, axes = _grid(len(models), 2)
+    for col, model in enumerate(models):
+        _per_layer(axes[0, col], tables, model, langs, "usage_entropy_bits", "usage entropy (bits)")
+        axes[0, col].set_title(f"{model}: usage entropy (bars: 1 std over chunks)", fontsize=9)
+        base = {r["layer"]: r["usage_entropy_bits"] for r in _rows(tables["layers"], model=model, lang=ref)}
+        width = 0.8 / max(len(targets), 1)
+        for i, target in enumerate(targets):
+            rows = _rows(tables["layers"], model=model, lang=target)
+            gaps = [r["usage_entropy_bits"] - base[r["layer"]] for r in rows]
+            color = f"C{langs.index(target)}"
+            axes[1, col].bar(np.array([r["layer"] for r in rows]) + i * width, gaps, width, label=f"{target} - {ref}",
+                             color=color)
+            floor = tables["summary"][model]["noise_floor"][target]["usage_entropy_bits"]
+            axes[1, col].axhspan(-floor, floor, color=color, alpha=0.12)
+        axes[1, col].axhline(0, c="k", lw=0.8)
+        axes[1, col].set_xlabel("MoE layer")
+        axes[1, col].set_ylabel("entropy gap (bits)")
+        axes[1, col].set_title("gap to the reference (band: same-language split noise floor)", fontsize=9)
+        axes[1, col].legend(fontsize=8)
     written["entropy"] = _save(fig, out, "entropy_per_layer.png")
 
     fig, axes = _grid(len(models), 2)
@@ -51,7 +67,6 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         axes[0, col].set_title(model, fontsize=9)
     written["gini_active"] = _save(fig, out, "gini_active_per_layer.png")
 
-    ref, targets = tables["reference"], tables["targets"]
     panels = [(model, target) for model in models for target in targets]
     fig, axes = _grid(len(panels), 3)
     for col, (model, target) in enumerate(panels):
