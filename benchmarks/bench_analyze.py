@@ -5,9 +5,10 @@
     python benchmarks/bench_analyze.py --tokens 20000       # a quick look
 
 Model: the Qwen3-MoE forward-benchmark config with a byte-level tokenizer; corpus: the built-in en/he/ja
-sample corpus repeated to the requested size. Chunks are ~80 words: with one token per byte that gives
-~500-token sequences, what a real tokenizer makes of the paper's ~300-word chunks. Batches of 8 padded
-to length buckets on both sides. Each measurement runs in a fresh subprocess so its peak RSS is its own.
+sample corpus repeated to at least the requested size. Chunks are ~40 English words: with one token
+per UTF-8 byte that gives 250-500-token sequences (Hebrew and Japanese take 2-3 bytes a character),
+about what a real tokenizer makes of the paper's ~300-word chunks. Batches of 8 padded to length
+buckets on both sides. Each measurement runs in a fresh subprocess so its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 LANGS = ["en", "he", "ja"]
-CHUNK_WORDS = 80
+CHUNK_WORDS = 40
 
 
 def make_corpus(directory: Path, tokens: int) -> None:
@@ -34,7 +35,7 @@ def make_corpus(directory: Path, tokens: int) -> None:
 
     texts = {lang: (SAMPLE_DIR / f"{lang}.txt").read_text(encoding="utf-8").splitlines() for lang in LANGS}
     per_copy = sum(len(line.encode()) + 1 for lines in texts.values() for line in lines)
-    copies = max(1, round(tokens / per_copy))
+    copies = -(-tokens // per_copy)
     directory.mkdir(parents=True, exist_ok=True)
     for lang, lines in texts.items():
         (directory / f"{lang}.txt").write_text("\n".join(lines * copies) + "\n", encoding="utf-8")
