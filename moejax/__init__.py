@@ -1,5 +1,7 @@
 """moejax: Mixture-of-Experts models in JAX/Flax NNX for routing research, checked against transformers."""
 
+__version__ = "0.1.0"
+
 from moejax.config import ConfigError, NemotronHConfig, Qwen3MoeConfig, RopeConfig
 from moejax.loading import from_pretrained, load_config
 from moejax.models.common import CausalLMOutput

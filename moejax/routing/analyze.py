@@ -298,5 +298,5 @@ def _versions() -> dict[str, str]:
 
     import moejax
 
-    return {"moejax": getattr(moejax, "__version__", "0.1.0"), "jax": jax.__version__, "flax": flax.__version__,
+    return {"moejax": moejax.__version__, "jax": jax.__version__, "flax": flax.__version__,
             "numpy": np.__version__}
