@@ -34,16 +34,22 @@ PAIRS_PER_CHUNK = 64
 
 @dataclasses.dataclass
 class LangRun:
-    """One model over one language: per-chunk arrays ([C, L, E] counts and sums, [C, L], [C])."""
+    """One model over one language: ChunkStats' fields stacked over chunks ([C, L, E], [C, L], [C])."""
 
-    topk: np.ndarray
-    top1: np.ndarray
+    topk_counts: np.ndarray
+    top1_counts: np.ndarray
     prob_sums: np.ndarray
-    entropy_sums: np.ndarray
+    entropy_sums_bits: np.ndarray
     tokens: np.ndarray
-    jaccard_sums: np.ndarray
+    pair_jaccard_sums: np.ndarray
     pairs: np.ndarray
     tokenization: dict
+
+    def pooled(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Over all chunks, per layer: top-K counts, usage fractions f and mean probabilities pbar, [L, E]."""
+        counts_le = self.topk_counts.sum(0)
+        return (counts_le, M.usage_fractions(counts_le, k),
+                M.mean_probabilities(self.prob_sums.sum(0), np.full(counts_le.shape[0], self.tokens.sum())))
 
 
 @dataclasses.dataclass
@@ -92,11 +98,7 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
             if progress is not None:
                 progress(len(rows), int(mask.sum()))
     stacked = {name: np.stack([results[i][name] for i in range(len(texts))]) for name in results[0]}
-    counts = [int(stacked["tokens"][i]) for i in range(len(texts))]
-    return LangRun(topk=stacked["topk_counts"], top1=stacked["top1_counts"], prob_sums=stacked["prob_sums"],
-                   entropy_sums=stacked["entropy_sums_bits"], tokens=stacked["tokens"],
-                   jaccard_sums=stacked["pair_jaccard_sums"], pairs=stacked["pairs"],
-                   tokenization=M.tokenization_stats(texts, counts))
+    return LangRun(**stacked, tokenization=M.tokenization_stats(texts, stacked["tokens"].tolist()))
 
 
 def _load(spec: str | None):
@@ -119,20 +121,20 @@ def _load(spec: str | None):
 def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
     """Load metrics per MoE layer over the given chunks (all by default): arrays [L]."""
     sel = slice(None) if chunks is None else chunks
-    counts = run.topk[sel].sum(0)
+    counts = run.topk_counts[sel].sum(0)
     f = M.usage_fractions(counts, k)
     return {"usage_entropy_bits": M.usage_entropy_bits(f), "usage_entropy_norm": M.usage_entropy_normalized(f),
-            "gini": M.gini(counts), "gini_top1": M.gini(run.top1[sel].sum(0)),
+            "gini": M.gini(counts), "gini_top1": M.gini(run.top1_counts[sel].sum(0)),
             "active_experts": M.active_experts(f).astype(float),
             "active_experts_0.001": M.active_experts(f, 0.001).astype(float),
-            "selection_entropy_bits": M.selection_entropy_bits(run.entropy_sums[sel].sum(0),
+            "selection_entropy_bits": M.selection_entropy_bits(run.entropy_sums_bits[sel].sum(0),
                                                                np.full(counts.shape[0], run.tokens[sel].sum()))}
 
 
 def chunk_stds(run: LangRun, k: int) -> dict[str, np.ndarray]:
     per_chunk = [layer_metrics(run, k, [c]) for c in range(len(run.tokens))]
     return {name: np.array([M.chunk_spread(np.array([pc[name][layer] for pc in per_chunk]))[1]
-                            for layer in range(run.topk.shape[1])]) for name in per_chunk[0]}
+                            for layer in range(run.topk_counts.shape[1])]) for name in per_chunk[0]}
 
 
 def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
@@ -142,6 +144,7 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
     layers, experts, pairs, lsi_rows, summary = [], [], [], [], {}
     for run in runs:
         per_lang = {lang: layer_metrics(r, run.k) for lang, r in run.langs.items()}
+        pooled = {lang: r.pooled(run.k) for lang, r in run.langs.items()}
         stds = {lang: chunk_stds(r, run.k) for lang, r in run.langs.items()}
         model_summary = {"collapse": {}, "noise_floor": {}, "flags": {}, "lsi_sweep": {}, "activation_difference": {},
                          "routing_consistency": {},
@@ -152,9 +155,7 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
                 row.update({name: float(v[layer]) for name, v in per_lang[lang].items()})
                 row.update({f"{name}_chunk_std": float(v[layer]) for name, v in stds[lang].items()})
                 layers.append(row)
-                counts = r.topk[:, layer].sum(0)
-                f = M.usage_fractions(counts, run.k)
-                pbar = M.mean_probabilities(r.prob_sums[:, layer].sum(0), r.tokens.sum())
+                counts, f, pbar = (x[layer] for x in pooled[lang])
                 experts += [{"model": run.name, "lang": lang, "layer": layer, "block": block, "expert": e,
                              "topk_count": int(counts[e]), "topk_fraction": float(f[e]), "mean_prob": float(pbar[e])}
                             for e in range(run.experts)]
@@ -166,14 +167,13 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
                 name: float(np.mean(np.abs(halves[0][name] - halves[1][name])))
                 for name in ("usage_entropy_bits", "gini")}
             model_summary["routing_consistency"][lang] = [
-                float(v) for v in r.jaccard_sums.sum(0) / max(int(r.pairs.sum()), 1)]
+                float(v) for v in r.pair_jaccard_sums.sum(0) / max(int(r.pairs.sum()), 1)]
         for a, b in itertools.combinations(langs, 2):
             ra, rb = run.langs[a], run.langs[b]
             for layer, block in enumerate(run.moe_blocks):
-                fa, fb = (M.usage_fractions(x.topk[:, layer].sum(0), run.k) for x in (ra, rb))
+                (_, fa, pbar_a), (_, fb, pbar_b) = ((x[layer] for x in pooled[lang]) for lang in (a, b))
                 jac, over = M.topk_overlap(fa, fb, run.k)
                 p, q = (M.mean_probabilities(x.prob_sums[:, layer], x.tokens) for x in (ra, rb))
-                pbar_a, pbar_b = (M.mean_probabilities(x.prob_sums[:, layer].sum(0), x.tokens.sum()) for x in (ra, rb))
                 pairs.append({"model": run.name, "layer": layer, "block": block, "lang_a": a, "lang_b": b,
                               "cosine": M.cosine(fa, fb), "cosine_pbar": M.cosine(pbar_a, pbar_b),
                               "topk_jaccard": jac, "topk_overlap": over,
@@ -181,12 +181,9 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
                               "njsd": M.normalized_jsd(p, q)})
         for target in targets:
             ra, rb = run.langs[target], run.langs[reference]
-            per_layer = []
+            per_layer = M.lsi(pooled[target][2], pooled[reference][2])
             for layer, block in enumerate(run.moe_blocks):
-                pa = M.mean_probabilities(ra.prob_sums[:, layer].sum(0), ra.tokens.sum())
-                pb = M.mean_probabilities(rb.prob_sums[:, layer].sum(0), rb.tokens.sum())
-                values = M.lsi(pa, pb)
-                per_layer.append(values)
+                values = per_layer[layer]
                 lsi_rows += [{"model": run.name, "lang_a": target, "lang_b": reference, "layer": layer,
                               "block": block, "expert": e, "lsi": float(values[e])} for e in range(run.experts)]
             mean = np.mean(per_layer, axis=0)
@@ -194,10 +191,10 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
             lsi_rows += [{"model": run.name, "lang_a": target, "lang_b": reference, "layer": "mean", "block": "mean",
                           "expert": e, "lsi": float(mean[e]), "category": int(cats[e])} for e in range(run.experts)]
             model_summary["lsi_sweep"][f"{target}-{reference}"] = {str(t): c for t, c in M.lsi_sweep(mean).items()}
-            delta = M.activation_difference(ra.topk.sum((0, 1)), ra.tokens.sum() * len(run.moe_blocks),
-                                            rb.topk.sum((0, 1)), rb.tokens.sum() * len(run.moe_blocks))
-            per_seq = M.activation_difference_per_sequence(ra.topk.sum(1), ra.tokens * len(run.moe_blocks),
-                                                           rb.topk.sum(1), rb.tokens * len(run.moe_blocks))
+            delta = M.activation_difference(ra.topk_counts.sum((0, 1)), ra.tokens.sum() * len(run.moe_blocks),
+                                            rb.topk_counts.sum((0, 1)), rb.tokens.sum() * len(run.moe_blocks))
+            per_seq = M.activation_difference_per_sequence(ra.topk_counts.sum(1), ra.tokens * len(run.moe_blocks),
+                                                           rb.topk_counts.sum(1), rb.tokens * len(run.moe_blocks))
             model_summary["activation_difference"][f"{target}-{reference}"] = {
                 "pooled": [float(x) for x in delta], "per_sequence": [float(x) for x in per_seq]}
             flags = []
