@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from converters.keymap import KeyMap, Rule
-from moejax.config import Qwen3MoeConfig
+
+if TYPE_CHECKING:  # moejax imports the converters; importing it back here would be circular
+    from moejax.config import Qwen3MoeConfig
 
 
 def _t(a):

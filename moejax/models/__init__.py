@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from converters import nemotron_h as nemotron_h_keys
+from converters import qwen3_moe as qwen3_moe_keys
 from moejax.config import ConfigError, NemotronHConfig, Qwen3MoeConfig
 from moejax.models.nemotron_h import NemotronHForCausalLM
 from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -17,21 +19,9 @@ class Architecture:
     keymap: Callable
 
 
-def _qwen3_keymap(cfg):
-    from converters.qwen3_moe import keymap
-
-    return keymap(cfg)
-
-
-def _nemotron_keymap(cfg):
-    from converters.nemotron_h import keymap
-
-    return keymap(cfg)
-
-
 ARCHITECTURES = {
-    "qwen3_moe": Architecture(Qwen3MoeConfig, Qwen3MoeForCausalLM, _qwen3_keymap),
-    "nemotron_h": Architecture(NemotronHConfig, NemotronHForCausalLM, _nemotron_keymap),
+    "qwen3_moe": Architecture(Qwen3MoeConfig, Qwen3MoeForCausalLM, qwen3_moe_keys.keymap),
+    "nemotron_h": Architecture(NemotronHConfig, NemotronHForCausalLM, nemotron_h_keys.keymap),
 }
 
 
