@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from moejax.reference import run_reference
 
 LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
+
+# The commands the tests run in-process keep no XLA compilation cache in the user's home.
+os.environ["MOEJAX_COMPILATION_CACHE"] = ""
 
 
 def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], seq: int, side: str):

@@ -61,8 +61,11 @@ class LayerStack(nnx.Module):
         self.units = nnx.List(units)
         self.layer_ids = tuple(layer_ids)
 
-    def __call__(self, x: jax.Array, **context) -> tuple[jax.Array, list]:
-        """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order."""
+    def __call__(self, x: jax.Array, *, keep_hidden: bool = False, **context) -> tuple[jax.Array, list]:
+        """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order.
+
+        With keep_hidden, each layer's aux is (aux, the x it returned).
+        """
         aux_by_layer: list = [None] * len(self.kinds)
         for unit, ids in zip(self.units, self.layer_ids, strict=True):
             graphdef, state = nnx.split(unit)
@@ -71,7 +74,7 @@ class LayerStack(nnx.Module):
                 aux = []
                 for layer in nnx.merge(graphdef, state_r):
                     x, a = layer(x, **context)
-                    aux.append(a)
+                    aux.append((a, x) if keep_hidden else a)
                 return x, aux
 
             x, aux_u = jax.lax.scan(body, x, state)

@@ -12,19 +12,22 @@ from flax import nnx, struct
 @struct.dataclass
 class CausalLMOutput:
     """logits [batch, seq, vocab]; per MoE layer (tuples, in layer order) when requested:
-    router_logits [batch, seq, E] raw float32, router_expert_ids and router_weights [batch, seq, k]."""
+    router_logits [batch, seq, E] raw float32, router_expert_ids and router_weights [batch, seq, k];
+    and per block, when requested, hidden_states [batch, seq, d]: the residual stream each block
+    returns (before the final norm), as transformers' decoder layers return it."""
 
     logits: jax.Array
     router_logits: tuple[jax.Array, ...] | None = None
     router_expert_ids: tuple[jax.Array, ...] | None = None
     router_weights: tuple[jax.Array, ...] | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
 
 
 class CausalLM(nnx.Module):
     """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`."""
 
     def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
-                 return_router_logits: bool = False) -> CausalLMOutput:
+                 return_router_logits: bool = False, return_hidden_states: bool = False) -> CausalLMOutput:
         """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
@@ -38,21 +41,32 @@ class CausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         graphdef, state = nnx.split(self)
         return _jitted_forward(graphdef, state, input_ids, attention_mask, jnp.asarray(position_ids, jnp.int32),
-                               return_router_logits)
+                               return_router_logits, return_hidden_states)
 
 
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured
 # ~80 ms here, as much as a small forward pass.
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits):
-    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits,
+                    return_hidden_states):
+    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits,
+                                              return_hidden_states)
 
 
-def router_outputs(routing: list, batch: int, seq: int) -> dict[str, tuple[jax.Array, ...]]:
-    """Per-MoE-layer RouterOutputs (token-major) reshaped to [batch, seq, ...] tuples."""
-    routing = [r for r in routing if r is not None]
-    return {
-        "router_logits": tuple(r.logits.reshape(batch, seq, -1) for r in routing),
-        "router_expert_ids": tuple(r.expert_ids.reshape(batch, seq, -1) for r in routing),
-        "router_weights": tuple(r.weights.reshape(batch, seq, -1) for r in routing),
-    }
+def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,
+                     return_hidden_states: bool) -> CausalLMOutput:
+    """The output of a forward pass from its logits and LayerStack's per-layer aux (each a RouterOutput
+    or None, paired with the layer's output when return_hidden_states)."""
+    batch, seq = logits_btv.shape[:2]
+    hidden = None
+    if return_hidden_states:
+        aux_by_layer, hidden = zip(*aux_by_layer, strict=True)
+    fields = {}
+    if return_router_logits:
+        routing = [r for r in aux_by_layer if r is not None]
+        fields = {
+            "router_logits": tuple(r.logits.reshape(batch, seq, -1) for r in routing),
+            "router_expert_ids": tuple(r.expert_ids.reshape(batch, seq, -1) for r in routing),
+            "router_weights": tuple(r.weights.reshape(batch, seq, -1) for r in routing),
+        }
+    return CausalLMOutput(logits=logits_btv, hidden_states=hidden, **fields)

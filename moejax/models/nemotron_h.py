@@ -14,7 +14,7 @@ from moejax.layers.moe import SigmoidMoE
 from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
 from moejax.layers.stack import LayerStack
-from moejax.models.common import CausalLM, CausalLMOutput, router_outputs
+from moejax.models.common import CausalLM, causal_lm_output
 
 
 def make_mixer(cfg: NemotronHConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -67,12 +67,12 @@ class NemotronHForCausalLM(CausalLM):
                               dtype=dtype, rngs=rngs)
         self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool):
+    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
+                return_hidden_states: bool = False):
         """Token ids [batch, seq] -> CausalLMOutput. There is no RoPE: positions are implicit in the scan."""
         x_btd = self.embed_vd[...][input_ids_bt]
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, routing = self.layers(x_btd, mask_bts=mask_bts, valid_bt=attention_mask_bt)
+        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states,
+                                 mask_bts=mask_bts, valid_bt=attention_mask_bt)
         logits_btv = self.norm_f(x_btd) @ self.lm_head_dv[...]
-        if not return_router_logits:
-            return CausalLMOutput(logits=logits_btv)
-        return CausalLMOutput(logits=logits_btv, **router_outputs(routing, *input_ids_bt.shape))
+        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)

@@ -13,7 +13,7 @@ from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
 from moejax.layers.rope import inverse_frequencies, rope_tables
 from moejax.layers.stack import LayerStack
-from moejax.models.common import CausalLM, CausalLMOutput, router_outputs
+from moejax.models.common import CausalLM, causal_lm_output
 
 
 class DecoderLayer(nnx.Module):
@@ -52,17 +52,17 @@ class Qwen3MoeForCausalLM(CausalLM):
         if not cfg.tie_word_embeddings:
             self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool):
+    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
+                return_hidden_states: bool = False):
         """Token ids [batch, seq] -> CausalLMOutput."""
         cfg = self.config
         x_btd = self.embed_vd[...][input_ids_bt]
         inv_freq_h = inverse_frequencies(cfg.rope, cfg.head_dim)
         rope_cos_sin = rope_tables(position_ids_bt, inv_freq_h, cfg.rope.mscale, x_btd.dtype)
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, routing = self.layers(x_btd, mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
+        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states,
+                                 mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
         x_btd = self.norm(x_btd)
         head_dv = self.embed_vd[...].T if cfg.tie_word_embeddings else self.lm_head_dv[...]
         logits_btv = x_btd @ head_dv
-        if not return_router_logits:
-            return CausalLMOutput(logits=logits_btv)
-        return CausalLMOutput(logits=logits_btv, **router_outputs(routing, *input_ids_bt.shape))
+        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)

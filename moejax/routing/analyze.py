@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from moejax.data.corpus import CorpusError, chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
+from moejax.report.output import atomic_directory, versions, write_csv
 from moejax.routing import metrics as M
 from moejax.routing.stats import chunk_stats
 
@@ -209,16 +208,6 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
             "reference": reference, "targets": targets}
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def analyze(models: list[str | None], langs: list[str], data: str | None, out: str | Path, *, chunk_words: int = 300,
             mode: str = "paragraph", batch_size: int = 8, probabilities: str = "softmax",
             exclude_ids: list[int] | None = None, seed: int = 0, show_progress: bool = True) -> Path:
@@ -258,11 +247,9 @@ def analyze(models: list[str | None], langs: list[str], data: str | None, out: s
         for i, run in enumerate(runs):
             run.name = f"{i}:{run.name}"
     tables = build_tables(runs, langs, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for name in ("layers", "experts", "pairs", "lsi"):
-            _write_csv(tmp / f"{name}.csv", tables[name])
+            write_csv(tmp / f"{name}.csv", tables[name])
         settings = {
             "models": {r.name: {"path": r.path, "model_type": r.model_type, "moe_blocks": list(r.moe_blocks),
                                 "experts": r.experts, "top_k": r.k, "excluded_token_ids": r.excluded_ids,
@@ -275,25 +262,11 @@ def analyze(models: list[str | None], langs: list[str], data: str | None, out: s
                          "cosine": "f vectors (cosine_pbar: mean probabilities)", "lsi_theta": 0.1,
                          "njsd": "per aligned chunk, averaged", "activation_difference": "a_e over all MoE layers",
                          "routing_consistency": f"mean Jaccard of {PAIRS_PER_CHUNK} sampled token pairs per chunk"},
-            "seconds": time.perf_counter() - started, "versions": _versions(),
+            "seconds": time.perf_counter() - started, "versions": versions(),
             "summary": tables["summary"],
         }
         (tmp / "metrics.json").write_text(json.dumps(settings, indent=2))
         figures = write_figures(tmp, tables, runs, langs)
         write_report(tmp / "report.md", tables, settings, figures)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
-
-def _versions() -> dict[str, str]:
-    import flax
-
-    import moejax
-
-    return {"moejax": moejax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-            "numpy": np.__version__}

@@ -1,0 +1,82 @@
+"""How long `moejax parity` takes, and which side is the slow one, on the forward-benchmark models.
+
+    python benchmarks/bench_parity.py                         # both architectures, float32 and bfloat16
+    python benchmarks/bench_parity.py --arch qwen3_moe --dtype float32 --tokens 2048
+
+For each architecture (the configs of bench_forward.py, d=512, 64 experts) a checkpoint is written by
+save_pretrained with every weight random, plus a byte-level tokenizer; `parity()` then compares
+moejax and transformers over the built-in en/he/ja sample corpus in batches of 4 x 512 tokens: 2048
+tokens (the forward benchmark's batch) and 10240. Printed per run: the verdict with the measured
+KL, agreements and drift (the bfloat16 runs are what the bfloat16 default tolerances are set from),
+and the time of each side: moejax's forward passes (with compilation, the first batch's share
+shown), transformers' forward passes (hooks excluded), the comparison, and the whole command. moejax runs
+in a worker thread; "waited for" is the part of its time not hidden behind transformers (on the CPU
+the sides take turns after the first batch, which overlaps transformers' load).
+
+For the bfloat16 checkpoints, two more runs at 2048 tokens split the bf16-vs-bf16 gap into each side's
+own rounding error: transformers in bf16 against moejax in float32 (which equals the float32
+reference to ~1e-6), and moejax in bf16 against transformers in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from bench_forward import CONFIGS
+
+from moejax.parity import parity
+from moejax.reference import randomize, save_byte_tokenizer
+
+
+def make(arch: str, directory: Path, dtype: str) -> Path:
+    torch.manual_seed(0)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]), 0)
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+    save_byte_tokenizer(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=[*CONFIGS, "all"], default="all")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default="all")
+    parser.add_argument("--tokens", type=int, action="append", help="tokens per run (default: 2048 and 10240)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    archs = CONFIGS if args.arch == "all" else [args.arch]
+    dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    print(f"moejax parity timing, batches of 4 x 512, {args.threads} torch threads, transformers "
+          f"{transformers.__version__}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            for dtype in dtypes:
+                model_dir = make(arch, Path(tmp) / f"{arch}-{dtype}", dtype)
+                runs = [(tokens, dtype, dtype) for tokens in args.tokens or [2048, 10240]]
+                if dtype == "bfloat16":
+                    runs += [(2048, "float32", "bfloat16"), (2048, "bfloat16", "float32")]
+                for tokens, ours, theirs in runs:
+                    result = parity(model_dir, None, seq_len=512, batch_size=4, max_tokens=tokens, dtype=ours,
+                                    reference_dtype=theirs, show_progress=False)
+                    s, t = result.summary, result.summary["timings"]
+                    checks = ", ".join(f"{c['check']} {c['value']:.3g}{'' if c['passed'] else ' FAIL'}"
+                                       for c in s["checks"])
+                    print(f"{arch}, moejax {ours} vs transformers {theirs}, {s['tokens']} tokens: verdict "
+                          f"{s['verdict']}; {checks}; near-tie flips {s['near_tie_flips']}")
+                    print(f"  moejax {t['moejax_forward_s']:.1f} s (first batch with compile "
+                          f"{t['moejax_first_batch_s']:.1f} s; waited for {t['moejax_wait_s']:.1f} s), "
+                          f"transformers {t['reference_forward_s']:.1f} s, "
+                          f"comparison {t['compare_s']:.1f} s; loads {t['moejax_load_s']:.1f} s / "
+                          f"{t['reference_load_s']:.1f} s; whole command {t['total_s']:.1f} s; transformers / "
+                          f"moejax forward time {t['reference_forward_s'] / t['moejax_forward_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
