@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -71,14 +70,29 @@ def _choose(rules: list[Rule], layers, keymap: KeyMap, ckpt: SafetensorsCheckpoi
                           f"expected shape {rule.hf_shape}")
 
 
-def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint,
+def _read_slice(ckpt: SafetensorsCheckpoint, rule: Rule, keys: np.ndarray, index: tuple[slice, ...],
+                dtype) -> np.ndarray:
+    """The part `index` of a parameter whose leading axes are `keys` (layers, experts): only the tensors it
+    covers are read, and of each only the slice it holds is copied (cast to dtype)."""
+    keys_here = keys[index[:keys.ndim]]
+    parts = [np.asarray(rule.to_moejax(ckpt.read(k, rule.hf_shape))[index[keys.ndim:]], dtype=dtype)
+             for k in np.ravel(keys_here)]
+    return np.stack(parts).reshape(*np.shape(keys_here), *parts[0].shape) if keys.ndim else parts[0]
+
+
+def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, mesh=None,
                 progress: Callable[[str], None] | None = None) -> set[str]:
     """Fills every Param of an (abstract) model from the checkpoint, each cast to the dtype the model
     declared for it; returns the keys it consumed.
 
+    Each parameter is built shard by shard (`jax.make_array_from_callback`): with a mesh, every device's
+    shard reads only the tensors it covers (its layers, its experts) and the slice of each it holds,
+    so the whole model never exists in host memory. Without a mesh, the one shard is the whole array.
     Raises CheckpointError naming key, file and expected shape for a missing, misshapen or
     unexpected tensor.
     """
+    from moejax.parallel.mesh import param_sharding
+
     consumed: set[str] = set()
     for path, var in _param_paths(model):
         located = _layer_rule_key(path)
@@ -87,17 +101,21 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint,
         else:
             s, u, local = located
             rules, layers = keymap.layer.get(local), model.layers.layer_ids[s][u]
+        name = ".".join(map(str, path))
         if rules is None:
-            raise KeyError(f"no checkpoint rule for parameter {'.'.join(map(str, path))}")
+            raise KeyError(f"no checkpoint rule for parameter {name}")
         rule, keys = _choose(rules, layers, keymap, ckpt)
         if progress:
             progress(rule.template)
-        flat = [rule.to_moejax(np.asarray(ckpt.read(k, rule.hf_shape))) for k in keys.flat]
-        value = np.stack(flat).reshape(*keys.shape, *flat[0].shape) if keys.ndim else flat[0]
-        if value.shape != var.shape:
+        shape = (*keys.shape, *rule.to_moejax(np.empty(rule.hf_shape, np.uint8)).shape)
+        if shape != var.shape:
             raise CheckpointError(f"{ckpt.where(keys.flat[0])}: {rule.template} gives a parameter of shape "
-                                  f"{value.shape}, the model expects {var.shape}")
-        var.set_value(jax.device_put(jnp.asarray(value, dtype=var.dtype)))
+                                  f"{shape}, the model expects {var.shape}")
+        sharding = (param_sharding(name, var, mesh) if mesh is not None
+                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        var.set_value(jax.make_array_from_callback(
+            var.shape, sharding, lambda index, rule=rule, keys=keys, dtype=var.dtype:
+            _read_slice(ckpt, rule, keys, index, dtype)))
         consumed.update(keys.flat)
     unexpected = sorted(k for k in ckpt.keys() - consumed - keymap.optional_keys
                         if not k.startswith(keymap.ignored_prefixes))

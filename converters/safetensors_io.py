@@ -65,15 +65,16 @@ class _Shard:
                     f"{path}: truncated: tensor {key!r} needs bytes up to {self.data_start + end} "
                     f"but the file has {size}")
             self.entries[key] = (dtype, shape, begin)
-        self._map: np.memmap | None = None
 
     def read(self, key: str) -> np.ndarray:
+        """A read-only view of the tensor through its own memory map, unmapped once the view is dropped,
+        so tensors read one after another do not accumulate in the process's resident memory."""
         dtype, shape, begin = self.entries[key]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         count = int(np.prod(shape, dtype=np.int64))
-        start = self.data_start + begin
-        return self._map[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+        if count == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + begin,
+                         shape=(count * dtype.itemsize,)).view(dtype).reshape(shape)
 
 
 class SafetensorsCheckpoint:

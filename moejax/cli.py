@@ -10,13 +10,25 @@ from pathlib import Path
 from moejax.data.corpus import FLORES_CODES
 
 
+def _mesh(spec: str | None):
+    if not spec:
+        return None
+    from moejax.parallel.mesh import make_mesh
+
+    return make_mesh(spec)
+
+
+MESH_HELP = ("run sharded over a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; the product "
+             "must not exceed the devices): parameters split by logical-axis rules, MoE blocks expert-parallel")
+
+
 def _analyze(args) -> int:
     from moejax.routing.analyze import analyze
 
     exclude = [int(x) for x in args.exclude_ids.split(",") if x] if args.exclude_ids else []
     out = analyze(args.model or [None], args.langs.split(","), args.data, args.out, chunk_words=args.chunk_words,
                   mode=args.chunk_mode, batch_size=args.batch_size, probabilities=args.probabilities,
-                  exclude_ids=exclude, seed=args.seed, show_progress=not args.quiet)
+                  exclude_ids=exclude, seed=args.seed, show_progress=not args.quiet, mesh=_mesh(args.mesh))
     print(f"wrote {out}/report.md (tables: layers.csv, experts.csv, pairs.csv, lsi.csv; metrics.json; figures)")
     return 0
 
@@ -43,7 +55,7 @@ def _parity(args) -> int:
     result = parity(args.model, args.out, text=args.text, langs=args.langs.split(",") if args.langs else None,
                     data=args.data, dtype=args.dtype, reference_dtype=args.reference_dtype, seq_len=args.seq_len,
                     batch_size=args.batch_size, max_tokens=args.max_tokens, tolerances=overrides,
-                    dt_floor=args.dt_floor, show_progress=not args.quiet)
+                    dt_floor=args.dt_floor, show_progress=not args.quiet, mesh=_mesh(args.mesh))
     print(verdict_text(result))
     return 0 if result.passed else 1
 
@@ -82,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
                    help="extra token ids to exclude from every metric (e.g. chat-template tokens), comma-separated; "
                    "the tokenizer's special tokens are always excluded")
     a.add_argument("--seed", type=int, default=0, help="seed for same-language splits and token-pair sampling")
+    a.add_argument("--mesh", metavar="AXIS=N,...", help=MESH_HELP)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(run=_analyze)
 
@@ -119,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dt-floor", choices=["time_step_min", "time_step_limit"], default="time_step_min",
                    help="Nemotron-H only: where moejax floors the Mamba-2 dt; time_step_min is what transformers' "
                    "PyTorch path does (moejax's own default is time_step_limit, see README)")
+    p.add_argument("--mesh", metavar="AXIS=N,...", help=MESH_HELP + "; the reference stays on the CPU")
     p.add_argument("--out", default="moejax-parity", help="output directory (replaced only when the run succeeds)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=_parity)

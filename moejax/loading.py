@@ -21,12 +21,15 @@ def load_config(path: str | Path):
     return architecture(hf.get("model_type"), str(source)).config_cls.from_hf(hf, str(source))
 
 
-def from_pretrained(path: str | Path, dtype=jnp.float32, **config_overrides):
+def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_overrides):
     """Loads a Hugging Face checkpoint directory (config.json + safetensors) into its moejax model.
 
     Tensors stream one at a time from the shards into the model's parameters, cast to `dtype`;
-    the model is never materialised twice. `config_overrides` replace fields of the moejax config
-    (e.g. Nemotron-H's dt_floor="time_step_min" or chunk_size=64).
+    the model is never materialised twice. With `mesh` (a jax Mesh over moejax.parallel.mesh.MESH_AXES,
+    e.g. from make_mesh("data=2,expert=4")), each parameter is created already split by the logical-axis
+    rules, every device's shard reading only its slice; calls then run on the mesh, MoE blocks
+    expert-parallel. `config_overrides` replace fields of the moejax config (e.g. Nemotron-H's
+    dt_floor="time_step_min" or chunk_size=64).
     """
     path = Path(path)
     cfg = load_config(path)
@@ -39,5 +42,5 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, **config_overrides):
     arch = architecture(cfg.model_type, str(path / "config.json"))
     ckpt = SafetensorsCheckpoint(path)
     model = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_params(model, arch.keymap(cfg), ckpt)
+    load_params(model, arch.keymap(cfg), ckpt, mesh=mesh)
     return model

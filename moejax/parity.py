@@ -25,6 +25,7 @@ import numpy as np
 
 from moejax.config import ConfigError, read_config_json
 from moejax.data.corpus import CorpusError, chunk, read_corpus
+from moejax.parallel.mesh import describe
 from moejax.routing import metrics as M
 
 
@@ -380,13 +381,14 @@ def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | 
            langs: list[str] | None = None, data: str | None = None, dtype: str = "auto",
            reference_dtype: str = "auto", seq_len: int = 512, batch_size: int = 4, max_tokens: int = 4096,
            tolerances: dict[str, float] | None = None, dt_floor: str = "time_step_min",
-           edit_model: Callable | None = None, show_progress: bool = True) -> ParityResult:
+           edit_model: Callable | None = None, show_progress: bool = True, mesh=None) -> ParityResult:
     """Runs the comparison; writes summary.json, layers.csv, groups.csv and drift_per_layer.png to `out`.
 
     text: a UTF-8 file cut into seq_len-token sequences; otherwise `data` (a parallel corpus, default
     the built-in sample) in `langs`. dtype / reference_dtype: "auto" is the checkpoint's. dt_floor
     (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path (see README). edit_model is a
-    test hook: called on the loaded moejax model before the run (e.g. to corrupt one parameter).
+    test hook: called on the loaded moejax model before the run (e.g. to corrupt one parameter). mesh:
+    moejax loads onto it and runs sharded.
     """
     import torch
     from tqdm import tqdm
@@ -425,10 +427,11 @@ def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | 
 
     timings = dict.fromkeys(("moejax_forward_s", "moejax_first_batch_s", "moejax_wait_s", "reference_forward_s"),
                             0.0)
-    say(f"loading {model_dir} in moejax ({dtype}, JAX backend {jax.default_backend()})")
+    where = f"mesh {describe(mesh)}" if mesh is not None else "one device"
+    say(f"loading {model_dir} in moejax ({dtype}, JAX backend {jax.default_backend()}, {where})")
     t0 = time.perf_counter()
     overrides = {"dt_floor": dt_floor} if cfg.model_type == "nemotron_h" else {}
-    model = moejax.from_pretrained(model_dir, dtype=DTYPES[dtype], **overrides)
+    model = moejax.from_pretrained(model_dir, dtype=DTYPES[dtype], mesh=mesh, **overrides)
     if edit_model is not None:
         edit_model(model)
     timings["moejax_load_s"] = time.perf_counter() - t0
@@ -496,7 +499,7 @@ def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | 
     summary = {
         "verdict": "pass" if passed else "fail",
         "model": str(model_dir), "model_type": cfg.model_type, "dtype": dtype, "reference_dtype": reference_dtype,
-        "jax_backend": jax.default_backend(), "tokens": int(len(kl_n)), "sequences": len(sequences),
+        "jax_backend": jax.default_backend(), "mesh": where, "tokens": int(len(kl_n)), "sequences": len(sequences),
         "near_tie_flips": sum(r.near_ties for r in routing), "tokens_after_near_tie": int((~compared_n).sum()),
         "seq_len": seq_len, "batch_size": batch_size,
         "source": str(text) if text is not None else (data or "builtin sample corpus"),

@@ -14,10 +14,12 @@ is dropped, and no expert runs on tokens it was not given. `dispatch_tiles` alon
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from moejax.layers.mlp import MLP, activate
 from moejax.layers.params import param
@@ -103,24 +105,34 @@ def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
 
 
 def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
-                activation: str, tiles: tuple[int, ...] | None = None) -> jax.Array:
+                activation: str, tiles: tuple[int, ...] | None = None,
+                first_expert: jax.Array | None = None) -> jax.Array:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, d], dropless.
 
     `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf". `tiles` defaults to the backend's
-    choice (`dispatch_tiles`); () forces the ragged_dot path.
+    choice (`dispatch_tiles`); () forces the ragged_dot path. With `first_expert`, `w` holds only the
+    experts first_expert, first_expert + 1, ... (one device's share): pairs routed to any other expert
+    are grouped last and never computed, so they contribute nothing.
     """
     tokens, k = ids_tk.shape
     num_experts = w["up_edf"].shape[0]
     tiles = dispatch_tiles(tokens * k, num_experts) if tiles is None else tuple(tiles)
-    plan = plan_dispatch(ids_tk, num_experts, tiles[-1] if tiles else 1)
+    groups = num_experts
+    if first_expert is not None:
+        local_tk = ids_tk - first_expert
+        foreign_tk = (local_tk < 0) | (local_tk >= num_experts)
+        ids_tk, groups = jnp.where(foreign_tk, num_experts, local_tk), num_experts + 1
+        weights_tk = jnp.where(foreign_tk, 0, weights_tk)
+    plan = plan_dispatch(ids_tk, groups, tiles[-1] if tiles else 1)
+    group_sizes_e = plan.group_sizes_e[:num_experts]
     if tiles:
         weights_m = jnp.zeros(plan.source_token_m.shape, jnp.float32).at[plan.row_tk.reshape(-1)].set(
             weights_tk.reshape(-1).astype(jnp.float32))
-        return _tiled_mixture(x_td, weights_m, plan.source_token_m, plan.group_sizes_e, w, tiles, activation)
+        return _tiled_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation)
     x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
 
-    def project(name, a):
-        return jax.lax.ragged_dot(a, w[name], plan.group_sizes_e)
+    def project(name, a):  # rows past the groups (other devices' experts) come out as zeros
+        return jax.lax.ragged_dot(a, w[name], group_sizes_e)
 
     gate = project("gate_edf", x_md) if "gate_edf" in w else None
     y_md = project("down_efd", activate(activation, project("up_edf", x_md), gate))
@@ -236,6 +248,34 @@ def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
 _tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)
 
 
+def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
+                    activation: str, mesh: jax.sharding.Mesh) -> jax.Array:
+    """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over
+    "tensor"), the tokens over TOKEN_AXES. Each device all-gathers the tokens of its expert group, runs
+    its own experts on the pairs routed to them (dropless, as on one device), and a reduce-scatter over
+    "expert" (after a sum over "tensor") returns each device its tokens' combined outputs."""
+    from moejax.parallel.mesh import TOKEN_AXES
+
+    tokens = x_td.shape[0]
+    pad = -tokens % math.prod(mesh.shape[a] for a in TOKEN_AXES)
+    if pad:  # padded tokens route with weight 0 and are dropped after
+        x_td, ids_tk, weights_tk = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_td, ids_tk, weights_tk))
+    tok = P(TOKEN_AXES, None)
+    specs = {"gate_edf": P("expert", None, "tensor"), "up_edf": P("expert", None, "tensor"),
+             "down_efd": P("expert", "tensor", None)}
+
+    def local(x_td, ids_tk, weights_tk, w):
+        x_td, ids_tk, weights_tk = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                                    for a in (x_td, ids_tk, weights_tk))
+        first = jax.lax.axis_index("expert") * w["up_edf"].shape[0]
+        y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first), "tensor")
+        return jax.lax.psum_scatter(y_td, "expert", scatter_dimension=0, tiled=True)
+
+    y_td = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, {n: specs[n] for n in w}), out_specs=tok,
+                         check_vma=False)(x_td, ids_tk, weights_tk, w)
+    return y_td[:tokens]
+
+
 class Experts(nnx.Module):
     """E feed-forward experts, "swiglu" (gate, up, down) or "relu2" (up, down), run dropless."""
 
@@ -253,6 +293,9 @@ class Experts(nnx.Module):
         w = {"up_edf": self.up_edf[...], "down_efd": self.down_efd[...]}
         if self.activation == "swiglu":
             w["gate_edf"] = self.gate_edf[...]
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh)
         return mix_experts(x_td, ids_tk, weights_tk, w, self.activation)
 
 

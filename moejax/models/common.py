@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from moejax.parallel.mesh import batch_sharding, mesh_of
 
 
 @struct.dataclass
@@ -40,8 +43,23 @@ class CausalLM(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, input_ids, attention_mask, jnp.asarray(position_ids, jnp.int32),
-                               return_router_logits, return_hidden_states)
+        with on_mesh(state) as place:
+            return _jitted_forward(graphdef, state, *place(input_ids, attention_mask,
+                                                           jnp.asarray(position_ids, jnp.int32)),
+                                   return_router_logits, return_hidden_states)
+
+
+@contextlib.contextmanager
+def on_mesh(state):
+    """When the parameters in `state` live on a mesh: makes it the current mesh (so MoE blocks run
+    expert-parallel) and yields a function placing [batch, ...] inputs split over its batch axes;
+    otherwise yields the identity."""
+    mesh = mesh_of(state)
+    if mesh is None:
+        yield lambda *arrays: arrays
+        return
+    with jax.set_mesh(mesh):
+        yield lambda *arrays: tuple(jax.device_put(a, batch_sharding(mesh, a.shape)) for a in arrays)
 
 
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured

@@ -100,18 +100,20 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
     return LangRun(**stacked, tokenization=M.tokenization_stats(texts, stacked["tokens"].tolist()))
 
 
-def _load(spec: str | None):
+def _load(spec: str | None, mesh=None):
     """(name, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
     from moejax.loading import from_pretrained
     from moejax.models.builtin import NAME, builtin_model
+    from moejax.parallel.mesh import shard_model
 
     if spec is None:
-        return NAME, "builtin", builtin_model(), ByteTokenizer()
+        model = builtin_model()
+        return NAME, "builtin", model if mesh is None else shard_model(model, mesh), ByteTokenizer()
     label, sep, path = spec.partition("=")
     if not sep or not label or Path(spec).exists():
         label, path = Path(spec).name, spec
     tokenizer = HFTokenizer(path)
-    model = from_pretrained(path)
+    model = from_pretrained(path, mesh=mesh)
     if not model.config.moe_layers:
         raise CorpusError(f"{path}: the model has no MoE layers; there is no routing to analyse")
     return label, str(path), model, tokenizer
@@ -210,8 +212,9 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
 
 def analyze(models: list[str | None], langs: list[str], data: str | None, out: str | Path, *, chunk_words: int = 300,
             mode: str = "paragraph", batch_size: int = 8, probabilities: str = "softmax",
-            exclude_ids: list[int] | None = None, seed: int = 0, show_progress: bool = True) -> Path:
-    """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md)."""
+            exclude_ids: list[int] | None = None, seed: int = 0, show_progress: bool = True, mesh=None) -> Path:
+    """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with `mesh`,
+    each model is loaded onto it and runs sharded (MoE blocks expert-parallel)."""
     from tqdm import tqdm
 
     from moejax.report.figures import write_figures
@@ -222,7 +225,7 @@ def analyze(models: list[str | None], langs: list[str], data: str | None, out: s
     runs = []
     started = time.perf_counter()
     for path in models:
-        name, where, model, tokenizer = _load(path)
+        name, where, model, tokenizer = _load(path, mesh)
         excluded = sorted(set(tokenizer.special_ids) | set(exclude_ids or ()))
         lang_runs = {}
         for lang in langs:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from moejax.models.common import on_mesh
+
 PROBABILITIES = ("softmax", "native")
 
 
@@ -81,5 +83,7 @@ def chunk_stats(model: nnx.Module, input_ids_bt, attention_mask_bt, content_bt, 
     if probabilities == "native":
         probabilities = "sigmoid" if model.config.model_type == "nemotron_h" else "softmax"
     graphdef, state = nnx.split(model)
-    return _stats(graphdef, state, jnp.asarray(input_ids_bt, jnp.int32), jnp.asarray(attention_mask_bt, jnp.int32),
-                  jnp.asarray(content_bt, bool), jnp.asarray(pairs_bp2, jnp.int32), probabilities)
+    with on_mesh(state) as place:
+        return _stats(graphdef, state, *place(jnp.asarray(input_ids_bt, jnp.int32),
+                                              jnp.asarray(attention_mask_bt, jnp.int32), jnp.asarray(content_bt, bool),
+                                              jnp.asarray(pairs_bp2, jnp.int32)), probabilities)

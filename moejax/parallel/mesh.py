@@ -1,0 +1,125 @@
+"""Device meshes over (data, fsdp, expert, tensor), and the one table mapping logical axis names onto them.
+
+Every parameter declares logical axis names (moejax.layers.params); `RULES` says which mesh axis
+each name is split over, so moving a model from data-parallel to expert-parallel is a mesh change
+and a different split is an edit of this table, never of model code. Activations: the batch is split
+over `BATCH_AXES`; inside an MoE block the tokens are split over `TOKEN_AXES` and each device runs
+its own experts (moejax.layers.moe.expert_parallel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp")
+TOKEN_AXES = ("data", "fsdp", "expert")
+
+RULES: dict[str, str | None] = {
+    "layers": None,  # the stacked-layer axis of scanned units
+    "vocab": None,
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "expert": "expert",
+    "expert_mlp": "tensor",
+    "expert_router": None,
+    "latent": None,
+    # Mamba-2: in_proj's output axis concatenates z, x, B, C and dt, whose boundaries no even split
+    # respects, so the mixer is replicated over tensor (its weights are still split over fsdp by embed).
+    "mamba_in": None,
+    "mamba_inner": None,
+    "mamba_heads": None,
+    "mamba_conv": None,
+    "conv_kernel": None,
+}
+
+
+class MeshError(ValueError):
+    pass
+
+
+def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
+    """A mesh over MESH_AXES from "data=2,expert=4" (or a dict); axes not named have size 1. Uses the
+    first prod(sizes) devices."""
+    sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"mesh axes {unknown} are not among {MESH_AXES}")
+    if any(int(v) < 1 for v in sizes.values()):
+        raise MeshError(f"mesh axis sizes must be positive, got {sizes}")
+    shape = tuple(int(sizes.get(axis, 1)) for axis in MESH_AXES)
+    devices = list(jax.devices() if devices is None else devices)
+    needed = math.prod(shape)
+    if needed > len(devices):
+        raise MeshError(f"the mesh {describe(shape)} needs {needed} devices, but {len(devices)} are available "
+                        f"({devices[0].platform}); on a CPU, simulate more with "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} set before jax is imported")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices[:needed])
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=2,expert=4" -> {"data": 2, "expert": 4}."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise MeshError(f"mesh {spec!r}: expected AXIS=SIZE pairs such as data=2,expert=4, got {part!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def describe(shape_or_mesh) -> str:
+    shape = shape_or_mesh.devices.shape if isinstance(shape_or_mesh, Mesh) else shape_or_mesh
+    return ",".join(f"{a}={n}" for a, n in zip(MESH_AXES, shape, strict=True) if n > 1) or "one device"
+
+
+def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes; a MeshError where a dimension does not divide."""
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        if name not in RULES:
+            raise MeshError(f"{where}: logical axis {name!r} has no sharding rule in moejax.parallel.mesh.RULES")
+        mesh_axis = RULES[name]
+        parts = mesh.shape[mesh_axis] if mesh_axis else 1
+        if size % parts:
+            raise MeshError(f"{where}: its {name!r} dimension ({size}) does not divide over mesh axis "
+                            f"{mesh_axis}={parts}; pick a {mesh_axis} size that divides {size}")
+        spec.append(mesh_axis if parts > 1 else None)
+    return PartitionSpec(*spec)
+
+
+def param_sharding(path: str, var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where a parameter lives on `mesh`, from its logical axes."""
+    return NamedSharding(mesh, partition_spec(var.get_metadata()["logical_axes"], var.shape, mesh, path))
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Inputs [batch, ...]: the batch split over BATCH_AXES when it divides, else replicated."""
+    parts = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    lead = BATCH_AXES if parts > 1 and shape[0] % parts == 0 else None
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (len(shape) - 1))))
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of `tree` are sharded over, or None when they are not on a mesh."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and np.prod(sharding.mesh.devices.shape) > 1:
+            return sharding.mesh
+    return None
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Moves an existing model's parameters onto `mesh`, each split by its logical axes (in place)."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        var.set_value(jax.device_put(var.get_value(), param_sharding(".".join(map(str, path)), var, mesh)))
+    return model

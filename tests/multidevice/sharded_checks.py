@@ -1,0 +1,124 @@
+"""Sharded runs on 8 simulated CPU devices, against the same model on one device.
+
+Run by tests/test_multidevice.py in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(the flag must be set before jax is imported, so these cannot share the main test process).
+
+Bounds: float32 logits and router logits within 1e-5 of the one-device run (observed ~2-5e-6: the
+expert-parallel reduce-scatter and the split matmuls sum in another order), selected experts and the
+routing statistics' counts identical, their float sums within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import moejax
+from moejax.cli import main
+from moejax.parallel.mesh import MeshError, make_mesh
+from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.routing.stats import chunk_stats
+
+MESHES = ["expert=8", "data=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=4,expert=2"]
+
+
+def test_eight_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    make_checkpoint(request.param, path, seed=23, vocab_size=259)
+    save_byte_tokenizer(path)
+    overrides = {"dt_floor": "time_step_min"} if request.param == "nemotron_h" else {}
+    return path, overrides, moejax.from_pretrained(path, **overrides)
+
+
+def batch(rng, rows=3, seq=21):
+    """Odd sizes on purpose: 63 tokens do not split evenly over the token axes, rows have padding."""
+    ids = rng.integers(3, 259, (rows, seq))
+    mask = np.ones((rows, seq), np.int64)
+    mask[1, 15:] = 0
+    mask[2, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_forward_equals_one_device(checkpoint, spec):
+    path, overrides, single = checkpoint
+    ids, mask = batch(np.random.default_rng(0))
+    mesh = make_mesh(spec)
+    sharded = moejax.from_pretrained(path, mesh=mesh, **overrides)
+    want = single(ids, mask, return_router_logits=True)
+    got = sharded(ids, mask, return_router_logits=True)
+    content = mask.astype(bool)
+    assert np.abs(np.asarray(got.logits) - np.asarray(want.logits))[content].max() <= 1e-5
+    for layer, (a, b) in enumerate(zip(got.router_logits, want.router_logits, strict=True)):
+        assert np.abs(np.asarray(a) - np.asarray(b))[content].max() <= 1e-5, f"MoE layer {layer}"
+    for a, b in zip(got.router_expert_ids, want.router_expert_ids, strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[content], np.asarray(b)[content])
+
+    # Each device holds its share of the experts (split over "expert", ffn over "tensor").
+    experts = next(var[...] for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if path[-1] == "up_edf")
+    shard_shape = experts.addressable_shards[0].data.shape
+    assert shard_shape[1] == experts.shape[1] // mesh.shape["expert"]
+    assert shard_shape[3] == experts.shape[3] // mesh.shape["tensor"]
+
+
+@pytest.mark.parametrize("spec", ["data=2,expert=4", "fsdp=4,expert=2"])
+def test_routing_statistics_identical(checkpoint, spec):
+    path, overrides, single = checkpoint
+    ids, mask = batch(np.random.default_rng(1), rows=4, seq=16)
+    content = mask.astype(bool)
+    pairs = np.random.default_rng(2).integers(0, 16, (4, 8, 2))
+    sharded = moejax.from_pretrained(path, mesh=make_mesh(spec), **overrides)
+    want = chunk_stats(single, ids, mask, content, pairs)
+    got = chunk_stats(sharded, ids, mask, content, pairs)
+    for name in ("topk_counts", "top1_counts", "tokens", "pairs"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)
+    for name in ("prob_sums", "entropy_sums_bits", "pair_jaccard_sums"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
+def test_analyze_with_mesh_matches_one_device(tmp_path):
+    assert main(["analyze", "--out", str(tmp_path / "one"), "--quiet", "--chunk-words", "60"]) == 0
+    assert main(["analyze", "--out", str(tmp_path / "mesh"), "--quiet", "--chunk-words", "60",
+                 "--mesh", "data=2,expert=4"]) == 0
+    for table in ("layers.csv", "experts.csv"):
+        with open(tmp_path / "one" / table) as f:
+            want = list(csv.DictReader(f))
+        with open(tmp_path / "mesh" / table) as f:
+            got = list(csv.DictReader(f))
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want, strict=True):
+            for key in b:
+                try:
+                    np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+                except ValueError:
+                    assert a[key] == b[key], key
+
+
+def test_parity_command_with_mesh(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    assert main(["parity", "--model", str(path), "--mesh", "data=2,expert=4", "--out", str(tmp_path / "p"),
+                 "--seq-len", "64", "--batch-size", "2", "--max-tokens", "192", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("expert=3", "'expert' dimension (8) does not divide over mesh axis expert=3"),
+    ("tensor=4", "'kv_heads' dimension (2) does not divide over mesh axis tensor=4"),
+    ("data=4,expert=4", "needs 16 devices, but 8 are available"),
+    ("pipeline=2", "mesh axes ['pipeline'] are not among"),
+    ("expert", "expected AXIS=SIZE pairs"),
+])
+def test_bad_meshes(checkpoint, spec, message):
+    path, overrides, _ = checkpoint
+    with pytest.raises(MeshError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        moejax.from_pretrained(path, mesh=make_mesh(spec), **overrides)
