@@ -60,6 +60,19 @@ def _parity(args) -> int:
     return 0 if result.passed else 1
 
 
+def _convert(args) -> int:
+    import jax.numpy as jnp
+
+    from moejax.checkpoint import save_params
+    from moejax.loading import from_pretrained
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = from_pretrained(args.hf_dir, dtype=dtype, mesh=_mesh(args.mesh))
+    out = save_params(model, args.hf_dir, args.out_dir)
+    print(f"wrote {out} (Orbax; load with moejax.from_pretrained({str(out)!r}, mesh=...))")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="moejax", description="MoE routing research in JAX: analysis of how "
                                   "Mixture-of-Experts routers spread each language's tokens over experts, and "
@@ -136,6 +149,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="moejax-parity", help="output directory (replaced only when the run succeeds)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=_parity)
+
+    c = sub.add_parser(
+        "convert", help="Hugging Face checkpoint -> Orbax (TensorStore) checkpoint for fast, resharded reloads",
+        description="Reads HF_DIR (config.json + safetensors) and writes OUT_DIR: params/ (Orbax StandardCheckpointer, "
+        "one TensorStore array per parameter), config.json and the tokenizer files, and moejax.json. "
+        "moejax.from_pretrained(OUT_DIR, mesh=...) and every command's --model accept OUT_DIR and restore it "
+        "onto any mesh. OUT_DIR is replaced only when the conversion completes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory")
+    c.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Orbax checkpoint")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="dtype of the stored parameters")
+    c.add_argument("--mesh", metavar="AXIS=N,...", help="load (and write) sharded over this mesh, for models "
+                   "larger than one device; " + MESH_HELP.split(": ", 1)[1])
+    c.set_defaults(run=_convert)
     return top
 
 

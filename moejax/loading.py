@@ -10,6 +10,7 @@ from flax import nnx
 
 from converters.keymap import load_params
 from converters.safetensors_io import SafetensorsCheckpoint
+from moejax.checkpoint import is_orbax_dir, restore_params
 from moejax.config import ConfigError, read_config_json
 from moejax.models import architecture
 
@@ -22,7 +23,8 @@ def load_config(path: str | Path):
 
 
 def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_overrides):
-    """Loads a Hugging Face checkpoint directory (config.json + safetensors) into its moejax model.
+    """Loads a Hugging Face checkpoint directory (config.json + safetensors), or an Orbax directory written
+    by `moejax convert`, into its moejax model.
 
     Tensors stream one at a time from the shards into the model's parameters, cast to `dtype`;
     the model is never materialised twice. With `mesh` (a jax Mesh over moejax.parallel.mesh.MESH_AXES,
@@ -40,7 +42,8 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_ove
             raise ConfigError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
         cfg = dataclasses.replace(cfg, **config_overrides)
     arch = architecture(cfg.model_type, str(path / "config.json"))
-    ckpt = SafetensorsCheckpoint(path)
     model = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_params(model, arch.keymap(cfg), ckpt, mesh=mesh)
+    if is_orbax_dir(path):
+        return restore_params(model, path, mesh)
+    load_params(model, arch.keymap(cfg), SafetensorsCheckpoint(path), mesh=mesh)
     return model

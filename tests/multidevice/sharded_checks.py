@@ -122,3 +122,21 @@ def test_bad_meshes(checkpoint, spec, message):
     with pytest.raises(MeshError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         moejax.from_pretrained(path, mesh=make_mesh(spec), **overrides)
+
+
+def test_orbax_restores_onto_any_mesh(checkpoint, tmp_path):
+    """Converted while sharded over expert=8, restored onto another mesh and onto one device: every
+    parameter bit-for-bit, in the sharding the target mesh gives it."""
+    path, overrides, single = checkpoint
+    out = tmp_path / "orbax"
+    assert main(["convert", str(path), str(out), "--dtype", "float32", "--mesh", "expert=8"]) == 0
+    target = make_mesh("data=2,expert=2,tensor=2")
+    for mesh in (target, None):
+        restored = moejax.from_pretrained(out, mesh=mesh, **overrides)
+        want = dict(nnx.to_flat_state(nnx.state(single, nnx.Param)))
+        for key, var in nnx.to_flat_state(nnx.state(restored, nnx.Param)):
+            np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(want[key][...]), err_msg=str(key))
+            if mesh is not None:
+                assert var[...].sharding.mesh.shape == target.shape
+    experts = next(var[...] for key, var in nnx.to_flat_state(nnx.state(restored, nnx.Param)) if key[-1] == "up_edf")
+    assert len(experts.sharding.device_set) == 1  # the last restore went to one device
