@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +73,28 @@ def _convert(args) -> int:
     out = save_params(model, args.hf_dir, args.out_dir)
     print(f"wrote {out} (Orbax; load with moejax.from_pretrained({str(out)!r}, mesh=...))")
     return 0
+
+
+def _plan(args) -> int:
+    from moejax.parallel.plan import NeedDevices, plan, plan_text
+
+    if args.train:
+        raise ValueError("--train plans the CPT train step, which does not exist yet (the training issue); "
+                         "plan the forward without --train")
+    try:
+        result = plan(args.model, args.mesh, args.topology, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    except NeedDevices as need:
+        if os.environ.get("MOEJAX_PLAN_CHILD"):
+            raise ValueError(f"needed {need.count} devices, found fewer after simulating them") from None
+        # XLA reads the simulated device count when jax starts: rerun in a fresh process that sets it.
+        env = dict(os.environ, MOEJAX_PLAN_CHILD="1",
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need.count}",
+                   JAX_PLATFORMS="cpu")
+        return subprocess.run([sys.executable, "-m", "moejax.cli", *args.argv], env=env).returncode
+    print(plan_text(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if result["fits"] is not False else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -164,6 +188,31 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--mesh", metavar="AXIS=N,...", help="load (and write) sharded over this mesh, for models "
                    "larger than one device; " + MESH_HELP.split(": ", 1)[1])
     c.set_defaults(run=_convert)
+
+    from moejax.parallel.plan import TOPOLOGIES
+
+    pl = sub.add_parser(
+        "plan", help="per-device memory of a full-size model on a TPU topology, from shapes alone",
+        description="Compiles the full-size forward pass from shapes alone (no weights are read or made), sharded "
+        "over the mesh on simulated CPU devices with the MoE blocks on the accelerator path, and prints the "
+        "parameter count and bytes (total and per device) and XLA's per-device memory for the compiled program "
+        "(outputs, temporaries), against the chip's HBM. Exit status 1 when it does not fit. The parameter bytes are "
+        "exact; outputs and temporaries come from XLA's CPU compiler, compiled in float32 because it has no bfloat16 "
+        "matmul and would keep float32 copies of every bfloat16 weight (a TPU does not), so for bfloat16 they are an "
+        "upper bound, and either way an estimate of the TPU program's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("--model", required=True, help="qwen3-30b-a3b, nemotron-3-nano-30b-a3b, or a checkpoint "
+                    "directory (only its config.json is read)")
+    pl.add_argument("--mesh", metavar="AXIS=N,...", help="e.g. data=2,expert=4 (default with --topology: "
+                    "expert=<chips>)")
+    pl.add_argument("--topology", choices=sorted(TOPOLOGIES), help="TPU slice: sets the chip count the mesh must "
+                    "use and the HBM per chip to compare with")
+    pl.add_argument("--batch", type=int, default=8, help="sequences per step (global)")
+    pl.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="parameter dtype")
+    pl.add_argument("--train", action="store_true", help="plan the train step (needs the CPT training issue)")
+    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.set_defaults(run=_plan)
     return top
 
 
@@ -178,7 +227,9 @@ def _compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     _compilation_cache()
     try:
         return args.run(args)

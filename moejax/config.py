@@ -225,6 +225,15 @@ class Qwen3MoeConfig:
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
 
+    def parameter_count(self) -> int:
+        """The number of parameters, counted from the architecture's definition (not from a model)."""
+        d, h, n, k = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attention = d * h * (2 * n + 2 * k) + 2 * h + (n * h + 2 * k * h + d if self.attention_bias else 0)
+        mixer = {"moe": d * self.num_experts + 3 * self.num_experts * d * self.moe_intermediate_size,
+                 "mlp": 3 * d * self.intermediate_size}
+        layers = sum(attention + 2 * d + mixer[kind] for kind in self.layer_kinds)
+        return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d + layers
+
     @classmethod
     def qwen3_30b_a3b(cls) -> Qwen3MoeConfig:
         """Qwen/Qwen3-30B-A3B (base and instruct share this shape)."""
@@ -423,6 +432,22 @@ class NemotronHConfig:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
+
+    def parameter_count(self) -> int:
+        """The number of parameters, counted from the architecture's definition (not from a model)."""
+        d, e, heads = self.hidden_size, self.n_routed_experts, self.mamba_num_heads
+        inner = heads * self.mamba_head_dim
+        conv = inner + 2 * self.n_groups * self.ssm_state_size
+        expert_dim = self.moe_latent_size or d
+        per_kind = {
+            "mamba": d * (inner + conv + heads) + conv * self.conv_kernel + (conv if self.use_conv_bias else 0)
+            + 3 * heads + inner + inner * d,
+            "attention": d * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads),
+            "moe": d * e + e + 2 * e * expert_dim * self.moe_intermediate_size
+            + 2 * d * self.moe_shared_expert_intermediate_size + (2 * d * expert_dim if self.moe_latent_size else 0),
+            "mlp": 2 * d * self.intermediate_size,
+        }
+        return 2 * self.vocab_size * d + d + sum(per_kind[kind] + d for kind in self.layer_kinds)
 
     @classmethod
     def nemotron_3_nano_30b_a3b(cls) -> NemotronHConfig:

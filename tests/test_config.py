@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import transformers
 from flax import nnx
 
@@ -40,7 +41,7 @@ def test_preset_parameter_count():
     d, e, f, h = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.head_dim
     per_layer = (d * h * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) + 2 * h + 2 * d
                  + d * e + 3 * e * d * f)
-    assert count == 2 * cfg.vocab_size * d + d + cfg.num_hidden_layers * per_layer
+    assert count == 2 * cfg.vocab_size * d + d + cfg.num_hidden_layers * per_layer == cfg.parameter_count()
     assert 30.4e9 < count < 30.6e9
 
 
@@ -129,5 +130,24 @@ def test_nemotron_preset_parameter_count():
     moe = d * e + e + 2 * e * d * cfg.moe_intermediate_size + 2 * d * cfg.moe_shared_expert_intermediate_size
     per_kind = {"mamba": mamba, "attention": attention, "moe": moe, "mlp": 2 * d * cfg.intermediate_size}
     expected = 2 * cfg.vocab_size * d + d + sum(per_kind[k] + d for k in cfg.layer_kinds)
-    assert count == expected
+    assert count == expected == cfg.parameter_count()
     assert 31.4e9 < count < 31.8e9
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_bias=True, tie_word_embeddings=True, mlp_only_layers=[1]),
+                                       dict(decoder_sparse_step=2)])
+def test_qwen3_parameter_count_variants(overrides):
+    from moejax.reference import tiny_qwen3_config
+
+    cfg = Qwen3MoeConfig.from_hf(tiny_qwen3_config(**overrides).to_dict(), "test")
+    model = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    assert sum(int(np.prod(v.shape)) for v in jax_leaves(nnx.state(model, nnx.Param))) == cfg.parameter_count()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(use_conv_bias=False), dict(moe_latent_size=None)])
+def test_nemotron_parameter_count_variants(overrides):
+    from moejax.reference import tiny_nemotron_h_config
+
+    cfg = NemotronHConfig.from_hf(tiny_nemotron_h_config(**overrides).to_dict(), "test")
+    model = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    assert sum(int(np.prod(v.shape)) for v in jax_leaves(nnx.state(model, nnx.Param))) == cfg.parameter_count()

@@ -251,16 +251,16 @@ _tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)
 def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
                     activation: str, mesh: jax.sharding.Mesh) -> jax.Array:
     """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over
-    "tensor"), the tokens over TOKEN_AXES. Each device all-gathers the tokens of its expert group, runs
+    "tensor"), the tokens over BATCH_AXES. Each device all-gathers the tokens of its expert group, runs
     its own experts on the pairs routed to them (dropless, as on one device), and a reduce-scatter over
     "expert" (after a sum over "tensor") returns each device its tokens' combined outputs."""
-    from moejax.parallel.mesh import TOKEN_AXES
+    from moejax.parallel.mesh import BATCH_AXES
 
     tokens = x_td.shape[0]
-    pad = -tokens % math.prod(mesh.shape[a] for a in TOKEN_AXES)
+    pad = -tokens % math.prod(mesh.shape[a] for a in BATCH_AXES)
     if pad:  # padded tokens route with weight 0 and are dropped after
         x_td, ids_tk, weights_tk = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_td, ids_tk, weights_tk))
-    tok = P(TOKEN_AXES, None)
+    tok = P(BATCH_AXES, None)
     specs = {"gate_edf": P("expert", None, "tensor"), "up_edf": P("expert", None, "tensor"),
              "down_efd": P("expert", "tensor", None)}
 

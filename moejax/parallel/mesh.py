@@ -3,8 +3,9 @@
 Every parameter declares logical axis names (moejax.layers.params); `RULES` says which mesh axis
 each name is split over, so moving a model from data-parallel to expert-parallel is a mesh change
 and a different split is an edit of this table, never of model code. Activations: the batch is split
-over `BATCH_AXES`; inside an MoE block the tokens are split over `TOKEN_AXES` and each device runs
-its own experts (moejax.layers.moe.expert_parallel).
+and, inside an MoE block, the tokens over `BATCH_AXES`: the expert axis doubles as a data axis
+outside the MoE blocks, and inside them each device runs its own experts on the tokens of its expert
+group (moejax.layers.moe.expert_parallel).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
-TOKEN_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: dict[str, str | None] = {
     "layers": None,  # the stacked-layer axis of scanned units
@@ -103,10 +103,11 @@ def param_sharding(path: str, var: nnx.Variable, mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Inputs [batch, ...]: the batch split over BATCH_AXES when it divides, else replicated."""
-    parts = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    lead = BATCH_AXES if parts > 1 and shape[0] % parts == 0 else None
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (len(shape) - 1))))
+    """Inputs [batch, ...]: the batch split over as many of BATCH_AXES (in order) as it divides over."""
+    axes = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+    while axes and shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    return NamedSharding(mesh, PartitionSpec(tuple(axes) or None, *([None] * (len(shape) - 1))))
 
 
 def mesh_of(tree) -> Mesh | None:

@@ -1,0 +1,154 @@
+"""`moejax plan`: will a model fit a TPU topology on a mesh? Compiled from shapes alone, before renting it.
+
+The full-size forward is traced with abstract parameters (no weights are read or made), sharded by the
+logical-axis rules over a mesh of simulated CPU devices, and compiled. The per-device parameter bytes
+are exact (from each parameter's shard shape). Outputs and temporaries come from XLA's memory
+analysis of the compiled per-device program, with two corrections for compiling on a CPU:
+- it is compiled in float32: XLA's CPU compiler has no bfloat16 matmul and keeps float32 copies of
+  every bfloat16 weight (measured: temporaries 2.7x the bfloat16 parameters on a 4-layer Qwen3-MoE,
+  0.35x in float32), which a TPU does not; float32 activations bound bfloat16 ones from above;
+- the MoE blocks compile on the CPU's tile path, which never holds a whole MoE layer's grouped rows;
+  the accelerator's ragged_dot path does (gathered inputs, gate/up/activation, outputs: rows x
+  (2 d + 3 f)), so that is added analytically. (XLA's CPU lowering of ragged_dot itself expands to a
+  dense [rows, local experts, f] product, 6.5x the temporaries here, so it cannot be measured instead.)
+XLA's CPU and TPU compilers assign buffers differently, so the total is an estimate (an upper bound
+in its float32 parts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    chips: int
+    hbm_gib: float  # per chip
+
+
+TOPOLOGIES = {
+    "v4-8": Topology(4, 32), "v4-16": Topology(8, 32), "v4-32": Topology(16, 32), "v4-64": Topology(32, 32),
+    "v5p-8": Topology(4, 95), "v5p-16": Topology(8, 95), "v5p-32": Topology(16, 95),
+    "v5e-4": Topology(4, 16), "v5e-8": Topology(8, 16), "v5e-16": Topology(16, 16), "v5e-32": Topology(32, 16),
+    "v5e-64": Topology(64, 16), "v6e-4": Topology(4, 32), "v6e-8": Topology(8, 32), "v6e-16": Topology(16, 32),
+}
+
+
+def presets() -> dict:
+    from moejax.config import NemotronHConfig, Qwen3MoeConfig
+
+    return {"qwen3-30b-a3b": Qwen3MoeConfig.qwen3_30b_a3b,
+            "nemotron-3-nano-30b-a3b": NemotronHConfig.nemotron_3_nano_30b_a3b}
+
+
+class NeedDevices(Exception):
+    """The mesh needs more devices than this process has; rerun with that many simulated ones."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.count = count
+
+
+def resolve(model: str, mesh_spec: str | None, topology: str | None):
+    """(config, mesh sizes, Topology or None) for a preset name or a checkpoint directory."""
+    from moejax.loading import load_config
+    from moejax.parallel.mesh import MeshError, parse_mesh
+
+    cfg = presets()[model]() if model in presets() else load_config(model)
+    chip = None
+    if topology is not None:
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
+        chip = TOPOLOGIES[topology]
+    if mesh_spec is None:
+        if chip is None:
+            raise ValueError("give --mesh, --topology or both")
+        mesh_spec = f"expert={chip.chips}"
+    sizes = parse_mesh(mesh_spec)
+    if chip is not None and math.prod(sizes.values()) != chip.chips:
+        raise MeshError(f"mesh {mesh_spec} has {math.prod(sizes.values())} devices, {topology} has {chip.chips} chips")
+    return cfg, sizes, chip
+
+
+def plan(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
+         seq: int = 2048, dtype: str = "bfloat16") -> dict:
+    """Compiles the forward of `model` on the mesh; returns the memory plan (see module docstring)."""
+    from moejax.models import architecture
+    from moejax.models.common import _jitted_forward
+    from moejax.parallel.mesh import batch_sharding, describe, make_mesh, param_sharding
+
+    cfg, sizes, chip = resolve(model, mesh_spec, topology)
+    if math.prod(sizes.values()) > jax.device_count():
+        raise NeedDevices(math.prod(sizes.values()))
+    mesh = make_mesh(sizes)
+    started = time.perf_counter()
+    arch = architecture(cfg.model_type, model)
+    abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    count = per_device = 0
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        sharding = param_sharding(".".join(map(str, path)), var, mesh)
+        count += math.prod(var.shape)
+        # The model's own float32 parameters (Nemotron-H's correction bias) stay float32 in any dtype.
+        itemsize = 4 if path[-1] == "correction_e" else jnp.dtype(dtype).itemsize
+        per_device += math.prod(sharding.shard_shape(var.shape)) * itemsize
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
+    state = nnx.state(abstract)
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(mesh, (batch, seq)))
+    with jax.set_mesh(mesh):
+        compiled = _jitted_forward.lower(graphdef, state, ids, ids, ids, False, False).compile()
+    memory = compiled.memory_analysis()
+    dispatch = moe_dispatch_bytes(cfg, mesh, batch * seq, jnp.dtype(dtype).itemsize)
+    total = per_device + memory.output_size_in_bytes + memory.temp_size_in_bytes + dispatch \
+        - memory.alias_size_in_bytes
+    return {
+        "model": model, "model_type": cfg.model_type, "mesh": describe(mesh), "topology": topology,
+        "dtype": dtype, "batch": batch, "seq": seq, "parameters": count,
+        "parameters_analytic": cfg.parameter_count(), "parameter_bytes": count * jnp.dtype(dtype).itemsize,
+        "estimate": "exact parameters; outputs and temporaries of the float32-compiled program; MoE dispatch "
+                    "buffers of the accelerator path, analytic",
+        "parameter_bytes_per_device": per_device, "output_bytes": memory.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes, "moe_dispatch_bytes": dispatch,
+        "per_device_bytes": total, "hbm_bytes": None if chip is None else int(chip.hbm_gib * GiB),
+        "fits": None if chip is None else total <= chip.hbm_gib * GiB,
+        "compile_s": time.perf_counter() - started,
+    }
+
+
+def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
+    """One MoE layer's grouped rows on the accelerator path, per device: the tokens of its expert group
+    (all-gathered), k rows each, holding inputs and outputs (2 x expert dim) and gate/up/activation (3 x f)."""
+    from moejax.parallel.mesh import BATCH_AXES
+
+    if not cfg.moe_layers:
+        return 0
+    group_tokens = -(-tokens // math.prod(mesh.shape[a] for a in BATCH_AXES)) * mesh.shape["expert"]
+    width = getattr(cfg, "moe_latent_size", None) or cfg.hidden_size
+    ffn = cfg.moe_intermediate_size // mesh.shape["tensor"]
+    return group_tokens * cfg.num_experts_per_tok * (2 * width + 3 * ffn) * itemsize
+
+
+def plan_text(p: dict) -> str:
+    lines = [f"moejax plan: {p['model']} ({p['model_type']}), forward, batch {p['batch']} x {p['seq']} tokens, "
+             f"{p['dtype']}, mesh {p['mesh']}" + (f" on {p['topology']}" if p["topology"] else ""),
+             f"  parameters: {p['parameters']:,} (analytic count from the config: {p['parameters_analytic']:,}), "
+             f"{p['parameter_bytes'] / GiB:.1f} GiB; per device {p['parameter_bytes_per_device'] / GiB:.2f} GiB",
+             f"  per device: parameters {p['parameter_bytes_per_device'] / GiB:.2f} GiB + outputs "
+             f"{p['output_bytes'] / GiB:.2f} GiB + temporaries {p['temp_bytes'] / GiB:.2f} GiB + MoE dispatch "
+             f"{p['moe_dispatch_bytes'] / GiB:.2f} GiB = {p['per_device_bytes'] / GiB:.2f} GiB "
+             f"(compiled in {p['compile_s']:.0f} s)",
+             f"  ({p['estimate']}; see moejax plan --help)"]
+    if p["fits"] is not None:
+        hbm = p["hbm_bytes"] / GiB
+        lines.append(f"  FITS: {p['per_device_bytes'] / GiB:.1f} of {hbm:.0f} GiB HBM per chip" if p["fits"] else
+                     f"  DOES NOT FIT: needs {p['per_device_bytes'] / GiB:.1f} GiB per chip, {p['topology']} has "
+                     f"{hbm:.0f} GiB; shard further (more expert/fsdp devices) or lower --batch/--seq")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`moejax plan` on the full-size presets, compiled from shapes on simulated CPU devices (the command
+reruns itself in a subprocess with the device count the mesh needs): the parameter count equals the
+analytic count from the config, the per-device parameter bytes are the shard shapes' bytes, and the
+verdict and exit status follow the HBM comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moejax.cli import main
+from moejax.config import NemotronHConfig, Qwen3MoeConfig
+
+GiB = 1024 ** 3
+
+
+@pytest.mark.parametrize("model, config, experts_per_device", [
+    ("qwen3-30b-a3b", Qwen3MoeConfig.qwen3_30b_a3b(), 32),
+    ("nemotron-3-nano-30b-a3b", NemotronHConfig.nemotron_3_nano_30b_a3b(), 32),
+])
+def test_presets_fit_v5p_8(model, config, experts_per_device, tmp_path, capfd):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, "--topology", "v5p-8", "--json", str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert f"parameters: {config.parameter_count():,} (analytic count from the config: " \
+           f"{config.parameter_count():,})" in printed
+    assert "mesh expert=4 on v5p-8" in printed and "FITS" in printed
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == plan["parameters_analytic"] == config.parameter_count()
+    # Experts split four ways, everything else replicated: the bf16 bytes one device holds.
+    e = config.num_experts if hasattr(config, "num_experts") else config.n_routed_experts
+    expert_params = sum(3 if hasattr(config, "num_experts") else 2 for _ in config.moe_layers) * e \
+        * config.hidden_size * config.moe_intermediate_size
+    assert e // 4 == experts_per_device
+    correction = len(config.moe_layers) * e * 2 if not hasattr(config, "num_experts") else 0  # float32 bias
+    assert plan["parameter_bytes_per_device"] == 2 * (config.parameter_count() - expert_params) \
+        + 2 * expert_params // 4 + correction
+    assert plan["per_device_bytes"] < plan["hbm_bytes"] == 95 * GiB
+
+
+def test_does_not_fit_exits_1(capfd):
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--topology", "v5e-4"]) == 1
+    assert "DOES NOT FIT" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v5p-8", "--mesh", "expert=8"], "has 8 devices, v5p-8 has 4 chips"),
+    (["--mesh", "expert=3"], "does not divide over mesh axis expert=3"),
+    (["--train", "--topology", "v5p-8"], "does not exist yet"),
+    ([], "give --mesh, --topology or both"),
+])
+def test_bad_plans(args, message, capfd):
+    assert main(["plan", "--model", "qwen3-30b-a3b", *args]) == 2
+    assert message in capfd.readouterr().err
