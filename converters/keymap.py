@@ -112,7 +112,7 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
             raise CheckpointError(f"{ckpt.where(keys.flat[0])}: {rule.template} gives a parameter of shape "
                                   f"{shape}, the model expects {var.shape}")
         sharding = (param_sharding(name, var, mesh) if mesh is not None
-                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                    else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         var.set_value(jax.make_array_from_callback(
             var.shape, sharding, lambda index, rule=rule, keys=keys, dtype=var.dtype:
             _read_slice(ckpt, rule, keys, index, dtype)))

@@ -68,7 +68,7 @@ def restore_params(model: nnx.Module, path: str | Path, mesh=None) -> nnx.Module
         raise CheckpointError(f"{path}: its parameters are a {marker.get('model_type')} model, but its config.json "
                               f"describes a {model.config.model_type}; convert the checkpoint again")
     state = nnx.state(model, nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     targets = {}
     for key, var in nnx.to_flat_state(state):
         name = ".".join(map(str, key))

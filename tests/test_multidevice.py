@@ -18,3 +18,38 @@ def test_sharded_checks_on_eight_devices():
                             env=env, capture_output=True, text=True, cwd=HERE.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Two processes on localhost, 4 CPU devices each, under jax.distributed (gloo collectives): the sharded
+    forward over the 8-device mesh equals this process's one-device forward (logits <= 1e-5, selected
+    experts identical), with each process holding only its own devices' parameter shards."""
+    import socket
+
+    import numpy as np
+
+    import moejax
+    from moejax.reference import make_checkpoint
+
+    make_checkpoint("qwen3_moe", tmp_path / "model", seed=5, vocab_size=259)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               MOEJAX_COMPILATION_CACHE="")
+    worker = HERE / "multidevice" / "multihost_worker.py"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(tmp_path / "model"),
+                               str(tmp_path / "out.npz")], env=env, cwd=HERE.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    results = np.load(tmp_path / "out.npz")
+    ids = np.random.default_rng(0).integers(3, 259, (4, 24))
+    mask = np.ones_like(ids)
+    mask[1, 17:] = 0
+    want = moejax.from_pretrained(tmp_path / "model")(ids, mask, return_router_logits=True)
+    content = mask.astype(bool)
+    for spec in ("expert=8", "data=2,expert=2,tensor=2"):
+        assert np.abs(results[f"{spec}/logits"] - np.asarray(want.logits))[content].max() <= 1e-5, spec
+        np.testing.assert_array_equal(results[f"{spec}/expert_ids"][:, content],
+                                      np.stack([np.asarray(a) for a in want.router_expert_ids])[:, content])

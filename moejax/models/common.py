@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from moejax.parallel.mesh import batch_sharding, mesh_of
@@ -59,7 +60,12 @@ def on_mesh(state):
         yield lambda *arrays: arrays
         return
     with jax.set_mesh(mesh):
-        yield lambda *arrays: tuple(jax.device_put(a, batch_sharding(mesh, a.shape)) for a in arrays)
+        yield lambda *arrays: tuple(_place(np.asarray(a), batch_sharding(mesh, np.shape(a))) for a in arrays)
+
+
+def _place(a: np.ndarray, sharding) -> jax.Array:
+    """Every process holds the whole batch and gives each of its own devices its part (multi-host too)."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured
