@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     _compilation_cache()
+    if os.environ.get("MOEJAX_DISTRIBUTED"):  # one process per host of a TPU pod (tpu/launch.py sets it)
+        import jax
+
+        jax.distributed.initialize()
     try:
         return args.run(args)
     except (ValueError, OSError) as e:

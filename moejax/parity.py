@@ -402,6 +402,9 @@ def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | 
         raise ValueError("--text and --data are alternatives: give one")
     if seq_len < 1 or batch_size < 1 or max_tokens < 1:
         raise ValueError("--seq-len, --batch-size and --max-tokens must be positive")
+    if jax.process_count() > 1:
+        raise ValueError("moejax parity runs in one process (the PyTorch reference is on one host); run it on one "
+                         "worker, with a mesh over that worker's devices")
     cfg = moejax.load_config(model_dir)  # an unknown architecture stops here, before anything loads
     dtype = checkpoint_dtype(model_dir) if dtype == "auto" else dtype
     reference_dtype = checkpoint_dtype(model_dir) if reference_dtype == "auto" else reference_dtype

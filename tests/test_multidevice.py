@@ -23,7 +23,8 @@ def test_sharded_checks_on_eight_devices():
 def test_two_processes_equal_one(tmp_path):
     """Two processes on localhost, 4 CPU devices each, under jax.distributed (gloo collectives): the sharded
     forward over the 8-device mesh equals this process's one-device forward (logits <= 1e-5, selected
-    experts identical), with each process holding only its own devices' parameter shards."""
+    experts identical), with each process holding only its own devices' parameter shards; `moejax analyze`
+    across both writes the same tables as one process (counts exact, the rest within 1e-5)."""
     import socket
 
     import numpy as np
@@ -49,6 +50,23 @@ def test_two_processes_equal_one(tmp_path):
     mask[1, 17:] = 0
     want = moejax.from_pretrained(tmp_path / "model")(ids, mask, return_router_logits=True)
     content = mask.astype(bool)
+    import csv
+
+    from moejax.cli import main
+
+    assert main(["analyze", "--quiet", "--langs", "en,he", "--out", str(tmp_path / "one-process")]) == 0
+    for table in ("layers.csv", "experts.csv"):
+        rows = []
+        for directory in ("out-analysis", "one-process"):
+            with open(tmp_path / directory / table) as f:
+                rows.append(list(csv.DictReader(f)))
+        assert len(rows[0]) == len(rows[1]) > 0
+        for row, expected in zip(*rows, strict=True):
+            for key, value in expected.items():
+                try:
+                    np.testing.assert_allclose(float(row[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
+                except ValueError:
+                    assert row[key] == value, key
     for spec in ("expert=8", "data=2,expert=2,tensor=2"):
         assert np.abs(results[f"{spec}/logits"] - np.asarray(want.logits))[content].max() <= 1e-5, spec
         np.testing.assert_array_equal(results[f"{spec}/expert_ids"][:, content],

@@ -250,6 +250,8 @@ def analyze(models: list[str | None], langs: list[str], data: str | None, out: s
         for i, run in enumerate(runs):
             run.name = f"{i}:{run.name}"
     tables = build_tables(runs, langs, seed)
+    if jax.process_index() != 0:  # multi-host: every host computed the same tables; the first writes them
+        return out
     with atomic_directory(out) as tmp:
         for name in ("layers", "experts", "pairs", "lsi"):
             write_csv(tmp / f"{name}.csv", tables[name])

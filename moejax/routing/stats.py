@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from moejax.models.common import on_mesh
 
@@ -84,6 +85,9 @@ def chunk_stats(model: nnx.Module, input_ids_bt, attention_mask_bt, content_bt, 
         probabilities = "sigmoid" if model.config.model_type == "nemotron_h" else "softmax"
     graphdef, state = nnx.split(model)
     with on_mesh(state) as place:
-        return _stats(graphdef, state, *place(jnp.asarray(input_ids_bt, jnp.int32),
-                                              jnp.asarray(attention_mask_bt, jnp.int32), jnp.asarray(content_bt, bool),
-                                              jnp.asarray(pairs_bp2, jnp.int32)), probabilities)
+        stats = _stats(graphdef, state, *place(jnp.asarray(input_ids_bt, jnp.int32),
+                                               jnp.asarray(attention_mask_bt, jnp.int32), jnp.asarray(content_bt, bool),
+                                               jnp.asarray(pairs_bp2, jnp.int32)), probabilities)
+    if jax.process_count() > 1:  # every host gets the whole batch's statistics
+        stats = multihost_utils.process_allgather(stats, tiled=True)
+    return stats

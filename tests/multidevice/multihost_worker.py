@@ -35,4 +35,10 @@ for spec in ("expert=8", "data=2,expert=2,tensor=2"):
     assert len(experts.addressable_shards) == 4 and not experts.is_fully_addressable
 if process_id == 0:
     np.savez(out, **results)
+
+# The analysis command across both processes: each computes every chunk's statistics, the first writes OUT.
+from moejax.cli import main  # noqa: E402
+
+assert main(["analyze", "--quiet", "--langs", "en,he", "--mesh", "data=2,expert=4",
+             "--out", out.replace(".npz", "-analysis")]) == 0
 jax.distributed.shutdown()
