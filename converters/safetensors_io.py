@@ -129,3 +129,21 @@ class SafetensorsCheckpoint:
             raise CheckpointError(
                 f"{self.where(key)}: tensor {key!r} has shape {shape}, expected {tuple(expected_shape)}")
         return self.key_shard[key].read(key)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray]) -> int:
+    """Writes one safetensors file (header, then each tensor's bytes in order); returns the data bytes."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header, offset = {}, 0
+    for key, array in tensors.items():
+        size = array.nbytes
+        header[key] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+    return offset

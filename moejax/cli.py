@@ -97,6 +97,19 @@ def _plan(args) -> int:
     return 0 if result["fits"] is not False else 1
 
 
+def _export(args) -> int:
+    import jax.numpy as jnp
+
+    from moejax.export import export_pretrained
+    from moejax.loading import from_pretrained
+
+    model = from_pretrained(args.src, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+    out = export_pretrained(model, args.out_dir, tokenizer_from=args.src,
+                            max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    print(f"wrote {out} (Hugging Face layout: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="moejax", description="MoE routing research in JAX: analysis of how "
                                   "Mixture-of-Experts routers spread each language's tokens over experts, and "
@@ -213,6 +226,19 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--train", action="store_true", help="plan the train step (needs the CPT training issue)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     pl.set_defaults(run=_plan)
+
+    x = sub.add_parser(
+        "export", help="a moejax checkpoint (Orbax from `moejax convert`, or Hugging Face) -> Hugging Face layout",
+        description="Writes SRC's model as a Hugging Face checkpoint that transformers (and lm-eval-harness, vLLM) "
+        "load: config.json, sharded model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json, "
+        "per-expert tensor names, and SRC's tokenizer files. OUT_DIR is replaced only when the export completes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("src", metavar="SRC", help="an Orbax directory written by `moejax convert`, or a Hugging Face "
+                   "checkpoint directory")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Hugging Face checkpoint")
+    x.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="dtype of the written tensors")
+    x.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, GiB")
+    x.set_defaults(run=_export)
     return top
 
 
