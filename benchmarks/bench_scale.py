@@ -18,28 +18,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench_forward import CONFIGS  # noqa: E402
+from bench_forward import CONFIGS, best_time  # noqa: E402
 
 import moejax  # noqa: E402
 from moejax.checkpoint import save_params  # noqa: E402
 from moejax.parallel.mesh import make_mesh  # noqa: E402
 from moejax.reference import randomize  # noqa: E402
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def read_files(directory: Path) -> int:
@@ -76,7 +66,7 @@ def main() -> None:
 
         forward(single)()
         forward(sharded)()
-        one_s, mesh_s = best(forward(single), args.repeats), best(forward(sharded), args.repeats)
+        one_s, mesh_s = best_time(forward(single), args.repeats), best_time(forward(sharded), args.repeats)
         print(f"Qwen3-MoE bench model, batch {args.batch} x {args.seq}, float32, {jax.device_count()} simulated "
               f"CPU devices on {os.cpu_count()} cores, jax {jax.__version__}")
         print(f"  forward, one device:    {tokens / one_s:8.1f} tok/s ({one_s:.2f} s)")
@@ -84,12 +74,12 @@ def main() -> None:
               f"mesh / one device = {one_s / mesh_s:.2f}x")
 
         size = read_files(hf_dir)  # warms the page cache
-        raw_s = best(lambda: read_files(hf_dir), args.repeats)
+        raw_s = best_time(lambda: read_files(hf_dir), args.repeats)
         read_files(orbax_dir)
-        st_s = best(lambda: jax.block_until_ready(jax.tree.leaves(moejax.from_pretrained(hf_dir, mesh=mesh))),
-                    args.repeats)
-        orbax_s = best(lambda: jax.block_until_ready(jax.tree.leaves(moejax.from_pretrained(orbax_dir, mesh=mesh))),
-                       args.repeats)
+        def load(directory):
+            return lambda: jax.block_until_ready(jax.tree.leaves(moejax.from_pretrained(directory, mesh=mesh)))
+
+        st_s, orbax_s = best_time(load(hf_dir), args.repeats), best_time(load(orbax_dir), args.repeats)
         gb = size / 1e9
         print(f"  load {gb:.2f} GB onto {args.mesh} (page cache warm): raw read {gb / raw_s:.2f} GB/s, "
               f"safetensors {gb / st_s:.2f} GB/s ({raw_s / st_s:.0%} of raw), Orbax {gb / orbax_s:.2f} GB/s "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -148,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(run=_analyze)
 
+    from moejax.parity import Tolerances
+
     p = sub.add_parser(
         "parity", help="prove on a checkpoint that moejax computes what the transformers (PyTorch) model computes",
         description="Loads one Hugging Face checkpoint in moejax (on the JAX backend present) and in transformers "
@@ -176,8 +179,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens compared in all")
     p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one tolerance (repeatable), e.g. --tol kl_mean=1e-3; names: kl_mean, kl_max, "
-                   "top1_agreement, expert_set_agreement, router_logit_max_abs, hidden_relative")
+                   help="override one tolerance (repeatable), e.g. --tol kl_mean=1e-3; names: "
+                   + ", ".join(f.name for f in dataclasses.fields(Tolerances)))
     p.add_argument("--list-tolerances", action="store_true", help="print the default tolerances per dtype and exit")
     p.add_argument("--dt-floor", choices=["time_step_min", "time_step_limit"], default="time_step_min",
                    help="Nemotron-H only: where moejax floors the Mamba-2 dt; time_step_min is what transformers' "
