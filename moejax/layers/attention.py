@@ -11,10 +11,14 @@ from moejax.layers.params import param
 from moejax.layers.rope import apply_rope
 
 
-def attention_mask(key_valid_bs: jax.Array, seq_len: int) -> jax.Array:
-    """[batch, seq, seq] boolean: query t may attend key s when s <= t and s is not padding."""
+def attention_mask(segment_ids_bs: jax.Array, seq_len: int) -> jax.Array:
+    """[batch, seq, seq] boolean: query t may attend key s when s <= t, s is not padding (0) and, for
+    packed rows (ids 1, 2, ... per document), s belongs to t's document. A padding query sees every
+    earlier non-padding key, as transformers' masks let it; a 0/1 attention mask is one document."""
     causal_ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-    return causal_ts[None] & key_valid_bs[:, None, :].astype(bool)
+    query_bt1, key_b1s = segment_ids_bs[:, :, None], segment_ids_bs[:, None, :]
+    same_bts = (query_bt1 == key_b1s) | (query_bt1 == 0)
+    return causal_ts[None] & (key_b1s != 0) & same_bts
 
 
 def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:

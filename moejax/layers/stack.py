@@ -15,6 +15,12 @@ from flax import nnx
 
 MAX_UNIT = 4
 
+# Rematerialisation policies for training (`LayerStack.remat`): what a layer's backward pass keeps from
+# its forward pass. "none" keeps everything; "full" keeps only each layer's input and recomputes the
+# rest; "dots" keeps matmul outputs and recomputes the elementwise work between them.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
     """Greedy split of `kinds` into (unit, repeats) covering the sequence in order."""
@@ -33,6 +39,16 @@ def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
     return out
 
 
+def segment_layer_ids(kinds: Sequence[str]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per segment, per kind of its unit: the layer index of each repeat (LayerStack.layer_ids)."""
+    layer_ids, start = [], 0
+    for unit_kinds, reps in plan_segments(kinds):
+        layer_ids.append(tuple(tuple(start + r * len(unit_kinds) + u for r in range(reps))
+                               for u in range(len(unit_kinds))))
+        start += reps * len(unit_kinds)
+    return tuple(layer_ids)
+
+
 def _stack_states(modules: list[nnx.Module]) -> nnx.State:
     states = [nnx.state(m) for m in modules]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -47,7 +63,7 @@ class LayerStack(nnx.Module):
     def __init__(self, kinds: Sequence[str], make_layer: Callable[[str, nnx.Rngs], nnx.Module], *,
                  rngs: nnx.Rngs):
         self.kinds = tuple(kinds)
-        units, layer_ids, start = [], [], 0
+        units = []
         for unit_kinds, reps in plan_segments(kinds):
             copies = [[make_layer(kind, rngs) for _ in range(reps)] for kind in unit_kinds]
             layers = []
@@ -55,11 +71,9 @@ class LayerStack(nnx.Module):
                 graphdef, _ = nnx.split(kind_copies[0])
                 layers.append(nnx.merge(graphdef, _stack_states(kind_copies)))
             units.append(nnx.List(layers))
-            layer_ids.append(tuple(tuple(start + r * len(unit_kinds) + u for r in range(reps))
-                                   for u in range(len(unit_kinds))))
-            start += reps * len(unit_kinds)
         self.units = nnx.List(units)
-        self.layer_ids = tuple(layer_ids)
+        self.layer_ids = segment_layer_ids(kinds)
+        self.remat = "none"  # a REMAT_POLICIES key; set by training
 
     def __call__(self, x: jax.Array, *, keep_hidden: bool = False, **context) -> tuple[jax.Array, list]:
         """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order.
@@ -77,6 +91,8 @@ class LayerStack(nnx.Module):
                     aux.append((a, x) if keep_hidden else a)
                 return x, aux
 
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             x, aux_u = jax.lax.scan(body, x, state)
             for u, repeats in enumerate(ids):
                 for r, layer_index in enumerate(repeats):

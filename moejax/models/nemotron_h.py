@@ -73,6 +73,6 @@ class NemotronHForCausalLM(CausalLM):
         x_btd = self.embed_vd[...][input_ids_bt]
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
         x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states,
-                                 mask_bts=mask_bts, valid_bt=attention_mask_bt)
+                                 mask_bts=mask_bts, valid_bt=attention_mask_bt != 0)
         logits_btv = self.norm_f(x_btd) @ self.lm_head_dv[...]
         return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)

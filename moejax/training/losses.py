@@ -49,3 +49,42 @@ def router_z_loss(router_logits: tuple[jax.Array, ...], attention_mask_bt: jax.A
     total = sum(jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2 * mask_bt)
                 for logits in router_logits)
     return total / (jnp.maximum(jnp.sum(mask_bt), 1) * len(router_logits))
+
+
+def sigmoid_balance_loss(router_logits: tuple[jax.Array, ...], expert_ids: tuple[jax.Array, ...],
+                         valid_bt: jax.Array | None = None) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss for sigmoid routing (Nemotron-H), averaged over MoE layers and
+    sequences: sum_e f_e * P_e with f_e = E / (k T) * (tokens of the sequence routed to e) and P_e = the mean
+    over its tokens of e's sigmoid score normalised over all experts. Balanced routing gives 1.
+    router_logits: per layer [batch, seq, E]; expert_ids: per layer [batch, seq, k]; valid_bt: 1 = counted."""
+    batch, seq, experts = router_logits[0].shape
+    k = expert_ids[0].shape[-1]
+    valid_bt = jnp.ones((batch, seq), jnp.float32) if valid_bt is None else valid_bt.astype(jnp.float32)
+    tokens_b = jnp.maximum(jnp.sum(valid_bt, axis=1), 1)
+    total = jnp.zeros((), jnp.float32)
+    for logits_bte, ids_btk in zip(router_logits, expert_ids, strict=True):
+        scores_bte = jax.nn.sigmoid(logits_bte.astype(jnp.float32))
+        scores_bte = scores_bte / jnp.sum(scores_bte, axis=-1, keepdims=True)
+        load_be = jnp.einsum("btke,bt->be", jax.nn.one_hot(ids_btk, experts), valid_bt)
+        f_be = load_be * experts / (k * tokens_b[:, None])
+        p_be = jnp.einsum("bte,bt->be", scores_bte, valid_bt) / tokens_b[:, None]
+        total = total + jnp.mean(jnp.sum(f_be * p_be, axis=-1))
+    return total / len(router_logits)
+
+
+def expert_counts(expert_ids: tuple[jax.Array, ...], num_experts: int, group_b: jax.Array, groups: int,
+                  valid_bt: jax.Array) -> jax.Array:
+    """Top-k assignments per MoE layer, row group (language) and expert -> int32 [layers, groups, E].
+    expert_ids: per layer [batch, seq, k]; group_b: each row's group; valid_bt: 1 = counted."""
+    weight_btg = (jax.nn.one_hot(group_b, groups, dtype=jnp.int32)[:, None, :]
+                  * valid_bt.astype(jnp.int32)[..., None])
+    return jnp.stack([jnp.einsum("btke,btg->ge", jax.nn.one_hot(ids_btk, num_experts, dtype=jnp.int32), weight_btg)
+                      for ids_btk in expert_ids])
+
+
+def usage_entropy_bits(counts_ge: jax.Array) -> jax.Array:
+    """-sum_e f_e log2 f_e of each row's expert usage (METRICS.md); NaN where a row has no tokens."""
+    total_g1 = jnp.sum(counts_ge, axis=-1, keepdims=True).astype(jnp.float32)
+    f_ge = counts_ge / jnp.maximum(total_g1, 1)
+    h_g = -jnp.sum(jnp.where(f_ge > 0, f_ge * jnp.log2(jnp.where(f_ge > 0, f_ge, 1)), 0), axis=-1)
+    return jnp.where(total_g1[..., 0] > 0, h_g, jnp.nan)

@@ -1,22 +1,40 @@
 """The CPT train step: float32 master weights and AdamW state, compute in a lower dtype, next-token loss plus
-the load-balancing loss (and optionally the router z-loss), global-norm clipping, warmup + cosine
-schedule, a parameter mask, and a non-finite guard that leaves the weights untouched. One jitted
-function; on a mesh, the parameters and their optimizer state keep the shardings of the logical-axis
-rules and the batch is split over the data axes.
+a load-balancing loss (and optionally the router z-loss), global-norm clipping, warmup + cosine
+schedule, a parameter mask, gradient accumulation, rematerialisation, and a non-finite guard that
+leaves the weights untouched. One jitted function; on a mesh, the parameters and their optimizer
+state keep the shardings of the logical-axis rules and the batch is split over the data axes.
+
+Qwen3-MoE's balance term is transformers' `load_balancing_loss_func`; Nemotron-H's is DeepSeek-V3's
+sequence-wise loss on its sigmoid scores, and the aux-loss-free alternative its published model was
+trained with: after each step, every MoE layer's `e_score_correction_bias` moves by `bias_update_rate`
+towards balance (up for experts under the mean load, down for those over it). The step also counts,
+inside the jit, the top-k assignments per MoE layer, language and expert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from moejax.layers.stack import REMAT_POLICIES, segment_layer_ids
+from moejax.models import architecture
 from moejax.models.common import on_mesh
-from moejax.training.losses import load_balancing_loss, next_token_loss, router_z_loss
+from moejax.training.losses import (
+    expert_counts,
+    load_balancing_loss,
+    next_token_loss,
+    router_z_loss,
+    sigmoid_balance_loss,
+)
+
+BATCH_FIELDS = ("input_ids", "segment_ids", "position_ids", "labels", "lang_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +43,25 @@ class TrainConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio
-    weight_decay: float = 0.1  # on matrices only (not norms, biases, the correction bias)
+    weight_decay: float = 0.1  # on weight matrices only (not norms, biases, per-head vectors)
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
     lb_coef: float = 1e-3  # load-balancing loss coefficient (0: none)
     z_coef: float = 0.0  # router z-loss coefficient
+    bias_update_rate: float = 0.0  # Nemotron-H aux-loss-free balancing: correction-bias step per train step
     compute_dtype: str = "bfloat16"
     trainable: str | None = None  # a regex over parameter paths ("layers.units.0.0.mlp.experts..."); None: all
+    remat: str = "none"  # a REMAT_POLICIES key: none, full, dots
+    accum_steps: int = 1  # micro-batches per step; the batch is split into this many
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if jnp.dtype(self.compute_dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -47,19 +76,27 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in parts if p not in (None, "value", "raw_value"))
 
 
+def _is_matrix(var: nnx.Variable) -> bool:
+    """A weight matrix (decayed): two or more axes besides a stacked "layers" axis."""
+    axes = var.get_metadata().get("logical_axes") or (None,) * var.ndim
+    return sum(a != "layers" for a in axes) >= 2
+
+
 def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
-    """Clipping, then AdamW (decay on >= 2-D weights); frozen parameters (not matching `trainable`) get no
-    update at all."""
-    decay = jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Clipping, then AdamW (decay on weight matrices); frozen parameters (not matching `trainable`, and
+    the correction bias, which moves by its own rule) get no update at all."""
+    decay = jax.tree.map(_is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                      optax.adamw(schedule(cfg), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
-    if cfg.trainable is None:
-        return tx
-    pattern = re.compile(cfg.trainable)
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if pattern.search(_dotted(path)) else "freeze", params)
+    pattern = re.compile(cfg.trainable or "")
+    names = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def label(path, _):
+        name = _dotted(path)
+        return "train" if pattern.search(name) and not name.endswith("correction_e") else "freeze"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
     if "train" not in jax.tree.leaves(labels):
-        names = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"trainable {cfg.trainable!r} matches no parameter; names look like {names[:3]}")
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
@@ -74,43 +111,132 @@ class TrainState:
 
 def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
     """(graphdef, state, optimizer) with float32 master weights, keeping the parameters' shardings."""
-    if model.config.model_type != "qwen3_moe":
-        raise ValueError(f"training {model.config.model_type} is not implemented yet: its load-balancing terms "
-                         "(sigmoid routing, correction-bias updates) come with the CPT work; Qwen3-MoE trains")
+    model.layers.remat = cfg.remat
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     tx = optimizer(cfg, params)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig, top_k: int):
-    """step(state, input_ids [b, t], attention_mask [b, t], labels [b, t]) -> (state, metrics), jitted."""
-    compute = jnp.dtype(cfg.compute_dtype)
+def _compute_dtypes(model_config, compute_dtype: str):
+    """The dtype of each parameter in the model built at the compute dtype (some stay float32 there,
+    such as the correction bias), as a tree of the state's structure."""
+    arch = architecture(model_config.model_type, "the model")
+    abstract = nnx.eval_shape(lambda: arch.model_cls(model_config, dtype=jnp.dtype(compute_dtype),
+                                                     rngs=nnx.Rngs(0)))
+    return jax.tree.map(lambda x: x.dtype, nnx.state(abstract))
 
-    def loss_fn(params, ids, mask, labels):
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(compute), params))
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-        out = model.forward(ids, mask, positions, True)
-        ce = next_token_loss(out.logits, labels)
-        aux = load_balancing_loss(out.router_logits, top_k, mask) if out.router_logits else jnp.zeros(())
-        z = router_z_loss(out.router_logits, mask) if out.router_logits else jnp.zeros(())
-        return ce + cfg.lb_coef * aux + cfg.z_coef * z, {"loss": ce, "aux_loss": aux, "z_loss": z}
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig, model_config,
+                    num_langs: int = 1):
+    """step(state, batch) -> (state, metrics), jitted. batch: a mapping of numpy/jax arrays [b, t]:
+    input_ids, segment_ids (0 = padding, else the document within the row; a 0/1 attention mask is one
+    document), labels (-100: not predicted), and optionally position_ids (default 0..t-1) and lang_ids
+    [b] (each row's language, in [0, num_langs); default 0).
+
+    metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm, lr (of this step), finite,
+    tokens (predicted labels), and expert_counts [moe layers, num_langs, E] (int32)."""
+    compute = _compute_dtypes(model_config, cfg.compute_dtype)
+    experts = getattr(model_config, "num_experts", None) or model_config.n_routed_experts
+    top_k = model_config.num_experts_per_tok
+    sigmoid = model_config.model_type == "nemotron_h"
+    if cfg.bias_update_rate and not sigmoid:
+        raise ValueError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
+                         f"bias (Nemotron-H); {model_config.model_type} has none")
+
+    def loss_fn(params, micro):
+        params = jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute)
+        model = nnx.merge(graphdef, params)
+        valid_bt = micro["segment_ids"] != 0
+        out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True)
+        ce = next_token_loss(out.logits, micro["labels"])
+        zero = jnp.zeros((), jnp.float32)
+        if not out.router_logits:
+            return ce, ({"loss": ce, "aux_loss": zero, "z_loss": zero}, jnp.zeros((0, num_langs, experts), jnp.int32))
+        if sigmoid:
+            aux = sigmoid_balance_loss(out.router_logits, out.router_expert_ids, valid_bt)
+        else:
+            aux = load_balancing_loss(out.router_logits, top_k, valid_bt)
+        z = router_z_loss(out.router_logits, valid_bt)
+        counts = expert_counts(out.router_expert_ids, experts, micro["lang_ids"], num_langs, valid_bt)
+        return ce + cfg.lb_coef * aux + cfg.z_coef * z, ({"loss": ce, "aux_loss": aux, "z_loss": z}, counts)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(params, batch):
+        """grad_fn's ((total, (metrics, counts)), grads), averaged over accum_steps micro-batches (counts summed)."""
+        if cfg.accum_steps == 1:
+            return grad_fn(params, batch)
+        micro = jax.tree.map(lambda a: a.reshape(cfg.accum_steps, a.shape[0] // cfg.accum_steps, *a.shape[1:]),
+                             batch)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], micro)))
+        summed, _ = jax.lax.scan(lambda carry, m: (jax.tree.map(jnp.add, carry, grad_fn(params, m)), None),
+                                 zeros, micro)
+        (total, (metrics, counts)), grads = summed
+        mean = jax.tree.map(lambda x: x / cfg.accum_steps, (total, metrics, grads))
+        return (mean[0], (mean[1], counts)), mean[2]
 
     @jax.jit
-    def jitted(state: TrainState, ids, mask, labels):
-        (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, mask, labels)
+    def jitted(state: TrainState, batch):
+        (total, (metrics, counts_lge)), grads = accumulated(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if cfg.bias_update_rate:
+            params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1), cfg.bias_update_rate)
         new = TrainState(state.step + 1, params, opt_state)
         # A non-finite loss or gradient leaves everything as it was; the caller stops on finite == False.
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite,
-                               "lr": schedule(cfg)(state.step)}
+        tokens = jnp.sum(batch["labels"][:, 1:] != -100)
+        return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
+                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge}
 
-    def step(state: TrainState, ids, mask, labels):
+    def step(state: TrainState, batch: Mapping[str, np.ndarray]):
+        batch = _complete(batch, cfg.accum_steps)
         with on_mesh(state.params) as place:  # on a mesh: the batch split, MoE blocks expert-parallel
-            return jitted(state, *place(ids, mask, labels))
+            return jitted(state, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
 
     return step
+
+
+def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:
+    """The batch with default position_ids and lang_ids, checked."""
+    unknown = set(batch) - set(BATCH_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown batch fields {sorted(unknown)}; expected {BATCH_FIELDS}")
+    ids = np.asarray(batch["input_ids"], np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    out = {"input_ids": ids,
+           "segment_ids": np.asarray(batch.get("segment_ids", np.ones_like(ids)), np.int32),
+           "position_ids": np.asarray(batch.get("position_ids", np.broadcast_to(np.arange(ids.shape[1]), ids.shape)),
+                                      np.int32),
+           "labels": np.asarray(batch.get("labels", ids), np.int32),
+           "lang_ids": np.asarray(batch.get("lang_ids", np.zeros(ids.shape[0])), np.int32)}
+    for name in ("segment_ids", "position_ids", "labels"):
+        if out[name].shape != ids.shape:
+            raise ValueError(f"{name} shape {out[name].shape} != input_ids shape {ids.shape}")
+    if out["lang_ids"].shape != ids.shape[:1]:
+        raise ValueError(f"lang_ids must be [batch] = {ids.shape[:1]}, got {out['lang_ids'].shape}")
+    if ids.shape[0] % accum_steps:
+        raise ValueError(f"batch size {ids.shape[0]} is not divisible by accum_steps={accum_steps}")
+    return out
+
+
+def _move_correction_bias(params, model_config, load_le: jax.Array, rate: float):
+    """params with each MoE layer's correction bias moved by rate * sign(mean load - load), from the layers'
+    top-k loads [moe layers, E]. A stacked bias [repeats, E] gets the steps of its repeats' layers."""
+    moe_ordinal = {layer: i for i, layer in enumerate(model_config.moe_layers)}
+    layer_ids = segment_layer_ids(model_config.layer_kinds)
+    step_le = rate * jnp.sign(jnp.mean(load_le, axis=-1, keepdims=True) - load_le.astype(jnp.float32))
+
+    def move(path, x):
+        name = _dotted(path)
+        if not name.endswith("correction_e"):
+            return x
+        s, u = (int(i) for i in re.match(r"layers\.units\.(\d+)\.(\d+)\.", name).groups())
+        rows = jnp.asarray([moe_ordinal[layer] for layer in layer_ids[s][u]])
+        return x + step_le[rows]
+
+    return jax.tree_util.tree_map_with_path(move, params)

@@ -214,9 +214,9 @@ def test_sharded_train_step_equals_one_device(tmp_path, spec):
     for mesh in (None, make_mesh(spec)):
         model = moejax.from_pretrained(path, mesh=mesh)
         graphdef, state, tx = init_state(model, cfg)
-        step = make_train_step(graphdef, tx, cfg, model.config.num_experts_per_tok)
+        step = make_train_step(graphdef, tx, cfg, model.config)
         for _ in range(3):
-            state, metrics = step(state, ids, np.ones_like(ids), ids)
+            state, metrics = step(state, {"input_ids": ids, "labels": ids})
             assert bool(metrics["finite"])
         results.append(state.params)
     for (path_, one), many in zip(jax.tree_util.tree_flatten_with_path(results[0])[0], jax.tree.leaves(results[1]),
