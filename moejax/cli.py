@@ -77,13 +77,16 @@ def _convert(args) -> int:
 
 
 def _plan(args) -> int:
-    from moejax.parallel.plan import NeedDevices, plan, plan_text
+    from moejax.parallel.plan import NeedDevices, plan, plan_text, plan_train
 
-    if args.train:
-        raise ValueError("--train plans the CPT train step, which does not exist yet (the training issue); "
-                         "plan the forward without --train")
+    if not args.train and (args.remat != "none" or args.accum_steps != 1):
+        raise ValueError("--remat and --accum-steps plan the train step: add --train")
     try:
-        result = plan(args.model, args.mesh, args.topology, batch=args.batch, seq=args.seq, dtype=args.dtype)
+        if args.train:
+            result = plan_train(args.model, args.mesh, args.topology, batch=args.batch, seq=args.seq,
+                                dtype=args.dtype, remat=args.remat, accum_steps=args.accum_steps)
+        else:
+            result = plan(args.model, args.mesh, args.topology, batch=args.batch, seq=args.seq, dtype=args.dtype)
     except NeedDevices as need:
         if os.environ.get("MOEJAX_PLAN_CHILD"):
             raise ValueError(f"needed {need.count} devices, found fewer after simulating them") from None
@@ -103,9 +106,14 @@ def _export(args) -> int:
 
     from moejax.export import export_pretrained
     from moejax.loading import from_pretrained
+    from moejax.training.run import is_run_checkpoint, restore_model
 
-    model = from_pretrained(args.src, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
-    out = export_pretrained(model, args.out_dir, tokenizer_from=args.src,
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if is_run_checkpoint(args.src):
+        model, tokenizer_from = restore_model(args.src, dtype)
+    else:
+        model, tokenizer_from = from_pretrained(args.src, dtype=dtype), args.src
+    out = export_pretrained(model, args.out_dir, tokenizer_from=tokenizer_from,
                             max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
     print(f"wrote {out} (Hugging Face layout: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
@@ -215,7 +223,10 @@ def parser() -> argparse.ArgumentParser:
         "(outputs, temporaries), against the chip's HBM. Exit status 1 when it does not fit. The parameter bytes are "
         "exact; outputs and temporaries come from XLA's CPU compiler, compiled in float32 because it has no bfloat16 "
         "matmul and would keep float32 copies of every bfloat16 weight (a TPU does not), so for bfloat16 they are an "
-        "upper bound, and either way an estimate of the TPU program's.",
+        "upper bound, and either way an estimate of the TPU program's. With --train, the CPT train step instead "
+        "(float32 master weights, AdamW mu and nu, load-balancing loss, compute in --dtype), compiled the same way "
+        "in float32, plus the --dtype copy of the weights and the accelerator path's MoE rows kept for the "
+        "backward pass, analytically.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("--model", required=True, help="qwen3-30b-a3b, nemotron-3-nano-30b-a3b, or a checkpoint "
                     "directory (only its config.json is read)")
@@ -225,24 +236,149 @@ def parser() -> argparse.ArgumentParser:
                     "use and the HBM per chip to compare with")
     pl.add_argument("--batch", type=int, default=8, help="sequences per step (global)")
     pl.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
-    pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="parameter dtype")
-    pl.add_argument("--train", action="store_true", help="plan the train step (needs the CPT training issue)")
+    pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="parameter dtype (with --train: the compute dtype; master weights are float32)")
+    pl.add_argument("--train", action="store_true", help="plan the train step rather than the forward")
+    pl.add_argument("--remat", choices=["none", "full", "dots"], default="none",
+                    help="with --train: rematerialise each layer in the backward pass (full: everything; dots: "
+                    "keep the dense matmuls' outputs)")
+    pl.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                    help="with --train: split the batch into N micro-batches, gradients accumulated")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     pl.set_defaults(run=_plan)
 
     x = sub.add_parser(
-        "export", help="a moejax checkpoint (Orbax from `moejax convert`, or Hugging Face) -> Hugging Face layout",
+        "export", help="a moejax checkpoint (a training run's, Orbax from `moejax convert`, or Hugging Face) -> "
+        "Hugging Face layout",
         description="Writes SRC's model as a Hugging Face checkpoint that transformers (and lm-eval-harness, vLLM) "
         "load: config.json, sharded model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json, "
         "per-expert tensor names, and SRC's tokenizer files. OUT_DIR is replaced only when the export completes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    x.add_argument("src", metavar="SRC", help="an Orbax directory written by `moejax convert`, or a Hugging Face "
-                   "checkpoint directory")
+    x.add_argument("src", metavar="SRC", help="a training run's checkpoint (RUN_DIR/checkpoint for its latest step, "
+                   "RUN_DIR/checkpoint/STEP for another), an Orbax directory written by `moejax convert`, or a "
+                   "Hugging Face checkpoint directory")
     x.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Hugging Face checkpoint")
     x.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="dtype of the written tensors")
     x.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, GiB")
     x.set_defaults(run=_export)
+    _train_parser(sub)
+    top.subcommands = sub.choices
     return top
+
+
+TRAIN_DEFAULTS = {"lr": "1e-5 (1e-3 for the built-in model)", "warmup_steps": "5%% of --steps",
+                  "lb_coef": "the model's router_aux_loss_coef, else 1e-3", "dtype": "bfloat16 on an accelerator, "
+                  "float32 on a CPU (XLA's CPU compiler has no fast bfloat16 matmul)"}
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser(
+        "train", help="continual pre-training (CPT) on a language mixture, resumable, with a load-balancing loss",
+        description="Trains MODEL on a mixture of per-language corpora packed into fixed-length sequences, "
+        "with next-token cross-entropy plus a load-balancing loss, AdamW (warmup + cosine) on float32 master "
+        "weights, and writes OUT: Orbax checkpoints (every --save-every steps, the last --keep kept), "
+        "metrics.csv (loss, aux loss, lr, grad norm, tokens/s, routing entropy per MoE layer and language), "
+        "TensorBoard event files and training.png. Starting the same command again resumes from the last "
+        "complete checkpoint, identically. With no arguments: the built-in small model on the built-in sample "
+        "corpus (60%% Hebrew, 40%% English) for a few minutes on a CPU. Flags can also come from --config FILE "
+        "(TOML or JSON, keys as the flags' names with underscores: lr = 3e-4); flags given on the command line "
+        "win. Export the result with `moejax export OUT/checkpoint HF_DIR`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--config", metavar="FILE", help="TOML or JSON file of flag values")
+    t.add_argument("--model", metavar="DIR", help="Hugging Face or `moejax convert` checkpoint directory "
+                   "(default: the built-in small Qwen3-MoE over bytes)")
+    t.add_argument("--data", metavar="LANG=PATH:RATIO,...", help="corpora and their share of the sequences, e.g. "
+                   "he=he.txt:0.6,en=en.jsonl:0.4 (ratios sum to 1). PATH: .txt (a document per line), .jsonl "
+                   "({\"text\": ...} per line), .npy (token ids, documents ended by the tokenizer's EOS) or .npz "
+                   "(tokens + offsets). Default: the built-in sample corpus, he 0.6, en 0.4")
+    t.add_argument("--out", default="moejax-run", help="run directory (resumed when it holds this same run)")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (global, all micro-batches)")
+    t.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    t.add_argument("--lr", type=float, help=f"peak learning rate; default {TRAIN_DEFAULTS['lr']}")
+    t.add_argument("--warmup-steps", type=int, help=f"linear warmup; default {TRAIN_DEFAULTS['warmup_steps']}")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr * this")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay, on weight matrices only")
+    t.add_argument("--b1", type=float, default=0.9, help="AdamW beta1")
+    t.add_argument("--b2", type=float, default=0.95, help="AdamW beta2")
+    t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping")
+    t.add_argument("--lb-coef", type=float, help=f"load-balancing loss coefficient (0: off); default "
+                   f"{TRAIN_DEFAULTS['lb_coef']}")
+    t.add_argument("--z-coef", type=float, default=0.0, help="router z-loss coefficient")
+    t.add_argument("--bias-update-rate", type=float, default=0.0, help="Nemotron-H aux-loss-free balancing: each "
+                   "step moves every expert's e_score_correction_bias by this, up if under the layer's mean load, "
+                   "down if over (0: off)")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], help=f"compute dtype (master weights and AdamW "
+                   f"state stay float32); default {TRAIN_DEFAULTS['dtype']}")
+    t.add_argument("--trainable", metavar="REGEX", help="train only parameters whose path matches, e.g. "
+                   "'mlp\\.experts\\.' (the rest frozen); default all")
+    t.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="recompute activations in the "
+                   "backward pass: full keeps only each layer's input, dots keeps matmul outputs")
+    t.add_argument("--mesh", help=MESH_HELP)
+    t.add_argument("--seed", type=int, default=0, help="data order and mixture draws")
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint interval, steps (the last step is "
+                   "always saved)")
+    t.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train)
+
+
+def _train_settings(args):
+    import jax
+
+    from moejax.training.run import RunSettings
+    from moejax.training.step import TrainConfig
+
+    model_cfg = None
+    if args.model:
+        from moejax.loading import load_config
+
+        model_cfg = load_config(args.model)
+    lr = args.lr if args.lr is not None else (1e-5 if args.model else 1e-3)
+    lb = args.lb_coef
+    if lb is None:
+        lb = getattr(model_cfg, "router_aux_loss_coef", None) or 1e-3
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    train = TrainConfig(learning_rate=lr, warmup_steps=warmup, total_steps=args.steps,
+                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, b1=args.b1, b2=args.b2,
+                        clip_norm=args.clip_norm, lb_coef=lb, z_coef=args.z_coef,
+                        bias_update_rate=args.bias_update_rate, compute_dtype=dtype, trainable=args.trainable,
+                        remat=args.remat, accum_steps=args.accum_steps)
+    model = str(Path(args.model).absolute()) if args.model else None
+    data = args.data
+    return RunSettings(model=model, data=data, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                       seed=args.seed, save_every=args.save_every, keep=args.keep, mesh=args.mesh, train=train)
+
+
+def _train(args) -> int:
+    from moejax.training.run import train
+
+    out = train(_train_settings(args), args.out, show_progress=not args.quiet)
+    print(f"wrote {out} (metrics.csv, tensorboard/, training.png; export: moejax export {out}/checkpoint HF_DIR)")
+    return 0
+
+
+def _with_config_file(top: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses argv; for `train --config FILE`, FILE's values become the defaults the command line overrides."""
+    import tomllib
+
+    args = top.parse_args(argv)
+
+    path = Path(args.config)
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read it ({e})") from None
+    sub = top.subcommands["train"]
+    known = set(vars(sub.parse_args([]))) - {"config", "run"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    sub.set_defaults(**values)
+    return top.parse_args(argv)
 
 
 def _compilation_cache() -> None:
@@ -257,7 +393,8 @@ def _compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
     args.argv = argv
     _compilation_cache()
     if os.environ.get("MOEJAX_DISTRIBUTED"):  # one process per host of a TPU pod (tpu/launch.py sets it)
@@ -265,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 
         jax.distributed.initialize()
     try:
+        if getattr(args, "config", None) is not None:
+            args = _with_config_file(top, argv)
+            args.argv = argv
         return args.run(args)
     except (ValueError, OSError) as e:
         print(f"moejax {args.command}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ class ByteTokenizer:
 
     vocab_size = 259
     pad_id = 0
+    eos_id = 2
     special_ids = frozenset({0, 1, 2})
     name = "bytes"
 
@@ -32,6 +33,7 @@ class HFTokenizer:
         self._tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.special_ids = frozenset(self._tok.all_special_ids)
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        self.eos_id = self._tok.eos_token_id  # ends each training document (None: no end-of-text token)
         self.name = str(model_dir)
 
     def encode(self, text: str) -> list[int]:

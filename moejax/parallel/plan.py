@@ -13,6 +13,13 @@ analysis of the compiled per-device program, with two corrections for compiling 
   dense [rows, local experts, f] product, 6.5x the temporaries here, so it cannot be measured instead.)
 XLA's CPU and TPU compilers assign buffers differently, so the total is an estimate (an upper bound
 in its float32 parts).
+
+With `train`, the CPT train step (moejax.training.step) is compiled instead, the same way: float32
+master parameters and AdamW's mu and nu (bytes exact, from the shard shapes), compiled in float32 on
+the tile path, plus analytic terms for what only the accelerator holds: the compute-dtype copy of the
+parameters the forward casts to, and the grouped rows of the MoE layers kept for the backward pass
+(every MoE layer's without rematerialisation; with it, one layer's recomputed rows) and one layer's
+gradient rows.
 """
 
 from __future__ import annotations
@@ -81,27 +88,22 @@ def resolve(model: str, mesh_spec: str | None, topology: str | None):
 def plan(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
          seq: int = 2048, dtype: str = "bfloat16") -> dict:
     """Compiles the forward of `model` on the mesh; returns the memory plan (see module docstring)."""
-    from moejax.models import architecture
     from moejax.models.common import _jitted_forward
-    from moejax.parallel.mesh import batch_sharding, describe, make_mesh, param_sharding
+    from moejax.parallel.mesh import batch_sharding, describe, make_mesh
 
     cfg, sizes, chip = resolve(model, mesh_spec, topology)
     if math.prod(sizes.values()) > jax.device_count():
         raise NeedDevices(math.prod(sizes.values()))
     mesh = make_mesh(sizes)
     started = time.perf_counter()
-    arch = architecture(cfg.model_type, model)
-    abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    abstract = sharded_abstract(cfg, model, mesh)
     graphdef, state = nnx.split(abstract)
     count = per_device = 0
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        sharding = param_sharding(".".join(map(str, path)), var, mesh)
         count += math.prod(var.shape)
         # The model's own float32 parameters (Nemotron-H's correction bias) stay float32 in any dtype.
         itemsize = 4 if path[-1] == "correction_e" else jnp.dtype(dtype).itemsize
-        per_device += math.prod(sharding.shard_shape(var.shape)) * itemsize
-        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
-    state = nnx.state(abstract)
+        per_device += math.prod(var.get_value().sharding.shard_shape(var.shape)) * itemsize
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(mesh, (batch, seq)))
     with jax.set_mesh(mesh):
         compiled = _jitted_forward.lower(graphdef, state, ids, ids, ids, False, False).compile()
@@ -123,6 +125,96 @@ def plan(model: str, mesh_spec: str | None = None, topology: str | None = None, 
     }
 
 
+def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
+               seq: int = 2048, dtype: str = "bfloat16", remat: str = "none", accum_steps: int = 1) -> dict:
+    """Compiles the train step of `model` on the mesh (float32 master weights, AdamW, load-balancing loss,
+    compute in `dtype`); returns its memory plan (see module docstring)."""
+    from moejax.parallel.mesh import batch_sharding, describe, make_mesh
+    from moejax.training.step import BATCH_FIELDS, TrainConfig, init_state, make_train_step, optimizer
+
+    cfg, sizes, chip = resolve(model, mesh_spec, topology)
+    if math.prod(sizes.values()) > jax.device_count():
+        raise NeedDevices(math.prod(sizes.values()))
+    if batch % accum_steps:
+        raise ValueError(f"--batch {batch} is not divisible by --accum-steps {accum_steps}")
+    mesh = make_mesh(sizes)
+    started = time.perf_counter()
+    # Compiled in float32 (module docstring); the lower compute dtype enters the analytic terms below.
+    train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps)
+    abstract = sharded_abstract(cfg, model, mesh)
+    abstract.layers.remat = remat
+    graphdef, params = nnx.split(abstract)
+    state = jax.eval_shape(lambda params: init_state(nnx.merge(graphdef, params), train_cfg)[1], params)
+    state = with_param_shardings(state, params, mesh)
+    step = make_train_step(graphdef, optimizer(train_cfg, params), train_cfg, cfg)
+    shapes = {name: (batch,) if name == "lang_ids" else (batch, seq) for name in BATCH_FIELDS}
+    inputs = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
+              for name, shape in shapes.items()}
+    with jax.set_mesh(mesh):
+        compiled = step.jitted.lower(state, inputs).compile()
+    memory = compiled.memory_analysis()
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    param_bytes = device_bytes(state.params)
+    optimizer_bytes = device_bytes(state.opt_state) + device_bytes(state.step)
+    itemsize = jnp.dtype(dtype).itemsize
+    # The forward's cast of the master weights (a no-op in the float32 compile); XLA may fuse it into the
+    # layer loop, so this bounds it from above.
+    compute_copy = 0 if itemsize == 4 else param_bytes // 4 * itemsize
+    held_layers = len(cfg.moe_layers) if remat == "none" else 1
+    dispatch = (held_layers + 1) * moe_dispatch_bytes(cfg, mesh, batch * seq // accum_steps, itemsize)
+    total = param_bytes + optimizer_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+        + compute_copy + dispatch - memory.alias_size_in_bytes
+    return {
+        "model": model, "model_type": cfg.model_type, "mode": "train", "mesh": describe(mesh),
+        "topology": topology, "dtype": dtype, "batch": batch, "seq": seq, "remat": remat,
+        "accum_steps": accum_steps, "parameters": count, "parameters_analytic": cfg.parameter_count(),
+        "parameter_bytes": count * 4,
+        "estimate": "exact float32 parameters and optimizer state; outputs and temporaries of the float32-compiled "
+                    f"program on the tile path; the {dtype} parameter copy and the accelerator path's MoE rows "
+                    "(forward and backward), analytic",
+        "parameter_bytes_per_device": param_bytes, "optimizer_bytes_per_device": optimizer_bytes,
+        "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes, "compute_copy_bytes": compute_copy, "moe_dispatch_bytes": dispatch,
+        "per_device_bytes": total, "hbm_bytes": None if chip is None else int(chip.hbm_gib * GiB),
+        "fits": None if chip is None else total <= chip.hbm_gib * GiB,
+        "compile_s": time.perf_counter() - started,
+    }
+
+
+def sharded_abstract(cfg, model: str, mesh) -> nnx.Module:
+    """The float32 model from shapes alone, each parameter a ShapeDtypeStruct sharded by the logical-axis rules."""
+    from moejax.models import architecture
+    from moejax.parallel.mesh import param_sharding
+
+    arch = architecture(cfg.model_type, model)
+    abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        sharding = param_sharding(".".join(map(str, path)), var, mesh)
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
+    return abstract
+
+
+def with_param_shardings(tree, params, mesh):
+    """`tree` (shapes) with each leaf whose path ends in a parameter's path (the parameter itself, AdamW's mu and
+    nu of it) sharded like that parameter, as init_state's arrays are; the rest (step counts) replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    owned = {tuple(path): leaf.sharding for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if getattr(leaf, "sharding", None) is not None}
+
+    def place(path, leaf):
+        sharding = next((owned[path[i:]] for i in range(len(path)) if path[i:] in owned),
+                        NamedSharding(mesh, PartitionSpec()))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded shapes."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
     """One MoE layer's grouped rows on the accelerator path, per device: the tokens of its expert group
     (all-gathered), k rows each, holding inputs and outputs (2 x expert dim) and gate/up/activation (3 x f)."""
@@ -137,18 +229,40 @@ def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
 
 
 def plan_text(p: dict) -> str:
-    lines = [f"moejax plan: {p['model']} ({p['model_type']}), forward, batch {p['batch']} x {p['seq']} tokens, "
-             f"{p['dtype']}, mesh {p['mesh']}" + (f" on {p['topology']}" if p["topology"] else ""),
-             f"  parameters: {p['parameters']:,} (analytic count from the config: {p['parameters_analytic']:,}), "
-             f"{p['parameter_bytes'] / GiB:.1f} GiB; per device {p['parameter_bytes_per_device'] / GiB:.2f} GiB",
-             f"  per device: parameters {p['parameter_bytes_per_device'] / GiB:.2f} GiB + outputs "
-             f"{p['output_bytes'] / GiB:.2f} GiB + temporaries {p['temp_bytes'] / GiB:.2f} GiB + MoE dispatch "
-             f"{p['moe_dispatch_bytes'] / GiB:.2f} GiB = {p['per_device_bytes'] / GiB:.2f} GiB "
-             f"(compiled in {p['compile_s']:.0f} s)",
-             f"  ({p['estimate']}; see moejax plan --help)"]
+    where = f"mesh {p['mesh']}" + (f" on {p['topology']}" if p["topology"] else "")
+    train = p.get("mode") == "train"
+    counted = (f"  parameters: {p['parameters']:,} (analytic count from the config: {p['parameters_analytic']:,}), "
+               f"{p['parameter_bytes'] / GiB:.1f} GiB" + (" in float32" if train else "")
+               + f"; per device {p['parameter_bytes_per_device'] / GiB:.2f} GiB")
+    if not train:
+        lines = [f"moejax plan: {p['model']} ({p['model_type']}), forward, batch {p['batch']} x {p['seq']} tokens, "
+                 f"{p['dtype']}, {where}", counted,
+                 f"  per device: parameters {p['parameter_bytes_per_device'] / GiB:.2f} GiB + outputs "
+                 f"{p['output_bytes'] / GiB:.2f} GiB + temporaries {p['temp_bytes'] / GiB:.2f} GiB + MoE dispatch "
+                 f"{p['moe_dispatch_bytes'] / GiB:.2f} GiB = {p['per_device_bytes'] / GiB:.2f} GiB "
+                 f"(compiled in {p['compile_s']:.0f} s)"]
+        remedies = "shard further (more expert/fsdp devices) or lower --batch/--seq"
+    else:
+        micro = f"{p['accum_steps']} micro-batches" if p["accum_steps"] > 1 else "no accumulation"
+        terms = [("parameters", "parameter_bytes_per_device"), ("optimizer state", "optimizer_bytes_per_device"),
+                 ("outputs", "output_bytes"), ("temporaries", "temp_bytes"),
+                 (f"{p['dtype']} parameter copy", "compute_copy_bytes"), ("MoE rows", "moe_dispatch_bytes")]
+        lines = [f"moejax plan: {p['model']} ({p['model_type']}), train step (AdamW, float32 master weights, "
+                 f"{p['dtype']} compute, remat {p['remat']}, {micro}), batch {p['batch']} x {p['seq']} tokens, {where}",
+                 counted,
+                 "  per device: " + " + ".join(f"{name} {p[key] / GiB:.2f} GiB" for name, key in terms)
+                 + (f" - aliased {p['alias_bytes'] / GiB:.2f} GiB" if p["alias_bytes"] else "")
+                 + f" = {p['per_device_bytes'] / GiB:.2f} GiB (compiled in {p['compile_s']:.0f} s)"]
+        if not p["alias_bytes"]:
+            state = (p["parameter_bytes_per_device"] + p["optimizer_bytes_per_device"]) / GiB
+            lines.append("  (the step does not donate its input state, so its outputs hold a second copy of the "
+                         f"parameters and optimizer state: {state:.2f} GiB that donating it would save)")
+        remedies = "shard further (more expert/fsdp devices), lower --batch/--seq" \
+            + (", --remat full" if p["remat"] == "none" else "") + " or raise --accum-steps"
+    lines.append(f"  ({p['estimate']}; see moejax plan --help)")
     if p["fits"] is not None:
         hbm = p["hbm_bytes"] / GiB
         lines.append(f"  FITS: {p['per_device_bytes'] / GiB:.1f} of {hbm:.0f} GiB HBM per chip" if p["fits"] else
                      f"  DOES NOT FIT: needs {p['per_device_bytes'] / GiB:.1f} GiB per chip, {p['topology']} has "
-                     f"{hbm:.0f} GiB; shard further (more expert/fsdp devices) or lower --batch/--seq")
+                     f"{hbm:.0f} GiB; {remedies}")
     return "\n".join(lines)

@@ -131,3 +131,60 @@ def drift_figure(path: Path, rows: list[dict], tolerance: float, title: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_metrics(path: Path) -> dict[str, np.ndarray]:
+    """A run's metrics.csv as float arrays by column."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {name: np.array([float(r[name]) if r[name] != "" else np.nan for r in rows]) for name in rows[0]}
+
+
+def entropy_by_layer(metrics: dict[str, np.ndarray], last_fraction: float = 0.1) -> dict[str, dict[int, float]]:
+    """{language: {MoE layer: mean usage entropy (bits) over the last `last_fraction` of the steps}}."""
+    steps = len(metrics["step"])
+    tail = slice(max(0, steps - max(1, int(round(steps * last_fraction)))), steps)
+    out: dict[str, dict[int, float]] = {}
+    for name, values in metrics.items():
+        if name.startswith("entropy_L"):
+            layer, lang = name[len("entropy_L"):].split("_", 1)
+            out.setdefault(lang, {})[int(layer)] = float(np.nanmean(values[tail]))
+    return out
+
+
+def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
+    """A CPT run at a glance: cross-entropy and the balance loss per step; per language, the routing entropy
+    averaged over MoE layers per step, and per MoE layer over the last 10% of the steps."""
+    m = read_metrics(metrics_path)
+    if not m:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    step = m["step"]
+    axes[0, 0].plot(step, m["loss"], lw=0.9)
+    axes[0, 0].set_ylabel("cross-entropy (nats)")
+    axes[0, 1].plot(step, m["aux_loss"], lw=0.9, c="tab:orange")
+    axes[0, 1].set_ylabel("balance loss")
+    per_layer = entropy_by_layer(m)
+    for lang, layers in per_layer.items():
+        columns = np.stack([m[f"entropy_L{layer}_{lang}"] for layer in layers])
+        with np.errstate(all="ignore"):
+            axes[1, 0].plot(step, np.nanmean(columns, axis=0), lw=0.9, label=lang)
+        axes[1, 1].plot(list(layers), list(layers.values()), marker="o", ms=3, label=lang)
+    axes[1, 0].set_ylabel("usage entropy, mean over layers (bits)")
+    axes[1, 1].set_ylabel("usage entropy, last 10% of steps (bits)")
+    axes[1, 1].set_xlabel("MoE layer")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+        ax.set_xlabel("step")
+    if per_layer:
+        axes[1, 0].legend(fontsize=8)
+        axes[1, 1].legend(fontsize=8)
+    fig.suptitle(title or f"training: {Path(metrics_path).parent.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

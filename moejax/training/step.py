@@ -197,6 +197,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         with on_mesh(state.params) as place:  # on a mesh: the batch split, MoE blocks expert-parallel
             return jitted(state, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
 
+    step.jitted = jitted  # for lowering from abstract shapes (moejax plan --train)
     return step
 
 

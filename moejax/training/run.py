@@ -1,0 +1,345 @@
+"""A CPT run: a model, a language mixture and a train config -> a run directory, resumable after any kill.
+
+RUN_DIR/
+    run.json              the run's settings; a second start with the same settings resumes, other settings are refused
+    config.json, tokenizer files   the model's, so `moejax export RUN_DIR/checkpoint HF_DIR` needs nothing else
+    checkpoint/STEP/      Orbax checkpoints (saved asynchronously every `save_every` steps, the last `keep` kept):
+                          "state" (step, float32 parameters, AdamW state) and "data" (the sampler's position)
+    metrics.csv           one row per step: loss, aux_loss, z_loss, lr, grad_norm, tokens/s, and the usage entropy
+                          (bits) of every MoE layer per language, from the expert counts the jitted step returns
+    tensorboard/          the same scalars as TensorBoard event files
+    training.png          loss curves and routing entropy per layer and language, redrawn at the end
+
+A checkpoint is complete only once Orbax has finalised it (written to a temporary directory, then renamed),
+so a process killed at any moment, even during a save, restarts from the last complete one: the
+metrics rows past it are dropped and the same steps are computed again, identically.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.checkpoint import COPIED
+from moejax.data.mixture import Mixture, load_documents, parse_mixture
+from moejax.data.tokenize import ByteTokenizer, HFTokenizer
+from moejax.training.losses import usage_entropy_bits
+from moejax.training.step import TrainConfig, TrainState, init_state, make_train_step
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoint"
+BASE_COLUMNS = ("step", "loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
+# Test hook: exit abruptly right after the save of this step has started (while it is still being written).
+_EXIT_DURING_SAVE = "MOEJAX_TEST_EXIT_DURING_SAVE"
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue: another run in the directory, a bad setting, a non-finite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything that determines a run's trajectory (run.json). model None: the built-in model; data None: the
+    built-in sample corpus, 60% Hebrew and 40% English."""
+
+    model: str | None
+    data: str | None
+    steps: int
+    seq_len: int
+    batch_size: int
+    seed: int
+    save_every: int
+    keep: int
+    mesh: str | None
+    train: TrainConfig
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunSettings:
+        return cls(**(d | {"train": TrainConfig(**d["train"])}))
+
+
+def sample_mixture() -> str:
+    from moejax.data.corpus import SAMPLE_DIR
+
+    return f"he={SAMPLE_DIR / 'he.txt'}:0.6,en={SAMPLE_DIR / 'en.txt'}:0.4"
+
+
+def _load_model(settings: RunSettings):
+    """(model on the mesh, tokenizer, directory holding its config/tokenizer or None for the built-in one)."""
+    from moejax.loading import from_pretrained
+    from moejax.parallel.mesh import make_mesh, shard_model
+
+    mesh = make_mesh(settings.mesh) if settings.mesh else None
+    if settings.model is None:
+        from moejax.models.builtin import builtin_model
+
+        model = builtin_model()
+        return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer(), None
+    return from_pretrained(settings.model, mesh=mesh), HFTokenizer(settings.model), Path(settings.model)
+
+
+def _check_run_dir(out: Path, settings: RunSettings) -> bool:
+    """True when OUT holds this very run (resume); raises when it holds something else."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise RunError(f"{out} is a file, not a run directory; choose another --out")
+    marker = out / RUN_FILE
+    if not marker.is_file():
+        if any(out.iterdir()):
+            raise RunError(f"{out} is not empty and holds no {RUN_FILE}: it is not a moejax run; choose another --out")
+        return False
+    theirs = json.loads(marker.read_text())
+    ours = json.loads(json.dumps(settings.to_json()))
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+        detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise RunError(f"{out} holds another run ({detail}); choose a new --out, or delete it to start over")
+    return True
+
+
+def _metric_columns(langs: tuple[str, ...], moe_layers: tuple[int, ...]) -> list[str]:
+    return [*BASE_COLUMNS, *(f"entropy_L{layer}_{lang}" for layer in moe_layers for lang in langs)]
+
+
+def _keep_rows(path: Path, last_step: int) -> None:
+    """Drops metrics.csv rows past `last_step` (computed after the checkpoint a resume starts from), atomically."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0], *(r for r in rows[1:] if int(r[0]) <= last_step)] if rows else []
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+
+
+def _checkpoint_manager(directory: Path, settings: RunSettings):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=settings.save_every, max_to_keep=settings.keep,
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "data"))
+
+
+def _abstract_state(state: TrainState):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _restore(manager, step: int, state: TrainState):
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract_state(state)),
+                                                             data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+
+def _save(manager, step: int, state: TrainState, mixture: Mixture) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(mixture.state_dict())))
+    if os.environ.get(_EXIT_DURING_SAVE) == str(step):
+        os._exit(137)
+
+
+def prepare(settings: RunSettings, out: Path):
+    """Checks everything a run needs before anything is written: returns (model, mixture, resume?)."""
+    if settings.steps < 1 or settings.batch_size < 1 or settings.save_every < 1 or settings.keep < 1:
+        raise RunError("--steps, --batch-size, --save-every and --keep must be >= 1")
+    resume = _check_run_dir(out, settings)
+    model, tokenizer, _ = _load_model(settings)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and settings.seq_len > limit:
+        raise RunError(f"--seq-len {settings.seq_len} is above the model's maximum of {limit} positions "
+                       "(max_position_embeddings in its config.json)")
+    sources = parse_mixture(settings.data or sample_mixture())
+    documents = {s.lang: load_documents(s, tokenizer, model.config.vocab_size) for s in sources}
+    mixture = Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                      seed=settings.seed)
+    return model, mixture, resume
+
+
+def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True) -> Path:
+    """Runs (or resumes) the CPT run in OUT; returns OUT."""
+    out = Path(out)
+    model, mixture, resume = prepare(settings, out)
+    cfg = settings.train
+    graphdef, state, tx = init_state(model, cfg)
+    step_fn = make_train_step(graphdef, tx, cfg, model.config, num_langs=len(mixture.langs))
+    columns = _metric_columns(mixture.langs, model.config.moe_layers)
+    del model
+    primary = jax.process_index() == 0
+    if not resume:
+        _start_run_dir(out, settings)
+    manager = _checkpoint_manager(out / CHECKPOINTS, settings)
+    start = manager.latest_step() or 0
+    if start:
+        state, data_state = _restore(manager, start, state)
+        mixture.load_state_dict(data_state)
+    metrics_path = out / "metrics.csv"
+    if primary:
+        _keep_rows(metrics_path, start)
+    writer = _TensorBoard(out / "tensorboard", purge_step=start + 1) if primary else None
+    progress = _progress(start, settings.steps, show_progress and primary)
+    try:
+        with open(metrics_path, "a", newline="") if primary else open(os.devnull, "w") as f:
+            rows = csv.writer(f)
+            if primary and f.tell() == 0:
+                rows.writerow(columns)
+            for step in range(start + 1, settings.steps + 1):
+                began = time.perf_counter()
+                batch = mixture.next_batch()
+                state, metrics = step_fn(state, dataclasses.asdict(batch))
+                metrics = jax.device_get(metrics)
+                if not bool(metrics["finite"]):
+                    manager.wait_until_finished()
+                    raise RunError(_non_finite_report(step, metrics, start, out))
+                row = _row(step, metrics, time.perf_counter() - began)
+                values = [row[c] for c in BASE_COLUMNS] + _entropy_cells(metrics["expert_counts"])
+                rows.writerow(values)
+                f.flush()
+                if writer is not None:
+                    writer.write(step, dict(zip(columns[1:], values[1:], strict=True)))
+                if step % settings.save_every == 0 or step == settings.steps:
+                    _save(manager, step, state, mixture)
+                progress.update(1)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", aux=f"{row['aux_loss']:.3f}",
+                                     tok_s=f"{row['tokens_per_s']:.0f}")
+        manager.wait_until_finished()
+    finally:
+        progress.close()
+        manager.close()
+        if writer is not None:
+            writer.close()
+    if primary:
+        from moejax.report.figures import training_figure
+
+        training_figure(metrics_path, out / "training.png")
+    return out
+
+
+def _start_run_dir(out: Path, settings: RunSettings) -> None:
+    """run.json, the model's config and tokenizer, written before the first step (run.json last, atomically)."""
+    if jax.process_index() != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.model is None:
+        from moejax.models.builtin import builtin_config
+
+        (out / "config.json").write_text(json.dumps(builtin_config().to_hf(), indent=2))
+    else:
+        for name in COPIED:
+            if (Path(settings.model) / name).is_file():
+                shutil.copy2(Path(settings.model) / name, out / name)
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(settings.to_json(), indent=2))
+    os.replace(tmp, out / RUN_FILE)
+
+
+def _row(step: int, metrics: dict, seconds: float) -> dict:
+    tokens = int(metrics["tokens"])
+    return {"step": step, **{k: float(metrics[k]) for k in ("loss", "aux_loss", "z_loss", "total_loss", "lr",
+                                                               "grad_norm")},
+            "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def _entropy_cells(counts_lge: np.ndarray) -> list[float]:
+    """Usage entropy in bits per MoE layer and language, flattened in (layer, language) order."""
+    return [float(x) for x in np.asarray(usage_entropy_bits(jnp.asarray(counts_lge))).ravel()]
+
+
+def _non_finite_report(step: int, metrics: dict, last_saved: int, out: Path) -> str:
+    values = ", ".join(f"{k}={float(metrics[k]):.6g}" for k in ("loss", "aux_loss", "z_loss", "grad_norm"))
+    return (f"step {step}: the loss or the gradient is not finite ({values}); training stopped without applying "
+            f"the step or saving it. The last checkpoint in {out / CHECKPOINTS} is step {last_saved} or a later "
+            "save of this run. Lower --lr, raise --warmup-steps or check the data, then start a new run.")
+
+
+class _TensorBoard:
+    """Scalars to TensorBoard event files (tensorboardX); a resume purges events past its checkpoint."""
+
+    def __init__(self, directory: Path, purge_step: int):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(directory), purge_step=purge_step if purge_step > 1 else None)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            if np.isfinite(value):
+                self._writer.add_scalar(name.replace("entropy_", "routing_entropy/"), value, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _progress(start: int, total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
+
+
+def _locate(path: Path) -> tuple[Path, int | None] | None:
+    """(run directory, step or None for the latest) when PATH is a run, its checkpoint directory or one of its
+    steps; None otherwise."""
+    if (path / RUN_FILE).is_file():
+        return path, None
+    if path.name == CHECKPOINTS and (path.parent / RUN_FILE).is_file():
+        return path.parent, None
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_FILE).is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    return _locate(Path(path)) is not None
+
+
+def restore_model(path: str | Path, dtype=jnp.float32):
+    """The model of a run's checkpoint (PATH: RUN_DIR, RUN_DIR/checkpoint for the latest step, or
+    RUN_DIR/checkpoint/STEP), its float32 master weights cast to `dtype`; and the run directory, which
+    holds the model's config and tokenizer files."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from moejax.loading import load_config
+    from moejax.models import architecture
+
+    located = _locate(Path(path))
+    if located is None:
+        raise RunError(f"{path}: not a moejax run, its checkpoint directory or one of its steps")
+    run_dir, step = located
+    settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text()))
+    config = load_config(run_dir)
+    arch = architecture(config.model_type, str(run_dir / "config.json"))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(lambda: init_state(arch.model_cls(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+                                                 settings.train)[1])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    manager = ocp.CheckpointManager((run_dir / CHECKPOINTS).absolute(), item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise RunError(f"{run_dir / CHECKPOINTS}: no complete checkpoint"
+                           + ("" if step is None else f" for step {step} (complete: {list(manager.all_steps())})"))
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    finally:
+        manager.close()
+    model = nnx.eval_shape(lambda: arch.model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    target = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, target))
+    return model, run_dir
