@@ -156,6 +156,13 @@ def entropy_by_layer(metrics: dict[str, np.ndarray], last_fraction: float = 0.1)
     return out
 
 
+def mean_entropy(metrics: dict[str, np.ndarray], lang: str) -> np.ndarray:
+    """Per step, the usage entropy averaged over MoE layers for `lang` (NaN at steps without its rows)."""
+    columns = np.stack([v for k, v in metrics.items() if k.startswith("entropy_L") and k.endswith(f"_{lang}")])
+    seen = np.isfinite(columns).any(axis=0)
+    return np.where(seen, np.nansum(columns, axis=0) / np.maximum(np.isfinite(columns).sum(axis=0), 1), np.nan)
+
+
 def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
     """A CPT run at a glance: cross-entropy and the balance loss per step; per language, the routing entropy
     averaged over MoE layers per step, and per MoE layer over the last 10% of the steps."""
@@ -170,9 +177,7 @@ def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
     axes[0, 1].set_ylabel("balance loss")
     per_layer = entropy_by_layer(m)
     for lang, layers in per_layer.items():
-        columns = np.stack([m[f"entropy_L{layer}_{lang}"] for layer in layers])
-        with np.errstate(all="ignore"):
-            axes[1, 0].plot(step, np.nanmean(columns, axis=0), lw=0.9, label=lang)
+        axes[1, 0].plot(step, mean_entropy(m, lang), lw=0.9, label=lang)
         axes[1, 1].plot(list(layers), list(layers.values()), marker="o", ms=3, label=lang)
     axes[1, 0].set_ylabel("usage entropy, mean over layers (bits)")
     axes[1, 1].set_ylabel("usage entropy, last 10% of steps (bits)")
