@@ -1,7 +1,8 @@
 """`moejax plan` on the full-size presets, compiled from shapes on simulated CPU devices (the command
 reruns itself in a subprocess with the device count the mesh needs): the parameter count equals the
 analytic count from the config, the per-device parameter bytes are the shard shapes' bytes, and the
-verdict and exit status follow the HBM comparison."""
+verdict and exit status follow the HBM comparison. `--train` on a small model: float32 master bytes and
+AdamW's mu and nu, exact."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from moejax.cli import main
 from moejax.config import NemotronHConfig, Qwen3MoeConfig
+from moejax.loading import load_config
+from moejax.reference import tiny_qwen3_config
 
 GiB = 1024 ** 3
 
@@ -47,9 +50,34 @@ def test_does_not_fit_exits_1(capfd):
 @pytest.mark.parametrize("args, message", [
     (["--topology", "v5p-8", "--mesh", "expert=8"], "has 8 devices, v5p-8 has 4 chips"),
     (["--mesh", "expert=3"], "does not divide over mesh axis expert=3"),
-    (["--train", "--topology", "v5p-8"], "does not exist yet"),
+    (["--remat", "full", "--topology", "v5p-8"], "plan the train step: add --train"),
     ([], "give --mesh, --topology or both"),
 ])
 def test_bad_plans(args, message, capfd):
     assert main(["plan", "--model", "qwen3-30b-a3b", *args]) == 2
     assert message in capfd.readouterr().err
+
+
+def test_train_step_bytes_and_does_not_fit(tmp_path, capfd):
+    """One compile: a small Qwen3-MoE with an 8M-token vocabulary, so its replicated embedding and head (805M
+    parameters) overflow a v5e-4 chip once float32 weights, mu, nu and the step's new state are counted."""
+    tiny_qwen3_config(vocab_size=2 ** 23).save_pretrained(tmp_path / "model")
+    config = load_config(tmp_path / "model")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--train", "--model", str(tmp_path / "model"), "--topology", "v5e-4", "--batch", "4",
+                 "--seq", "32", "--remat", "full", "--accum-steps", "2", "--json", str(out)]) == 1
+    printed = capfd.readouterr().out
+    assert "train step (AdamW, float32 master weights, bfloat16 compute, remat full, 2 micro-batches)" in printed
+    assert "mesh expert=4 on v5e-4" in printed and "DOES NOT FIT" in printed
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == plan["parameters_analytic"] == config.parameter_count()
+    assert plan["parameter_bytes"] == 4 * config.parameter_count()
+    # Experts split four ways, everything else replicated, all float32.
+    experts = 3 * len(config.moe_layers) * config.num_experts * config.hidden_size * config.moe_intermediate_size
+    params = 4 * (config.parameter_count() - experts + experts // 4)
+    assert plan["parameter_bytes_per_device"] == params
+    # AdamW's mu and nu, one float32 each per parameter; plus three int32 step counts (the train state's, Adam's
+    # and the learning-rate schedule's).
+    assert plan["optimizer_bytes_per_device"] == 2 * params + 3 * 4
+    assert plan["compute_copy_bytes"] == params // 2
+    assert plan["per_device_bytes"] > plan["hbm_bytes"] == 16 * GiB

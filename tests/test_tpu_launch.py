@@ -45,13 +45,23 @@ def test_run_and_analyze_on_all_workers_distributed():
         "gcloud compute tpus tpu-vm delete vm --zone=z --quiet"]
 
 
+def test_train_on_all_workers_distributed():
+    """The arguments after -- go to `moejax train` verbatim, quoted for the remote shell."""
+    (line,) = dry_run("train", "--name", "vm", "--zone", "z", "--project", "p", "--", "--model", "/d/m", "--data",
+                      "he=/d/he.jsonl:0.6,en=/d/en.jsonl:0.4", "--out", "/d/run one", "--mesh", "expert=4",
+                      "--steps", "100")
+    assert line == ("gcloud compute tpus --project=p tpu-vm ssh vm --zone=z --worker=all '--command=cd ~/moejax && "
+                    "MOEJAX_DISTRIBUTED=1 moejax train --model /d/m --data he=/d/he.jsonl:0.6,en=/d/en.jsonl:0.4 "
+                    "--out '\"'\"'/d/run one'\"'\"' --mesh expert=4 --steps 100'")
+
+
 def test_unknown_type_is_refused():
     result = subprocess.run([sys.executable, str(LAUNCH), "create", "--name", "vm", "--zone", "z", "--type", "v9-8",
                              "--dry-run"], capture_output=True, text=True)
     assert result.returncode != 0 and "unknown TPU type 'v9-8'" in result.stderr
 
 
-@pytest.mark.parametrize("action", ["create", "install", "run", "analyze", "delete"])
+@pytest.mark.parametrize("action", ["create", "install", "run", "analyze", "train", "delete"])
 def test_help(action):
     out = subprocess.run([sys.executable, str(LAUNCH), action, "--help"], capture_output=True, text=True).stdout
     assert "--dry-run" in out and "--zone" in out

@@ -1,11 +1,13 @@
 """TPU VM helpers: create a TPU VM (or a queued resource), install moejax on every worker, run a command on
-all workers, run `moejax analyze` across a pod slice, delete. Each prints the gcloud commands it runs;
---dry-run prints them without running anything.
+all workers, run `moejax analyze` or `moejax train` across a pod slice, delete. Each prints the gcloud
+commands it runs; --dry-run prints them without running anything.
 
     python tpu/launch.py create --name moejax-v5p --zone us-east5-a --type v5p-8 --dry-run
     python tpu/launch.py install --name moejax-v5p --zone us-east5-a
     python tpu/launch.py analyze --name moejax-v5p --zone us-east5-a -- --model base=/data/Qwen3-30B-A3B \\
         --langs he,en --data /data/flores200_dataset/dev --mesh expert=4 --out /data/results/he-en
+    python tpu/launch.py train --name moejax-v5p32 --zone us-east5-a -- --model /data/Qwen3-30B-A3B \\
+        --data he=/data/he.jsonl:0.6,en=/data/en.jsonl:0.4 --mesh fsdp=2,expert=8 --out /data/runs/he-cpt
     python tpu/launch.py run --name moejax-v5p --zone us-east5-a -- moejax plan --model qwen3-30b-a3b --topology v5p-8
     python tpu/launch.py delete --name moejax-v5p --zone us-east5-a
 
@@ -65,12 +67,12 @@ def commands(args) -> list[list[str]]:
                  f"-f https://storage.googleapis.com/jax-releases/libtpu_releases.html && "
                  f"python3 -m pip install -e ~/{REMOTE_DIR}")
         return [copy, on_all_workers(args, setup)]
-    if args.action in ("run", "analyze"):
+    if args.action in ("run", "analyze", "train"):
         command = list(args.command)
         if command and command[0] == "--":
             command = command[1:]
-        if args.action == "analyze":
-            command = ["moejax", "analyze", *command]
+        if args.action != "run":
+            command = ["moejax", args.action, *command]
         if not command:
             raise SystemExit("nothing to run: give the command after --")
         return [on_all_workers(args, f"cd ~/{REMOTE_DIR} && MOEJAX_DISTRIBUTED=1 {shlex.join(command)}")]
@@ -86,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
                        ("install", "copy this checkout to every worker and install moejax with jax[tpu]"),
                        ("run", "run a command (after --) on every worker, in the moejax checkout"),
                        ("analyze", "run `moejax analyze` (its arguments after --) on every worker"),
+                       ("train", "run `moejax train` (its arguments after --) on every worker"),
                        ("delete", "delete the TPU VM")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--name", required=True, help="TPU VM name")
@@ -98,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
                            + ", ".join(f"{k}: {v}" for k, v in RUNTIMES.items()) + ")")
             p.add_argument("--queued", action="store_true", help="request it as a queued resource")
             p.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
-        if name in ("run", "analyze"):
+        if name in ("run", "analyze", "train"):
             p.add_argument("command", nargs=argparse.REMAINDER, help="what to run, after --")
     return top
 

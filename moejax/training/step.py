@@ -14,6 +14,7 @@ inside the jit, the top-k assignments per MoE layer, language and expert.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 
@@ -176,7 +177,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         mean = jax.tree.map(lambda x: x / cfg.accum_steps, (total, metrics, grads))
         return (mean[0], (mean[1], counts)), mean[2]
 
-    @jax.jit
+    # The state is donated: the new parameters and optimizer state take the old ones' buffers, so a step
+    # holds one copy of them, not two (callers rebind: state = step(state, batch)[0]).
+    @functools.partial(jax.jit, donate_argnums=0)
     def jitted(state: TrainState, batch):
         (total, (metrics, counts_lge)), grads = accumulated(state.params, batch)
         grad_norm = optax.tree.norm(grads)
