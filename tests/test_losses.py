@@ -104,3 +104,45 @@ def test_cross_entropy_ignores_labels():
     want = -(lp[0, 0, 2] + lp[0, 2, 4] + lp[0, 3, 5]) / 3
     np.testing.assert_allclose(float(next_token_loss(logits, labels)), float(want), rtol=1e-6)
     assert float(next_token_loss(logits, jnp.full((2, 5), IGNORE_INDEX))) == 0.0
+
+
+def test_sigmoid_balance_loss_expert_counts_and_entropy():
+    """Nemotron-H's sequence-wise balance loss, the in-jit expert counts and their usage entropy against plain
+    float64 numpy."""
+    from moejax.training.losses import expert_counts, sigmoid_balance_loss, usage_entropy_bits
+
+    rng = np.random.default_rng(3)
+    b, t, e, k, layers = 3, 7, 6, 2, 2
+    logits = [rng.normal(size=(b, t, e)).astype(np.float32) for _ in range(layers)]
+    ids = [np.argsort(-x, axis=-1)[..., :k] for x in logits]
+    valid = np.ones((b, t))
+    valid[2, 4:] = 0
+    want = 0.0
+    for x, chosen in zip(logits, ids, strict=True):
+        s = 1 / (1 + np.exp(-x.astype(np.float64)))
+        s = s / s.sum(-1, keepdims=True)
+        for row in range(b):
+            n = valid[row].sum()
+            load = np.zeros(e)
+            for pos in range(t):
+                if valid[row, pos]:
+                    load[chosen[row, pos]] += 1
+            f = load * e / (k * n)
+            p = (s[row] * valid[row][:, None]).sum(0) / n
+            want += (f * p).sum() / b
+    got = float(sigmoid_balance_loss(tuple(map(jnp.asarray, logits)), tuple(map(jnp.asarray, ids)),
+                                     jnp.asarray(valid)))
+    np.testing.assert_allclose(got, want / layers, rtol=1e-6)
+
+    lang = np.array([1, 0, 1])
+    counts = np.asarray(expert_counts(tuple(map(jnp.asarray, ids)), e, jnp.asarray(lang), 2, jnp.asarray(valid)))
+    assert counts.shape == (layers, 2, e)
+    for layer in range(layers):
+        for g in range(2):
+            rows = [r for r in range(b) if lang[r] == g]
+            chosen = np.concatenate([ids[layer][r][valid[r] == 1].ravel() for r in rows])
+            assert np.array_equal(counts[layer, g], np.bincount(chosen, minlength=e))
+    f = counts / counts.sum(-1, keepdims=True)
+    want_h = -(np.where(f > 0, f * np.log2(np.where(f > 0, f, 1)), 0)).sum(-1)
+    np.testing.assert_allclose(np.asarray(usage_entropy_bits(jnp.asarray(counts))), want_h, rtol=1e-6)
+    assert np.isnan(np.asarray(usage_entropy_bits(jnp.zeros((1, e), jnp.int32)))).all()

@@ -61,8 +61,11 @@ def test_run_directory(uninterrupted):
     table = rows(out)
     assert [int(r["step"]) for r in table] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "entropy_L0_he", "entropy_L3_en"} <= set(table[0])
+    coef = json.loads((out / RUN_FILE).read_text())["train"]["lb_coef"]
     for r in table:
         assert 0 < float(r["entropy_L0_he"]) <= np.log2(8) and float(r["aux_loss"]) > 0
+        # `loss` is the cross-entropy alone; the balance term is only in total_loss.
+        assert float(r["total_loss"]) == pytest.approx(float(r["loss"]) + coef * float(r["aux_loss"]), rel=1e-6)
     assert float(table[0]["lr"]) == 0.0 and float(table[1]["lr"]) > 0
     assert json.loads((out / RUN_FILE).read_text())["data"] == DATA
     assert (out / "training.png").stat().st_size > 10_000
