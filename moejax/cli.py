@@ -291,6 +291,12 @@ def _train_parser(sub) -> None:
                    "he=he.txt:0.6,en=en.jsonl:0.4 (ratios sum to 1). PATH: .txt (a document per line), .jsonl "
                    "({\"text\": ...} per line), .npy (token ids, documents ended by the tokenizer's EOS) or .npz "
                    "(tokens + offsets). Default: the built-in sample corpus, he 0.6, en 0.4")
+    t.add_argument("--eval-data", metavar="LANG=PATH,...", help="held-out text per language (same formats as --data, "
+                   "no ratios): its cross-entropy goes to eval.csv before the first step and every --eval-every "
+                   "steps, e.g. to watch English forgetting during Hebrew CPT")
+    t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (needs --eval-data)")
+    t.add_argument("--eval-batches", type=int, default=4, help="held-out batches per language per evaluation (the "
+                   "same ones each time)")
     t.add_argument("--out", default="moejax-run", help="run directory (resumed when it holds this same run)")
     t.add_argument("--steps", type=int, default=300, help="optimizer steps")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
@@ -349,7 +355,8 @@ def _train_settings(args):
     model = str(Path(args.model).absolute()) if args.model else None
     data = args.data
     return RunSettings(model=model, data=data, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                       seed=args.seed, save_every=args.save_every, keep=args.keep, mesh=args.mesh, train=train)
+                       seed=args.seed, save_every=args.save_every, keep=args.keep, mesh=args.mesh, train=train,
+                       eval_data=args.eval_data, eval_every=args.eval_every, eval_batches=args.eval_batches)
 
 
 def _train(args) -> int:

@@ -185,3 +185,34 @@ def test_config_file_and_command_line(model_dir, tmp_path):
     settings = json.loads((out / RUN_FILE).read_text())
     assert settings["steps"] == 2 and settings["train"]["lb_coef"] == 0.05 and settings["train"]["remat"] == "full"
     assert settings["seq_len"] == 48  # the command line wins over the file
+
+
+def test_held_out_evaluation_is_the_cross_entropy_alone(model_dir, tmp_path):
+    """eval.csv's losses are the plain next-token cross-entropy of the held-out batches (recomputed here from
+    the model), with a balance coefficient large enough to show if it leaked in."""
+    import jax.numpy as jnp
+
+    from moejax.data.mixture import Mixture, Source, load_documents
+    from moejax.data.tokenize import HFTokenizer
+    from moejax.training.losses import next_token_loss
+
+    out = tmp_path / "evaluated"
+    held_out = f"en={SAMPLE_DIR / 'ja.txt'},he={SAMPLE_DIR / 'he.txt'}"
+    assert main(args(model_dir, out, "--steps", "2", "--eval-data", held_out, "--eval-every", "1",
+                     "--eval-batches", "2", "--lb-coef", "10", "--dtype", "float32")) == 0
+    with open(out / "eval.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in table] == [0, 1, 2]
+    model = moejax.from_pretrained(model_dir)
+    source = Source("en", SAMPLE_DIR / "ja.txt", 1.0)
+    stream = Mixture([source], {"en": load_documents(source, HFTokenizer(model_dir), 259)}, seq_len=64,
+                     batch_size=4, seed=0)
+    total = tokens = 0.0
+    for _ in range(2):
+        b = stream.next_batch()
+        logits = model(b.input_ids, b.segment_ids, position_ids=b.position_ids).logits
+        n = float((b.labels[:, 1:] != -100).sum())
+        total += float(next_token_loss(logits, jnp.asarray(b.labels))) * n
+        tokens += n
+    assert float(table[0]["eval_loss_en"]) == pytest.approx(total / tokens, rel=1e-5)
+    assert float(table[2]["eval_loss_he"]) != float(table[0]["eval_loss_he"])

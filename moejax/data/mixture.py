@@ -59,8 +59,9 @@ def _check_ratios(sources: list[Source], where: str) -> None:
         raise DataError(f"{where}: ratios sum to {total:.6g}, not 1 ({listed}); adjust them so they sum to 1")
 
 
-def parse_mixture(spec: str) -> list[Source]:
-    """Sources from "LANG=PATH:RATIO,..." (split on the first '=' and the last ':'; paths may not contain ',')."""
+def parse_mixture(spec: str, *, with_ratios: bool = True) -> list[Source]:
+    """Sources from "LANG=PATH:RATIO,..." (split on the first '=' and the last ':'; paths may not contain ',').
+    Without ratios ("LANG=PATH,...", e.g. held-out evaluation sets) each source gets an equal share."""
     items = [item.strip() for item in spec.split(",")] if spec.strip() else []
     if not items:
         raise DataError("empty mixture spec; expected LANG=PATH:RATIO[,LANG=PATH:RATIO...], e.g. he=he.txt:0.6,"
@@ -68,6 +69,8 @@ def parse_mixture(spec: str) -> list[Source]:
     sources: list[Source] = []
     for item in items:
         lang, eq, rest = item.partition("=")
+        if not with_ratios:
+            rest = f"{rest}:{1 / len(items)!r}"
         path, colon, ratio_text = rest.rpartition(":")
         lang, path, ratio_text = lang.strip(), path.strip(), ratio_text.strip()
         if not (eq and colon and path and ratio_text and _LANG_RE.fullmatch(lang)):

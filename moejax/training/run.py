@@ -5,6 +5,8 @@ RUN_DIR/
     config.json, tokenizer files   the model's, so `moejax export RUN_DIR/checkpoint HF_DIR` needs nothing else
     checkpoint/STEP/      Orbax checkpoints (saved asynchronously every `save_every` steps, the last `keep` kept):
                           "state" (step, float32 parameters, AdamW state) and "data" (the sampler's position)
+    eval.csv              with --eval-data: held-out cross-entropy per language, before the first step and every
+                          `eval_every` steps (the balance terms never enter it)
     metrics.csv           one row per step: loss, aux_loss, z_loss, lr, grad_norm, tokens/s, and the usage entropy
                           (bits) of every MoE layer per language, from the expert counts the jitted step returns
     tensorboard/          the same scalars as TensorBoard event files
@@ -33,7 +35,7 @@ from moejax.checkpoint import COPIED
 from moejax.data.mixture import Mixture, load_documents, parse_mixture
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.training.losses import usage_entropy_bits
-from moejax.training.step import TrainConfig, TrainState, init_state, make_train_step
+from moejax.training.step import TrainConfig, TrainState, init_state, make_eval_step, make_train_step
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoint"
@@ -61,6 +63,9 @@ class RunSettings:
     keep: int
     mesh: str | None
     train: TrainConfig
+    eval_data: str | None = None  # "LANG=PATH,...": held-out text per language
+    eval_every: int = 0  # steps between evaluations (and before the first step); 0: none
+    eval_batches: int = 4  # batches per language per evaluation (the same ones every time)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +162,8 @@ def _save(manager, step: int, state: TrainState, mixture: Mixture) -> None:
 
 
 def prepare(settings: RunSettings, out: Path):
-    """Checks everything a run needs before anything is written: returns (model, mixture, resume?)."""
+    """Checks everything a run needs before anything is written: returns (model, mixture, held-out batches per
+    language, resume?)."""
     if settings.steps < 1 or settings.batch_size < 1 or settings.save_every < 1 or settings.keep < 1:
         raise RunError("--steps, --batch-size, --save-every and --keep must be >= 1")
     resume = _check_run_dir(out, settings)
@@ -170,16 +176,43 @@ def prepare(settings: RunSettings, out: Path):
     documents = {s.lang: load_documents(s, tokenizer, model.config.vocab_size) for s in sources}
     mixture = Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size,
                       seed=settings.seed)
-    return model, mixture, resume
+    return model, mixture, _eval_batches(settings, tokenizer, model.config.vocab_size), resume
+
+
+def _eval_batches(settings: RunSettings, tokenizer, vocab_size: int) -> dict[str, list]:
+    """{language: its fixed held-out batches}, packed like the training data."""
+    if not settings.eval_data:
+        if settings.eval_every:
+            raise RunError("--eval-every needs --eval-data LANG=PATH,...")
+        return {}
+    if settings.eval_every < 1:
+        raise RunError("--eval-data needs --eval-every N (steps between evaluations)")
+    batches = {}
+    for source in parse_mixture(settings.eval_data, with_ratios=False):
+        one = dataclasses.replace(source, ratio=1.0)
+        stream = Mixture([one], {one.lang: load_documents(one, tokenizer, vocab_size)}, seq_len=settings.seq_len,
+                         batch_size=settings.batch_size, seed=settings.seed)
+        batches[one.lang] = [dataclasses.asdict(stream.next_batch()) for _ in range(settings.eval_batches)]
+    return batches
+
+
+def _evaluate(evaluate, params, batches: dict[str, list]) -> dict[str, float]:
+    """Mean next-token cross-entropy per language over its held-out batches (token-weighted)."""
+    losses = {}
+    for lang, items in batches.items():
+        sums = [jax.device_get(evaluate(params, b)) for b in items]
+        losses[f"eval_loss_{lang}"] = float(sum(float(s) for s, _ in sums) / max(sum(int(n) for _, n in sums), 1))
+    return losses
 
 
 def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True) -> Path:
     """Runs (or resumes) the CPT run in OUT; returns OUT."""
     out = Path(out)
-    model, mixture, resume = prepare(settings, out)
+    model, mixture, eval_batches, resume = prepare(settings, out)
     cfg = settings.train
     graphdef, state, tx = init_state(model, cfg)
     step_fn = make_train_step(graphdef, tx, cfg, model.config, num_langs=len(mixture.langs))
+    evaluate = make_eval_step(graphdef, cfg, model.config) if eval_batches else None
     columns = _metric_columns(mixture.langs, model.config.moe_layers)
     del model
     primary = jax.process_index() == 0
@@ -190,9 +223,10 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
     if start:
         state, data_state = _restore(manager, start, state)
         mixture.load_state_dict(data_state)
-    metrics_path = out / "metrics.csv"
+    metrics_path, eval_path = out / "metrics.csv", out / "eval.csv"
     if primary:
         _keep_rows(metrics_path, start)
+        _keep_rows(eval_path, start)
     writer = _TensorBoard(out / "tensorboard", purge_step=start + 1) if primary else None
     progress = _progress(start, settings.steps, show_progress and primary)
     try:
@@ -200,6 +234,8 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
             rows = csv.writer(f)
             if primary and f.tell() == 0:
                 rows.writerow(columns)
+            if evaluate is not None and start == 0:
+                _write_eval(eval_path, writer, 0, _evaluate(evaluate, state.params, eval_batches), primary)
             for step in range(start + 1, settings.steps + 1):
                 began = time.perf_counter()
                 batch = mixture.next_batch()
@@ -214,6 +250,8 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
                 f.flush()
                 if writer is not None:
                     writer.write(step, dict(zip(columns[1:], values[1:], strict=True)))
+                if evaluate is not None and (step % settings.eval_every == 0 or step == settings.steps):
+                    _write_eval(eval_path, writer, step, _evaluate(evaluate, state.params, eval_batches), primary)
                 if step % settings.save_every == 0 or step == settings.steps:
                     _save(manager, step, state, mixture)
                 progress.update(1)
@@ -230,6 +268,19 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
 
         training_figure(metrics_path, out / "training.png")
     return out
+
+
+def _write_eval(path: Path, writer, step: int, losses: dict[str, float], primary: bool) -> None:
+    """One eval.csv row (step, eval_loss_LANG...) and its TensorBoard scalars."""
+    if not primary:
+        return
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        rows = csv.writer(f)
+        if new:
+            rows.writerow(["step", *losses])
+        rows.writerow([step, *losses.values()])
+    writer.write(step, {name.replace("eval_loss_", "eval/loss_"): value for name, value in losses.items()})
 
 
 def _start_run_dir(out: Path, settings: RunSettings) -> None:

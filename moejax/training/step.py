@@ -28,6 +28,7 @@ from moejax.layers.stack import REMAT_POLICIES, segment_layer_ids
 from moejax.models import architecture
 from moejax.models.common import on_mesh
 from moejax.training.losses import (
+    IGNORE_INDEX,
     expert_counts,
     load_balancing_loss,
     next_token_loss,
@@ -146,8 +147,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
                          f"bias (Nemotron-H); {model_config.model_type} has none")
 
     def loss_fn(params, micro):
-        params = jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute)
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
         valid_bt = micro["segment_ids"] != 0
         out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True)
         ce = next_token_loss(out.logits, micro["labels"])
@@ -191,7 +191,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         new = TrainState(state.step + 1, params, opt_state)
         # A non-finite loss or gradient leaves everything as it was; the caller stops on finite == False.
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        tokens = jnp.sum(batch["labels"][:, 1:] != -100)
+        tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
                                "lr": schedule(cfg)(state.step), "expert_counts": counts_lge}
 
@@ -202,6 +202,26 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
     step.jitted = jitted  # for lowering from abstract shapes (moejax plan --train)
     return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
+    """evaluate(params, batch) -> (summed next-token cross-entropy, predicted tokens), jitted: the language-model
+    loss alone, in the train step's compute dtype, never a balance term. batch: as make_train_step's."""
+    compute = _compute_dtypes(model_config, cfg.compute_dtype)
+
+    @jax.jit
+    def jitted(params, batch):
+        model = nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
+        out = model.forward(batch["input_ids"], batch["segment_ids"], batch["position_ids"], False)
+        tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
+        return next_token_loss(out.logits, batch["labels"]) * tokens, tokens
+
+    def evaluate(params, batch: Mapping[str, np.ndarray]):
+        batch = _complete(batch, 1)
+        with on_mesh(params) as place:
+            return jitted(params, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
+
+    return evaluate
 
 
 def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:
