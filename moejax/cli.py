@@ -21,6 +21,13 @@ def _mesh(spec: str | None):
     return make_mesh(spec)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what happens without the option)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 MESH_HELP = ("run sharded over a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; the product "
              "must not exceed the devices): parameters split by logical-axis rules, MoE blocks expert-parallel")
 
@@ -130,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
         "statistics inside the jitted forward pass and writes layers.csv, experts.csv, pairs.csv, lsi.csv, "
         "metrics.json, PNG figures and report.md to OUT. With no arguments: the built-in small model on the "
         "built-in English/Hebrew/Japanese sample corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     a.add_argument("--model", action="append", metavar="[LABEL=]DIR",
                    help="Hugging Face checkpoint directory with its tokenizer, optionally labelled (repeat to compare "
                    "models, e.g. base=DIR1 cpt=DIR2); default: the built-in demonstration model")
@@ -169,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
         "see --list-tolerances; override with --tol), writes summary.json, layers.csv, groups.csv and "
         "drift_per_layer.png to OUT, and exits 0 on pass, 1 when a tolerance fails, 2 on an error. "
         "Needs PyTorch (pip install -e '.[test]').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (config.json, safetensors, "
                    "tokenizer); qwen3_moe or nemotron_h")
     p.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenised and cut into --seq-len sequences "
@@ -204,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
         "one TensorStore array per parameter), config.json and the tokenizer files, and moejax.json. "
         "moejax.from_pretrained(OUT_DIR, mesh=...) and every command's --model accept OUT_DIR and restore it "
         "onto any mesh. OUT_DIR is replaced only when the conversion completes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     c.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory")
     c.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Orbax checkpoint")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
@@ -227,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
         "(float32 master weights, AdamW mu and nu, load-balancing loss, compute in --dtype), compiled the same way "
         "in float32, plus the --dtype copy of the weights and the accelerator path's MoE rows kept for the "
         "backward pass, analytically.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     pl.add_argument("--model", required=True, help="qwen3-30b-a3b, nemotron-3-nano-30b-a3b, or a checkpoint "
                     "directory (only its config.json is read)")
     pl.add_argument("--mesh", metavar="AXIS=N,...", help="e.g. data=2,expert=4 (default with --topology: "
@@ -253,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
         description="Writes SRC's model as a Hugging Face checkpoint that transformers (and lm-eval-harness, vLLM) "
         "load: config.json, sharded model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json, "
         "per-expert tensor names, and SRC's tokenizer files. OUT_DIR is replaced only when the export completes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     x.add_argument("src", metavar="SRC", help="a training run's checkpoint (RUN_DIR/checkpoint for its latest step, "
                    "RUN_DIR/checkpoint/STEP for another), an Orbax directory written by `moejax convert`, or a "
                    "Hugging Face checkpoint directory")
@@ -280,10 +287,10 @@ def _train_parser(sub) -> None:
         "metrics.csv (loss, aux loss, lr, grad norm, tokens/s, routing entropy per MoE layer and language), "
         "TensorBoard event files and training.png. Starting the same command again resumes from the last "
         "complete checkpoint, identically. With no arguments: the built-in small model on the built-in sample "
-        "corpus (60%% Hebrew, 40%% English) for a few minutes on a CPU. Flags can also come from --config FILE "
+        "corpus (60% Hebrew, 40% English) for a few minutes on a CPU. Flags can also come from --config FILE "
         "(TOML or JSON, keys as the flags' names with underscores: lr = 3e-4); flags given on the command line "
         "win. Export the result with `moejax export OUT/checkpoint HF_DIR`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     t.add_argument("--config", metavar="FILE", help="TOML or JSON file of flag values")
     t.add_argument("--model", metavar="DIR", help="Hugging Face or `moejax convert` checkpoint directory "
                    "(default: the built-in small Qwen3-MoE over bytes)")
