@@ -33,10 +33,11 @@ How to read the output:
   float32 they must agree to 1e-4 (relative) or the run stops: otherwise the two sides are not
   training the same objective and the throughput ratio means nothing.
 - per side: seconds per step, tokens/s (batch * seq / step), MFU = model FLOP/s over that framework's
-  dense-matmul FLOP/s (a square 2048 matmul in --dtype, jitted jnp.dot or torch's F.linear, best of 5,
-  timed just before that side's steps), and the 1-minute load average after the steps: on a shared
-  machine the sides do not run under the same load, and a side timed under a higher one was at a
-  disadvantage (torch's OpenMP threads suffer most from oversubscription).
+  dense-matmul FLOP/s (a square 2048 matmul, jitted jnp.dot or torch's F.linear, best of 5, timed just
+  before that side's steps; with --dtype bfloat16 the faster of bf16 and float32, since part of each step
+  runs in float32 and, on a CPU without native bf16, float32 is often the faster), and the 1-minute load
+  average after the steps: on a shared machine the sides do not run under the same load, and a side timed
+  under a higher one was at a disadvantage (torch's OpenMP threads suffer most from oversubscription).
 - model FLOPs per step = 3 x forward (backward = 2 x forward), the forward counting 2 FLOPs per
   multiply-add of the parameters each token touches (attention projections, router, its top-k experts,
   shared expert and latent projections, dense MLPs, Mamba in/out projections, lm_head) plus the attention
@@ -154,12 +155,12 @@ def run_torch(directory: str, ids: np.ndarray, args) -> dict:
     first = {"loss": out.loss.item() - (LB_COEF * aux if with_aux else 0.0), "aux_loss": aux}
     for _ in range(args.warmup - 1):
         step()
-    return {**first, "matmul_flops": torch_matmul_flops(args.dtype), "step_s": best_time(step, args.steps),
-            "load_avg": os.getloadavg()[0]}
+    return {**first, "matmul_flops": max(torch_matmul_flops(d) for d in {args.dtype, "float32"}),
+            "step_s": best_time(step, args.steps), "load_avg": os.getloadavg()[0]}
 
 
 def run_moejax(directory: str, ids: np.ndarray, args) -> dict:
-    """moejax's jitted train step: first-step losses, the first (compiling) step's time and the best step time."""
+    """moejax's jitted train step: first-step losses, each warm-up step's time and the best step time."""
     overrides = {"dt_floor": "time_step_min"} if args.arch == "nemotron_h" else {}  # transformers' dt clamp
     model = moejax.from_pretrained(directory, **overrides)
     cfg = TrainConfig(learning_rate=LEARNING_RATE, warmup_steps=10, total_steps=1000, compute_dtype=args.dtype,
@@ -182,7 +183,8 @@ def run_moejax(directory: str, ids: np.ndarray, args) -> dict:
         warmup_s.append(time.perf_counter() - start)
         if len(warmup_s) == 1:
             first = {"loss": float(metrics["loss"]), "aux_loss": float(metrics["aux_loss"])}
-    return {**first, "warmup_s": warmup_s, "matmul_flops": jax_matmul_flops(args.dtype),
+    return {**first, "warmup_s": warmup_s,
+            "matmul_flops": max(jax_matmul_flops(d) for d in {args.dtype, "float32"}),
             "step_s": best_time(step, args.steps), "load_avg": os.getloadavg()[0]}
 
 
@@ -234,8 +236,9 @@ def report(r: dict, command: str) -> None:
     ref_aux = "none" if ref["aux_loss"] is None else f"{ref['aux_loss']:.6f}"
     print(f"  step 1: moejax loss {ours['loss']:.6f} aux {ours['aux_loss']:.6f} | "
           f"transformers loss {ref['loss']:.6f} aux {ref_aux}")
+    dense = "float32" if r["dtype"] == "float32" else f"the faster of {r['dtype']} and float32"
     print(f"  model FLOPs: {r['train_gflop_per_step']:.1f} GFLOP per step ({tokens} tokens); MFU against a dense "
-          f"{MATMUL_SIZE}^2 {r['dtype']} matmul timed just before that side's steps")
+          f"{MATMUL_SIZE}^2 matmul ({dense}) timed just before that side's steps")
     warmup = ", ".join(f"{s:.1f}" for s in ours["warmup_s"])
     for name, side, mm, extra in (("transformers + torch", ref, "F.linear", ""),
                                   ("moejax", ours, "jnp.dot", f"; warm-up steps {warmup} s, the first compiles")):
