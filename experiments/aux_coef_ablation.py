@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax.cli import main as moejax_main  # noqa: E402
-from moejax.report.figures import entropy_by_layer, mean_entropy, read_metrics  # noqa: E402
+from moejax.report.figures import entropy_by_layer, mean_entropy, read_metrics, save_figure  # noqa: E402
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -63,9 +63,7 @@ def figures(metrics: dict[float, dict[str, np.ndarray]], out: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, "loss_curves.png")
 
     langs = list(entropy_by_layer(next(iter(metrics.values()))))
     fig, axes = plt.subplots(2, len(langs), figsize=(5.5 * len(langs), 7), squeeze=False)
@@ -84,9 +82,7 @@ def figures(metrics: dict[float, dict[str, np.ndarray]], out: Path) -> None:
             ax.set_ylabel("bits")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "routing_entropy.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, "routing_entropy.png")
 
 
 def summary(metrics: dict[float, dict[str, np.ndarray]], out: Path) -> None:

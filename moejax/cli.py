@@ -360,8 +360,7 @@ def _train_settings(args):
                         bias_update_rate=args.bias_update_rate, compute_dtype=dtype, trainable=args.trainable,
                         remat=args.remat, accum_steps=args.accum_steps)
     model = str(Path(args.model).absolute()) if args.model else None
-    data = args.data
-    return RunSettings(model=model, data=data, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+    return RunSettings(model=model, data=args.data, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                        seed=args.seed, save_every=args.save_every, keep=args.keep, mesh=args.mesh, train=train,
                        eval_data=args.eval_data, eval_every=args.eval_every, eval_batches=args.eval_batches)
 

@@ -29,7 +29,7 @@ def train(path, cfg, steps, ids, mask=None):
     history = []
     for _ in range(steps):
         state, metrics = step(state, {"input_ids": ids, "segment_ids": mask, "labels": ids})
-        history.append({k: float(v) for k, v in metrics.items() if k != "expert_counts"})
+        history.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
     return state, history
 
 

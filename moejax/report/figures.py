@@ -58,14 +58,14 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         axes[1, col].set_ylabel("entropy gap (bits)")
         axes[1, col].set_title("gap to the reference (band: same-language split noise floor)", fontsize=9)
         axes[1, col].legend(fontsize=8)
-    written["entropy"] = _save(fig, out, "entropy_per_layer.png")
+    written["entropy"] = save_figure(fig, out, "entropy_per_layer.png")
 
     fig, axes = _grid(len(models), 2)
     for col, model in enumerate(models):
         _per_layer(axes[0, col], tables, model, langs, "gini", "Gini (top-K counts)")
         _per_layer(axes[1, col], tables, model, langs, "active_experts", "active experts", with_std=False)
         axes[0, col].set_title(model, fontsize=9)
-    written["gini_active"] = _save(fig, out, "gini_active_per_layer.png")
+    written["gini_active"] = save_figure(fig, out, "gini_active_per_layer.png")
 
     panels = [(model, target) for model in models for target in targets]
     fig, axes = _grid(len(panels), 3)
@@ -81,7 +81,7 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         cats = [int((mean > 0.1).sum()), int((np.abs(mean) <= 0.1).sum()), int((mean < -0.1).sum())]
         axes[2, col].bar([f"{target}-specific", "shared", f"{ref}-specific"], cats)
         axes[2, col].set_ylabel("experts (theta 0.1)")
-    written["lsi"] = _save(fig, out, "lsi.png")
+    written["lsi"] = save_figure(fig, out, "lsi.png")
 
     for metric, label, name in (("cosine", "cosine of usage (f)", "cosine_per_layer.png"),
                                 ("njsd", "normalised JS divergence", "divergence_per_layer.png")):
@@ -96,11 +96,12 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
             ax.set_title(model, fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        written[metric] = _save(fig, out, name)
+        written[metric] = save_figure(fig, out, name)
     return written
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_figure(fig, out: Path, name: str) -> str:
+    """Lays out, writes OUT/NAME (110 dpi) and closes `fig`; returns NAME."""
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
@@ -128,9 +129,7 @@ def drift_figure(path: Path, rows: list[dict], tolerance: float, title: str) -> 
     bottom.set_ylabel("tokens with another\nexpert set (%)")
     bottom.set_xlabel("block")
     bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.name)
 
 
 def read_metrics(path: Path) -> dict[str, np.ndarray]:
@@ -190,6 +189,4 @@ def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
         axes[1, 0].legend(fontsize=8)
         axes[1, 1].legend(fontsize=8)
     fig.suptitle(title or f"training: {Path(metrics_path).parent.name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.name)

@@ -34,7 +34,6 @@ import numpy as np
 from moejax.checkpoint import COPIED
 from moejax.data.mixture import Mixture, load_documents, parse_mixture
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
-from moejax.training.losses import usage_entropy_bits
 from moejax.training.step import TrainConfig, TrainState, init_state, make_eval_step, make_train_step
 
 RUN_FILE = "run.json"
@@ -82,7 +81,7 @@ def sample_mixture() -> str:
 
 
 def _load_model(settings: RunSettings):
-    """(model on the mesh, tokenizer, directory holding its config/tokenizer or None for the built-in one)."""
+    """(model, on the mesh if one is set; its tokenizer)."""
     from moejax.loading import from_pretrained
     from moejax.parallel.mesh import make_mesh, shard_model
 
@@ -91,8 +90,8 @@ def _load_model(settings: RunSettings):
         from moejax.models.builtin import builtin_model
 
         model = builtin_model()
-        return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer(), None
-    return from_pretrained(settings.model, mesh=mesh), HFTokenizer(settings.model), Path(settings.model)
+        return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer()
+    return from_pretrained(settings.model, mesh=mesh), HFTokenizer(settings.model)
 
 
 def _check_run_dir(out: Path, settings: RunSettings) -> bool:
@@ -167,7 +166,7 @@ def prepare(settings: RunSettings, out: Path):
     if settings.steps < 1 or settings.batch_size < 1 or settings.save_every < 1 or settings.keep < 1:
         raise RunError("--steps, --batch-size, --save-every and --keep must be >= 1")
     resume = _check_run_dir(out, settings)
-    model, tokenizer, _ = _load_model(settings)
+    model, tokenizer = _load_model(settings)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and settings.seq_len > limit:
         raise RunError(f"--seq-len {settings.seq_len} is above the model's maximum of {limit} positions "
@@ -245,7 +244,7 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
                     manager.wait_until_finished()
                     raise RunError(_non_finite_report(step, metrics, start, out))
                 row = _row(step, metrics, time.perf_counter() - began)
-                values = [row[c] for c in BASE_COLUMNS] + _entropy_cells(metrics["expert_counts"])
+                values = [row[c] for c in BASE_COLUMNS] + [float(x) for x in np.ravel(metrics["usage_entropy_bits"])]
                 rows.writerow(values)
                 f.flush()
                 if writer is not None:
@@ -306,11 +305,6 @@ def _row(step: int, metrics: dict, seconds: float) -> dict:
     return {"step": step, **{k: float(metrics[k]) for k in ("loss", "aux_loss", "z_loss", "total_loss", "lr",
                                                                "grad_norm")},
             "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
-
-
-def _entropy_cells(counts_lge: np.ndarray) -> list[float]:
-    """Usage entropy in bits per MoE layer and language, flattened in (layer, language) order."""
-    return [float(x) for x in np.asarray(usage_entropy_bits(jnp.asarray(counts_lge))).ravel()]
 
 
 def _non_finite_report(step: int, metrics: dict, last_saved: int, out: Path) -> str:

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.layers.stack import REMAT_POLICIES, segment_layer_ids
 from moejax.models import architecture
 from moejax.models.common import on_mesh
+from moejax.parallel.mesh import mesh_of
 from moejax.training.losses import (
     IGNORE_INDEX,
     expert_counts,
@@ -34,6 +36,7 @@ from moejax.training.losses import (
     next_token_loss,
     router_z_loss,
     sigmoid_balance_loss,
+    usage_entropy_bits,
 )
 
 BATCH_FIELDS = ("input_ids", "segment_ids", "position_ids", "labels", "lang_ids")
@@ -117,7 +120,29 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     tx = optimizer(cfg, params)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    # The step counters are created uncommitted; the step returns them committed, which would make its second
+    # call compile the whole step again. Placing them as the step will return them avoids that. (Under
+    # eval_shape, as `moejax plan --train` and export use it, there is nothing to place.)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+        return graphdef, state, tx
+    mesh = mesh_of(params)
+    home = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+            else jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(params)[0].sharding.device_set))))
+    return graphdef, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, home), state), tx
+
+
+def _compute_model(graphdef: nnx.GraphDef, params, compute) -> nnx.Module:
+    """The model from float32 master weights cast to the compute dtypes (a tree from _compute_dtypes)."""
+    return nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
+
+
+def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int):
+    """jitted(first, batch) with the batch completed and, when `params` live on a mesh, split over its batch
+    axes under that mesh (so MoE blocks run expert-parallel)."""
+    batch = _complete(batch, accum_steps)
+    with on_mesh(params) as place:
+        return jitted(first, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
 
 
 def _compute_dtypes(model_config, compute_dtype: str):
@@ -137,7 +162,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     [b] (each row's language, in [0, num_langs); default 0).
 
     metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm, lr (of this step), finite,
-    tokens (predicted labels), and expert_counts [moe layers, num_langs, E] (int32)."""
+    tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32) and their usage_entropy_bits
+    [moe layers, num_langs] (NaN for a language without rows in the batch)."""
     compute = _compute_dtypes(model_config, cfg.compute_dtype)
     experts = getattr(model_config, "num_experts", None) or model_config.n_routed_experts
     top_k = model_config.num_experts_per_tok
@@ -147,7 +173,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
                          f"bias (Nemotron-H); {model_config.model_type} has none")
 
     def loss_fn(params, micro):
-        model = nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
+        model = _compute_model(graphdef, params, compute)
         valid_bt = micro["segment_ids"] != 0
         out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True)
         ce = next_token_loss(out.logits, micro["labels"])
@@ -193,12 +219,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
-                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge}
+                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge,
+                               "usage_entropy_bits": usage_entropy_bits(counts_lge)}
 
     def step(state: TrainState, batch: Mapping[str, np.ndarray]):
-        batch = _complete(batch, cfg.accum_steps)
-        with on_mesh(state.params) as place:  # on a mesh: the batch split, MoE blocks expert-parallel
-            return jitted(state, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
+        return _call_placed(jitted, state, state.params, batch, cfg.accum_steps)
 
     step.jitted = jitted  # for lowering from abstract shapes (moejax plan --train)
     return step
@@ -211,17 +236,12 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
 
     @jax.jit
     def jitted(params, batch):
-        model = nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
+        model = _compute_model(graphdef, params, compute)
         out = model.forward(batch["input_ids"], batch["segment_ids"], batch["position_ids"], False)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return next_token_loss(out.logits, batch["labels"]) * tokens, tokens
 
-    def evaluate(params, batch: Mapping[str, np.ndarray]):
-        batch = _complete(batch, 1)
-        with on_mesh(params) as place:
-            return jitted(params, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
-
-    return evaluate
+    return lambda params, batch: _call_placed(jitted, params, params, batch, 1)
 
 
 def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:
