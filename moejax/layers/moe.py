@@ -139,35 +139,36 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     return jnp.einsum("tkd,tk->td", y_md[plan.row_tk], weights_tk.astype(y_md.dtype))
 
 
+def _over_tiles(rows, row0, tiles: tuple[int, ...], visit, carry):
+    """carry = visit(row, size, carry) over rows [row0, row0 + rows): full tiles of tiles[0], then at most
+    one tile of each smaller size for the remainder."""
+    largest = tiles[0]
+    carry = jax.lax.fori_loop(0, rows // largest, lambda i, c: visit(row0 + i * largest, largest, c), carry)
+    row = row0 + rows // largest * largest
+    for size in tiles[1:]:
+        take = rows % (2 * size) >= size
+        carry = jax.lax.cond(take, functools.partial(visit, row, size), lambda c: c, carry)
+        row = row + jnp.where(take, size, 0)
+    return carry
+
+
 def _for_each_tile(group_sizes_e: jax.Array, tiles: tuple[int, ...], run_expert, carry):
     """carry = run_expert(e, over_tiles, carry) for each expert e with rows, in order.
 
-    over_tiles(visit, carry) calls visit(row, size, carry) for full tiles of tiles[0] over the
-    expert's rows, then at most one tile of each smaller size for the remainder. The callee slices
-    its expert's weights once for all its tiles; experts without rows cost nothing.
+    over_tiles(visit, carry) runs `_over_tiles` on the expert's rows. The callee slices its expert's
+    weights once for all its tiles; experts without rows cost nothing.
     """
     start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
     busy_e = jnp.argsort(group_sizes_e == 0, stable=True)
 
     def expert(j, carry):
         e = busy_e[j]
-        rows, row0, largest = group_sizes_e[e], start_e[e], tiles[0]
-
-        def over_tiles(visit, carry):
-            carry = jax.lax.fori_loop(0, rows // largest, lambda i, c: visit(row0 + i * largest, largest, c), carry)
-            row = row0 + rows // largest * largest
-            for size in tiles[1:]:
-                take = rows % (2 * size) >= size
-                carry = jax.lax.cond(take, functools.partial(visit, row, size), lambda c: c, carry)
-                row = row + jnp.where(take, size, 0)
-            return carry
-
-        return run_expert(e, over_tiles, carry)
+        return run_expert(e, functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles), carry)
 
     return jax.lax.fori_loop(0, jnp.sum(group_sizes_e > 0), expert, carry)
 
 
-def _tile_mlp(x_td, w_e, activation):
+def _tile_mlp(x_td, w_e):
     up = jnp.dot(x_td, w_e["up_edf"], preferred_element_type=jnp.float32)
     gate = jnp.dot(x_td, w_e["gate_edf"], preferred_element_type=jnp.float32) if "gate_edf" in w_e else None
     return up, gate
@@ -177,72 +178,83 @@ def _with_zero_row(a_td):
     return jnp.concatenate([a_td, jnp.zeros_like(a_td[:1])])
 
 
-def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
+def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep: bool):
+    """-> output [tokens, d] and, with `keep`, each grouped row's float32 pre-activations (up_mf, gate_mf)."""
     x_pad = _with_zero_row(x_td)
+    rows, ffn = source_m.shape[0], w["up_edf"].shape[-1]
+    kept = {name: jnp.zeros((rows, ffn) if keep else (0, 0), jnp.float32) for name in ("up_edf", "gate_edf")
+            if name in w}
 
-    def run_expert(e, over_tiles, out_td):
+    def run_expert(e, over_tiles, carry):
         w_e = {name: value[e] for name, value in w.items()}
 
-        def visit(row, size, out_td):
+        def visit(row, size, carry):
+            out_td, kept = carry
             tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
-            h_tf = activate(activation, *_tile_mlp(x_pad[tokens_t], w_e, activation)).astype(x_td.dtype)
+            up, gate = _tile_mlp(x_pad[tokens_t], w_e)
+            if keep:
+                kept = {name: jax.lax.dynamic_update_slice_in_dim(kept[name], a, row, 0)
+                        for name, a in (("up_edf", up), ("gate_edf", gate)) if name in kept}
+            h_tf = activate(activation, up, gate).astype(x_td.dtype)
             y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
             y_td = y_td * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
-            return out_td.at[tokens_t].add(y_td.astype(out_td.dtype))
+            return out_td.at[tokens_t].add(y_td.astype(out_td.dtype)), kept
 
-        return over_tiles(visit, out_td)
+        return over_tiles(visit, carry)
 
-    return _for_each_tile(group_sizes_e, tiles, run_expert, jnp.zeros_like(x_pad))[:-1]
+    out_pad, kept = _for_each_tile(group_sizes_e, tiles, run_expert, (jnp.zeros_like(x_pad), kept))
+    return out_pad[:-1], kept
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _tiled_mixture(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
-    return _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation)
+    return _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep=False)[0]
 
 
 def _tiled_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation):
-    out = _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation)
-    return out, (x_td, weights_m, source_m, group_sizes_e, w)
+    out, kept = _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep=True)
+    return out, (x_td, weights_m, source_m, group_sizes_e, w, kept)
 
 
 def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
-    """Recomputes each tile's activations; weight gradients accumulate per expert in float32."""
-    x_td, weights_m, source_m, group_sizes_e, w = residuals
+    """Six matmuls per tile from the forward's kept pre-activations; weight gradients accumulate per
+    expert in float32. d weight = h . (dout @ down^T), so the expert outputs need not be kept."""
+    x_td, weights_m, source_m, group_sizes_e, w, kept = residuals
     f32 = jnp.float32
     x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
 
-    def run_expert(e, over_tiles, carry):
-        dx_pad, dweights_m, dw = carry
-        w_e = {name: value[e] for name, value in w.items()}
+    def expert(carry, e):
+        w_e = {name: value[e].astype(f32) for name, value in w.items()}
 
         def visit(row, size, carry):
             dx_pad, dweights_m, dw_e = carry
             tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
-            x_td = x_pad[tokens_t]
-            h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *_tile_mlp(x_td, w_e, activation))
-            down_fd = w_e["down_efd"].astype(f32)
-            dout_rows = dout_pad[tokens_t]
+            pre = [jax.lax.dynamic_slice_in_dim(kept[name], row, size) if name in kept else None
+                   for name in ("up_edf", "gate_edf")]
+            h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *pre)
+            dh_unweighted_tf = dout_pad[tokens_t] @ w_e["down_efd"].T
+            weights_t = jax.lax.dynamic_slice_in_dim(weights_m, row, size)
             dweights_m = jax.lax.dynamic_update_slice_in_dim(
-                dweights_m, jnp.sum((h_tf @ down_fd) * dout_rows, axis=-1), row, 0)
-            dy_td = dout_rows * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
-            d_up, d_gate = act_vjp(dy_td @ down_fd.T)
-            x32 = x_td.astype(f32)
-            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
-            dx_td = d_up @ w_e["up_edf"].astype(f32).T
+                dweights_m, jnp.sum(h_tf * dh_unweighted_tf, axis=-1), row, 0)
+            d_up, d_gate = act_vjp(dh_unweighted_tf * weights_t[:, None])
+            x32 = x_pad[tokens_t].astype(f32)
+            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ (dout_pad[tokens_t] * weights_t[:, None])}
+            dx_td = d_up @ w_e["up_edf"].T
             if d_gate is not None:
                 grads["gate_edf"] = x32.T @ d_gate
-                dx_td = dx_td + d_gate @ w_e["gate_edf"].astype(f32).T
+                dx_td = dx_td + d_gate @ w_e["gate_edf"].T
             return dx_pad.at[tokens_t].add(dx_td), dweights_m, {n: dw_e[n] + grads[n] for n in dw_e}
 
         zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
-        dx_pad, dweights_m, dw_e = over_tiles(visit, (dx_pad, dweights_m, zeros))
-        return dx_pad, dweights_m, {name: dw[name].at[e].set(dw_e[name]) for name in dw}
+        dx_pad, dweights_m, dw_e = _over_tiles(group_sizes_e[e], start_e[e], tiles, visit, (*carry, zeros))
+        return (dx_pad, dweights_m), {name: dw_e[name].astype(w[name].dtype) for name in dw_e}
 
-    carry = (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m),
-             {name: jnp.zeros(value.shape, f32) for name, value in w.items()})
-    dx_pad, dweights_m, dw = _for_each_tile(group_sizes_e, tiles, run_expert, carry)
-    return (dx_pad[:-1].astype(x_td.dtype), dweights_m, None, None,
-            {name: dw[name].astype(w[name].dtype) for name in w})
+    # A scan over every expert (an idle one runs no tile): its stacked outputs are the weight gradients, with
+    # no zero-filled [E, ...] buffer to update.
+    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+    (dx_pad, dweights_m), dw = jax.lax.scan(expert, (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m)),
+                                            jnp.arange(len(group_sizes_e)))
+    return dx_pad[:-1].astype(x_td.dtype), dweights_m, None, None, dw
 
 
 _tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)

@@ -210,13 +210,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         (total, (metrics, counts_lge)), grads = accumulated(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if cfg.bias_update_rate:
-            params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1), cfg.bias_update_rate)
-        new = TrainState(state.step + 1, params, opt_state)
-        # A non-finite loss or gradient leaves everything as it was; the caller stops on finite == False.
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+
+        def update(state, grads):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            if cfg.bias_update_rate:
+                params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1),
+                                               cfg.bias_update_rate)
+            return TrainState(state.step + 1, params, opt_state)
+
+        # A non-finite loss or gradient leaves everything as it was; the caller stops on finite == False. A
+        # cond, not a select: the update then runs in place, one pass over the state (a select keeps both).
+        new = jax.lax.cond(finite, update, lambda state, grads: state, state, grads)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
                                "lr": schedule(cfg)(state.step), "expert_counts": counts_lge,
