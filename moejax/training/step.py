@@ -29,6 +29,7 @@ from moejax.layers.stack import REMAT_POLICIES, segment_layer_ids
 from moejax.models import architecture
 from moejax.models.common import on_mesh
 from moejax.parallel.mesh import mesh_of
+from moejax.training.adamw import clipped_adamw
 from moejax.training.losses import (
     IGNORE_INDEX,
     expert_counts,
@@ -90,20 +91,15 @@ def _is_matrix(var: nnx.Variable) -> bool:
 def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """Clipping, then AdamW (decay on weight matrices); frozen parameters (not matching `trainable`, and
     the correction bias, which moves by its own rule) get no update at all."""
-    decay = jax.tree.map(_is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(schedule(cfg), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
     pattern = re.compile(cfg.trainable or "")
     names = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-    def label(path, _):
-        name = _dotted(path)
-        return "train" if pattern.search(name) and not name.endswith("correction_e") else "freeze"
-
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    if "train" not in jax.tree.leaves(labels):
+    train = jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(pattern.search(_dotted(path))) and not _dotted(path).endswith("correction_e"), params)
+    if not any(jax.tree.leaves(train)):
         raise ValueError(f"trainable {cfg.trainable!r} matches no parameter; names look like {names[:3]}")
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    decay = jax.tree.map(lambda var: jax.tree.map(lambda _: _is_matrix(var), var), params, is_leaf=is_variable)
+    return clipped_adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm, train, decay)
 
 
 @jax.tree_util.register_dataclass

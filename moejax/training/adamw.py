@@ -1,0 +1,66 @@
+"""AdamW with global-norm clipping and frozen parameters, as one optax GradientTransformation.
+
+It computes what `optax.multi_transform({"train": optax.chain(optax.clip_by_global_norm(c), optax.adamw(
+lr, b1, b2, weight_decay=wd, mask=decay)), "freeze": optax.set_to_zero()}, labels)` computes, with the
+same formulas in the same order (tests/test_adamw.py holds the two together), but writes each parameter's
+update as a single elementwise expression of (gradient, mu, nu, parameter). XLA then fuses it into one pass
+that reads those four and writes mu, nu and, after `optax.apply_updates`, the parameter in place. Through
+optax's chain it materialises intermediate trees (the bias-corrected ratio, the decayed update), each a
+fresh buffer the size of the parameters: on the CPU, on the benchmark's 400M-parameter model, 1.33 s per
+update against 0.57 s.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ClippedAdamWState(NamedTuple):
+    count: jax.Array  # int32: updates taken
+    mu: optax.Updates  # first moments, mirroring the parameters; optax.MaskedNode() for a frozen one
+    nu: optax.Updates  # second moments, likewise
+
+
+def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_decay: float, clip_norm: float,
+                  train: optax.Params, decay: optax.Params, eps: float = 1e-8) -> optax.GradientTransformation:
+    """train, decay: trees of bools with the parameters' structure (a leaf per parameter array). Frozen
+    parameters (train False) get a zero update and keep no moments; their gradients are left out of the
+    clipping norm. Decoupled weight decay applies where decay is True."""
+
+    def init(params):
+        def moment(is_trained, p):
+            return jnp.zeros_like(p) if is_trained else optax.MaskedNode()
+
+        return ClippedAdamWState(jnp.zeros([], jnp.int32), jax.tree.map(moment, train, params),
+                                 jax.tree.map(moment, train, params))
+
+    def update(grads, state, params):
+        trained = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(train), strict=True) if t]
+        norm = optax.tree.norm(trained)
+        # A scalar factor, not optax's (g / norm) * clip_norm: XLA fuses a multiply into each use of the
+        # clipped gradient, but keeps a divide once, in a fresh gradient-sized buffer (1 ulp apart).
+        clip = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+        step_size = -learning_rate(state.count)
+        count = optax.safe_increment(state.count)
+        correction1, correction2 = 1 - b1**count, 1 - b2**count
+
+        def one(is_trained, decays, g, m, v, p):
+            if not is_trained:
+                return jnp.zeros_like(g), m, v
+            g = g * clip.astype(g.dtype)
+            m = (1 - b1) * g + b1 * m
+            v = (1 - b2) * (g**2) + b2 * v
+            u = (m / correction1.astype(m.dtype)) / (jnp.sqrt(v / correction2.astype(v.dtype)) + eps)
+            if decays:
+                u = u + weight_decay * p
+            return step_size * u, m, v
+
+        out = jax.tree.map(one, train, decay, grads, state.mu, state.nu, params)
+        pick = [jax.tree.map(lambda _, o, i=i: o[i], train, out) for i in range(3)]
+        return pick[0], ClippedAdamWState(count, pick[1], pick[2])
+
+    return optax.GradientTransformation(init, update)
