@@ -21,6 +21,10 @@ directory by both sides, in float32. One step, each side:
   the torch side trains on the cross-entropy alone while moejax still computes and adds its sequence-wise
   balance loss: the comparison then slightly favours torch.
 
+Like `moejax train`, the benchmark re-executes itself with glibc's malloc asking for transparent huge
+pages (moejax.cli.with_huge_pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1), for both sides, since they share
+the process; --no-huge-pages keeps the default allocator, and the report says which ran.
+
 The sides run one after the other (torch first, then its model and optimizer are freed), not alternated
 like bench_forward.py: each holds weights, gradients and AdamW state (~7 GB here, ~12 GB for moejax, whose
 step keeps the old state until the new one is returned), too much for both at once on a small machine.
@@ -67,6 +71,7 @@ import transformers
 from bench_forward import CONFIGS, best_time
 
 import moejax
+from moejax.cli import HUGE_PAGES, with_huge_pages
 from moejax.config import NemotronHConfig, Qwen3MoeConfig
 from moejax.reference import randomize
 from moejax.training.step import TrainConfig, init_state, make_train_step
@@ -232,7 +237,7 @@ def report(r: dict, command: str) -> None:
           f" remat {r['remat']}, AdamW, lb_coef {LB_COEF}; {aux}")
     print(f"  jax {jax.__version__} on {jax.default_backend()}, transformers {transformers.__version__}, torch "
           f"{torch.__version__} ({r['torch_threads']} threads), {os.cpu_count()} CPU cores; best of {r['steps']} "
-          f"steps after {r['warmup']} warm-up")
+          f"steps after {r['warmup']} warm-up; malloc huge pages {'on' if r['huge_pages'] else 'off'} (both sides)")
     ref_aux = "none" if ref["aux_loss"] is None else f"{ref['aux_loss']:.6f}"
     print(f"  step 1: moejax loss {ours['loss']:.6f} aux {ours['aux_loss']:.6f} | "
           f"transformers loss {ref['loss']:.6f} aux {ref_aux}")
@@ -260,11 +265,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype, both sides")
     parser.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="moejax TrainConfig.remat")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep glibc's default malloc (moejax train asks it for transparent huge pages)")
     args = parser.parse_args()
+    if not args.no_huge_pages:
+        with_huge_pages()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1 (the first step gives the losses and moejax's compile)")
     transformers.utils.logging.disable_progress_bar()
-    results = bench(args)
+    results = {**bench(args), "huge_pages": HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "")}
     command = " ".join(["python", "benchmarks/bench_train.py", *sys.argv[1:]])
     report(results, command)
     if args.json:
