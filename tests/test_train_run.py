@@ -216,3 +216,20 @@ def test_held_out_evaluation_is_the_cross_entropy_alone(model_dir, tmp_path):
         tokens += n
     assert float(table[0]["eval_loss_en"]) == pytest.approx(total / tokens, rel=1e-5)
     assert float(table[2]["eval_loss_he"]) != float(table[0]["eval_loss_he"])
+
+
+@pytest.mark.parametrize("env, tunables", [
+    ({}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"MOEJAX_HUGE_PAGES": "0"}, "None"),
+])
+def test_train_command_restarts_with_huge_pages(env, tunables):
+    """`moejax train` from the command line re-executes itself once with glibc's malloc asking for huge pages,
+    keeping any tunables already set; MOEJAX_HUGE_PAGES=0 keeps the process as it is."""
+    code = ("import os; from moejax.cli import with_huge_pages; print('start', flush=True); with_huge_pages(); "
+            "print(os.environ.get('GLIBC_TUNABLES'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MOEJAX_HUGE_PAGES")}
+    done = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    restarts = 0 if "MOEJAX_HUGE_PAGES" in env else 1
+    assert done.stdout.split("\n") == ["start"] * (restarts + 1) + [tunables, ""]
