@@ -224,8 +224,9 @@ def test_held_out_evaluation_is_the_cross_entropy_alone(model_dir, tmp_path):
     ({"MOEJAX_HUGE_PAGES": "0"}, "None"),
 ])
 def test_train_command_restarts_with_huge_pages(env, tunables):
-    """`moejax train` from the command line re-executes itself once with glibc's malloc asking for huge pages,
-    keeping any tunables already set; MOEJAX_HUGE_PAGES=0 keeps the process as it is."""
+    """with_huge_pages (which cli.main calls for `moejax train` run from the command line) re-executes the process
+    once with glibc's malloc asking for huge pages, keeping any tunables already set; MOEJAX_HUGE_PAGES=0 keeps
+    the process as it is."""
     code = ("import os; from moejax.cli import with_huge_pages; print('start', flush=True); with_huge_pages(); "
             "print(os.environ.get('GLIBC_TUNABLES'))")
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MOEJAX_HUGE_PAGES")}
