@@ -7,15 +7,11 @@ For each architecture (the configs of bench_forward.py, d=512, 64 experts) a che
 save_pretrained with every weight random, plus a byte-level tokenizer; `parity()` then compares
 moejax and transformers over the built-in en/he/ja sample corpus in batches of 4 x 512 tokens: 2048
 tokens (the forward benchmark's batch) and 10240. Printed per run: the verdict with the measured
-KL, agreements and drift (the bfloat16 runs are what the bfloat16 default tolerances are set from),
-and the time of each side: moejax's forward passes (with compilation, the first batch's share
-shown), transformers' forward passes (hooks excluded), the comparison, and the whole command. moejax runs
-in a worker thread; "waited for" is the part of its time not hidden behind transformers (on the CPU
-the sides take turns after the first batch, which overlaps transformers' load).
-
-For the bfloat16 checkpoints, two more runs at 2048 tokens split the bf16-vs-bf16 gap into each side's
-own rounding error: transformers in bf16 against moejax in float32 (which equals the float32
-reference to ~1e-6), and moejax in bf16 against transformers in float32.
+KL, agreements, flips and drift (a bfloat16 checkpoint gets the calibrated verdict: transformers in
+float32 and in bfloat16, moejax in bfloat16), and the time of each side: moejax's forward passes (with
+compilation, the first batch's share shown, and reruns with forced ties), transformers' forward passes
+(both of its runs for a calibrated verdict), the comparison, and the whole command. moejax runs in a
+worker thread; "waited for" is the part of its time not hidden behind transformers.
 """
 
 from __future__ import annotations
@@ -59,19 +55,18 @@ def main() -> None:
         for arch in archs:
             for dtype in dtypes:
                 model_dir = make(arch, Path(tmp) / f"{arch}-{dtype}", dtype)
-                runs = [(tokens, dtype, dtype) for tokens in args.tokens or [2048, 10240]]
-                if dtype == "bfloat16":
-                    runs += [(2048, "float32", "bfloat16"), (2048, "bfloat16", "float32")]
-                for tokens, ours, theirs in runs:
-                    result = parity(model_dir, None, seq_len=512, batch_size=4, max_tokens=tokens, dtype=ours,
-                                    reference_dtype=theirs, show_progress=False)
+                for tokens in args.tokens or [2048, 10240]:
+                    result = parity(model_dir, None, seq_len=512, batch_size=4, max_tokens=tokens, dtype=dtype,
+                                    show_progress=False)
                     s, t = result.summary, result.summary["timings"]
                     checks = ", ".join(f"{c['check']} {c['value']:.3g}{'' if c['passed'] else ' FAIL'}"
                                        for c in s["checks"])
-                    print(f"{arch}, moejax {ours} vs transformers {theirs}, {s['tokens']} tokens: verdict "
-                          f"{s['verdict']}; {checks}; near-tie flips {s['near_tie_flips']}")
+                    print(f"{arch}, moejax {dtype} ({s['mode']} verdict), {s['tokens']} tokens: verdict "
+                          f"{s['verdict']}; {checks}; ties {s['ties']} ({s['exact_ties']} exact), other flips "
+                          f"{s['other_flips']}, forced {s['forced_tokens']} tokens")
                     print(f"  moejax {t['moejax_forward_s']:.1f} s (first batch with compile "
-                          f"{t['moejax_first_batch_s']:.1f} s; waited for {t['moejax_wait_s']:.1f} s), "
+                          f"{t['moejax_first_batch_s']:.1f} s; waited for {t['moejax_wait_s']:.1f} s; "
+                          f"{t['moejax_reruns']} reruns with forced ties), "
                           f"transformers {t['reference_forward_s']:.1f} s, "
                           f"comparison {t['compare_s']:.1f} s; loads {t['moejax_load_s']:.1f} s / "
                           f"{t['reference_load_s']:.1f} s; whole command {t['total_s']:.1f} s; transformers / "

@@ -48,7 +48,7 @@ def _parity(args) -> int:
 
     if args.list_tolerances:
         for name, bounds in TOLERANCES.items():
-            listed = (f"{k}={'unchecked' if v is None else format(v, 'g')}" for k, v in vars(bounds).items())
+            listed = (f"{k}={format(v, 'g')}" for k, v in vars(bounds).items() if v is not None)
             print(name, " ".join(listed))
         return 0
     if not args.model:

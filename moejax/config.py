@@ -225,6 +225,13 @@ class Qwen3MoeConfig:
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
 
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts
+
+    router_kind = "softmax"  # softmax top-k over the raw logits
+    router_groups = (1, 1)  # (groups, groups kept): no group limit
+
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""
         d, h, n, k = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
@@ -432,6 +439,17 @@ class NemotronHConfig:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.n_routed_experts
+
+    router_kind = "sigmoid"  # sigmoid scores plus the correction bias, group-limited top-k
+
+    @property
+    def router_groups(self) -> tuple[int, int]:
+        """(groups, groups kept) of the group-limited top-k."""
+        return self.n_group, self.topk_group
 
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""

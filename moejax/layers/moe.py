@@ -34,17 +34,38 @@ class RouterOutput:
     weights: jax.Array
 
 
-def softmax_topk(logits_te: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+@struct.dataclass
+class RouterControl:
+    """Changes to one MoE layer's routing, given as arrays so that new values never recompile: the tokens
+    where `force_mask` [tokens] is set get the experts `force_ids` [tokens, k] instead of their top-k (their
+    combine weights are still the router's own scores of those experts, normalised as usual)."""
+
+    force_ids: jax.Array | None = None
+    force_mask: jax.Array | None = None
+
+    def select(self, ids_tk: jax.Array) -> jax.Array:
+        """The experts each token uses: its top-k, or the forced ones."""
+        if self.force_mask is None:
+            return ids_tk
+        return jnp.where(self.force_mask[:, None], self.force_ids.astype(ids_tk.dtype), ids_tk)
+
+
+def softmax_topk(logits_te: jax.Array, k: int, normalize: bool,
+                 control: RouterControl | None = None) -> tuple[jax.Array, jax.Array]:
     """Qwen3-MoE routing: float32 softmax, top-k, optional renormalisation -> weights, ids [tokens, k]."""
     probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
-    weights_tk, ids_tk = jax.lax.top_k(probs_te, k)
+    _, ids_tk = jax.lax.top_k(probs_te, k)
+    if control is not None:
+        ids_tk = control.select(ids_tk)
+    weights_tk = jnp.take_along_axis(probs_te, ids_tk, axis=-1)
     if normalize:
         weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
     return weights_tk, ids_tk.astype(jnp.int32)
 
 
 def sigmoid_group_topk(logits_te: jax.Array, correction_e: jax.Array, k: int, n_group: int, topk_group: int,
-                       normalize: bool, scale: float) -> tuple[jax.Array, jax.Array]:
+                       normalize: bool, scale: float,
+                       control: RouterControl | None = None) -> tuple[jax.Array, jax.Array]:
     """Nemotron-H / DeepSeek-V3 routing -> weights, ids [tokens, k].
 
     Sigmoid scores in float32; the correction bias is added for choosing only; experts are chosen
@@ -61,6 +82,8 @@ def sigmoid_group_topk(logits_te: jax.Array, correction_e: jax.Array, k: int, n_
         keep_tg = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], groups_tk].set(True)
         choice_te = jnp.where(keep_tg[:, :, None], choice_tgx, -jnp.inf).reshape(tokens, experts)
     _, ids_tk = jax.lax.top_k(choice_te, k)
+    if control is not None:
+        ids_tk = control.select(ids_tk)
     weights_tk = jnp.take_along_axis(scores_te, ids_tk, axis=-1)
     if normalize:
         weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + 1e-20)
@@ -136,7 +159,8 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
 
     gate = project("gate_edf", x_md) if "gate_edf" in w else None
     y_md = project("down_efd", activate(activation, project("up_edf", x_md), gate))
-    return jnp.einsum("tkd,tk->td", y_md[plan.row_tk], weights_tk.astype(y_md.dtype))
+    return jnp.einsum("tkd,tk->td", y_md[plan.row_tk], weights_tk.astype(jnp.float32),
+                      preferred_element_type=jnp.float32).astype(x_td.dtype)
 
 
 def _over_tiles(rows, row0, tiles: tuple[int, ...], visit, carry):
@@ -198,12 +222,13 @@ def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activatio
             h_tf = activate(activation, up, gate).astype(x_td.dtype)
             y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
             y_td = y_td * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
-            return out_td.at[tokens_t].add(y_td.astype(out_td.dtype)), kept
+            return out_td.at[tokens_t].add(y_td), kept
 
         return over_tiles(visit, carry)
 
-    out_pad, kept = _for_each_tile(group_sizes_e, tiles, run_expert, (jnp.zeros_like(x_pad), kept))
-    return out_pad[:-1], kept
+    # The k weighted expert outputs of a token are summed in float32 and rounded once, as transformers does.
+    out_pad, kept = _for_each_tile(group_sizes_e, tiles, run_expert, (jnp.zeros(x_pad.shape, jnp.float32), kept))
+    return out_pad[:-1].astype(x_td.dtype), kept
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -331,12 +356,12 @@ class SoftmaxMoE(nnx.Module):
         self.router = Router(hidden, num_experts, dtype=dtype, rngs=rngs)
         self.experts = Experts(num_experts, hidden, ffn, activation="swiglu", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, RouterOutput]:
+    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None) -> tuple[jax.Array, RouterOutput]:
         """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens."""
         b, s, d = x_btd.shape
         x_td = x_btd.reshape(b * s, d)
         logits_te = self.router(x_td)
-        weights_tk, ids_tk = softmax_topk(logits_te, self.top_k, self.normalize)
+        weights_tk, ids_tk = softmax_topk(logits_te, self.top_k, self.normalize, control)
         y_td = self.experts(x_td, ids_tk, weights_tk)
         return y_td.reshape(b, s, d), RouterOutput(logits_te, ids_tk, weights_tk)
 
@@ -360,13 +385,13 @@ class SigmoidMoE(nnx.Module):
         self.experts = Experts(num_experts, expert_dim, ffn, activation="relu2", dtype=dtype, rngs=rngs)
         self.shared = MLP(hidden, shared_ffn, activation="relu2", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, RouterOutput]:
+    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None) -> tuple[jax.Array, RouterOutput]:
         """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens."""
         b, s, d = x_btd.shape
         x_td = x_btd.reshape(b * s, d)
         logits_te = self.router(x_td)
         weights_tk, ids_tk = sigmoid_group_topk(logits_te, self.correction_e[...], self.top_k, self.n_group,
-                                                self.topk_group, self.normalize, self.scale)
+                                                self.topk_group, self.normalize, self.scale, control)
         h_td = x_td if self.latent is None else x_td @ self.to_latent_dl[...]
         y_td = self.experts(h_td, ids_tk, weights_tk)
         if self.latent is not None:

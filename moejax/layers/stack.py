@@ -75,25 +75,33 @@ class LayerStack(nnx.Module):
         self.layer_ids = segment_layer_ids(kinds)
         self.remat = "none"  # a REMAT_POLICIES key; set by training
 
-    def __call__(self, x: jax.Array, *, keep_hidden: bool = False, **context) -> tuple[jax.Array, list]:
+    def __call__(self, x: jax.Array, *, keep_hidden: bool = False, moe_inputs=None,
+                 **context) -> tuple[jax.Array, list]:
         """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order.
 
-        With keep_hidden, each layer's aux is (aux, the x it returned).
+        With keep_hidden, each layer's aux is (aux, the x it returned). `moe_inputs`: a pytree whose arrays
+        have a leading axis over the MoE layers (in order); each "moe" layer gets its row as `control`.
         """
         aux_by_layer: list = [None] * len(self.kinds)
+        moe_row = {layer: row for row, layer in enumerate(i for i, kind in enumerate(self.kinds) if kind == "moe")}
         for unit, ids in zip(self.units, self.layer_ids, strict=True):
             graphdef, state = nnx.split(unit)
+            rows = [None if moe_inputs is None or self.kinds[repeats[0]] != "moe"
+                    else jax.tree.map(lambda a, repeats=repeats: a[jnp.asarray([moe_row[i] for i in repeats])],
+                                      moe_inputs)
+                    for repeats in ids]
 
-            def body(x, state_r, graphdef=graphdef):
+            def body(x, xs, graphdef=graphdef):
+                state_r, rows_r = xs
                 aux = []
-                for layer in nnx.merge(graphdef, state_r):
-                    x, a = layer(x, **context)
+                for layer, row in zip(nnx.merge(graphdef, state_r), rows_r, strict=True):
+                    x, a = layer(x, **context) if row is None else layer(x, control=row, **context)
                     aux.append((a, x) if keep_hidden else a)
                 return x, aux
 
             if self.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x, aux_u = jax.lax.scan(body, x, state)
+            x, aux_u = jax.lax.scan(body, x, (state, rows))
             for u, repeats in enumerate(ids):
                 for r, layer_index in enumerate(repeats):
                     aux_by_layer[layer_index] = jax.tree.map(lambda a, r=r: a[r], aux_u[u])

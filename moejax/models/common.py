@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from moejax.layers.moe import RouterControl
 from moejax.parallel.mesh import batch_sharding, mesh_of
 
 
@@ -27,11 +28,33 @@ class CausalLMOutput:
     hidden_states: tuple[jax.Array, ...] | None = None
 
 
+@struct.dataclass
+class ForcedRouting:
+    """Experts imposed on some tokens of every MoE layer, as data (one compile for any values): where
+    mask [moe layers, batch, seq] is set, the token uses expert_ids [moe layers, batch, seq, k] instead of
+    its router's top-k; the combine weights remain the router's own scores of those experts."""
+
+    expert_ids: jax.Array
+    mask: jax.Array
+
+    @classmethod
+    def none(cls, moe_layers: int, batch: int, seq: int, k: int) -> ForcedRouting:
+        """Nothing forced (the same compiled program as any forcing of this shape)."""
+        return cls(np.zeros((moe_layers, batch, seq, k), np.int32), np.zeros((moe_layers, batch, seq), bool))
+
+    def control(self) -> RouterControl:
+        """Per MoE layer controls over the flattened [batch * seq] tokens."""
+        layers, batch, seq, k = self.expert_ids.shape
+        return RouterControl(force_ids=jnp.asarray(self.expert_ids, jnp.int32).reshape(layers, batch * seq, k),
+                             force_mask=jnp.asarray(self.mask, bool).reshape(layers, batch * seq))
+
+
 class CausalLM(nnx.Module):
     """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`."""
 
     def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
-                 return_router_logits: bool = False, return_hidden_states: bool = False) -> CausalLMOutput:
+                 return_router_logits: bool = False, return_hidden_states: bool = False,
+                 forced_routing: ForcedRouting | None = None) -> CausalLMOutput:
         """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
@@ -43,11 +66,18 @@ class CausalLM(nnx.Module):
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if forced_routing is not None:
+            want = (len(self.config.moe_layers), *input_ids.shape, self.config.num_experts_per_tok)
+            if tuple(np.shape(forced_routing.expert_ids)) != want or np.shape(forced_routing.mask) != want[:-1]:
+                raise ValueError(f"forced_routing: expert_ids must be [moe layers, batch, seq, k] = {want} and mask "
+                                 f"{want[:-1]}, got {np.shape(forced_routing.expert_ids)} and "
+                                 f"{np.shape(forced_routing.mask)}")
         graphdef, state = nnx.split(self)
         with on_mesh(state) as place:
             return _jitted_forward(graphdef, state, *place(input_ids, attention_mask,
                                                            jnp.asarray(position_ids, jnp.int32)),
-                                   return_router_logits, return_hidden_states)
+                                   return_router_logits, return_hidden_states,
+                                   None if forced_routing is None else forced_routing.control())
 
 
 @contextlib.contextmanager
@@ -72,9 +102,9 @@ def _place(a: np.ndarray, sharding) -> jax.Array:
 # ~80 ms here, as much as a small forward pass.
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits,
-                    return_hidden_states):
+                    return_hidden_states, control=None):
     return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits,
-                                              return_hidden_states)
+                                              return_hidden_states, control)
 
 
 def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,

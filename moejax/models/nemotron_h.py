@@ -43,14 +43,14 @@ class Block(nnx.Module):
                             dtype=dtype, rngs=rngs)
         self.mixer = make_mixer(cfg, kind, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd, *, mask_bts, valid_bt):
+    def __call__(self, x_btd, *, mask_bts, valid_bt, control=None):
         h_btd = self.norm(x_btd)
         if self.kind == "mamba":
             return x_btd + self.mixer(h_btd, valid_bt), None
         if self.kind == "attention":
             return x_btd + self.mixer(h_btd, mask_bts), None
         if self.kind == "moe":
-            y_btd, routing = self.mixer(h_btd)
+            y_btd, routing = self.mixer(h_btd, control)
             return x_btd + y_btd, routing
         return x_btd + self.mixer(h_btd), None
 
@@ -68,11 +68,11 @@ class NemotronHForCausalLM(CausalLM):
         self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False):
+                return_hidden_states: bool = False, control=None):
         """Token ids [batch, seq] -> CausalLMOutput. There is no RoPE: positions are implicit in the scan."""
         x_btd = self.embed_vd[...][input_ids_bt]
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states,
+        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states, moe_inputs=control,
                                  mask_bts=mask_bts, valid_bt=attention_mask_bt != 0)
         logits_btv = self.norm_f(x_btd) @ self.lm_head_dv[...]
         return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)

@@ -32,10 +32,10 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
         self.kind = kind
 
-    def __call__(self, x_btd, *, mask_bts, rope_cos_sin):
+    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None):
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bts, rope_cos_sin)
         if self.kind == "moe":
-            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd))
+            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control)
             return x_btd + y_btd, routing
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None
 
@@ -53,14 +53,14 @@ class Qwen3MoeForCausalLM(CausalLM):
             self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False):
+                return_hidden_states: bool = False, control=None):
         """Token ids [batch, seq] -> CausalLMOutput."""
         cfg = self.config
         x_btd = self.embed_vd[...][input_ids_bt]
         inv_freq_h = inverse_frequencies(cfg.rope, cfg.head_dim)
         rope_cos_sin = rope_tables(position_ids_bt, inv_freq_h, cfg.rope.mscale, x_btd.dtype)
         mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states,
+        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states, moe_inputs=control,
                                  mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
         x_btd = self.norm(x_btd)
         head_dv = self.embed_vd[...].T if cfg.tie_word_embeddings else self.lm_head_dv[...]

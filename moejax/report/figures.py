@@ -108,24 +108,34 @@ def save_figure(fig, out: Path, name: str) -> str:
     return name
 
 
-def drift_figure(path: Path, rows: list[dict], tolerance: float, title: str) -> None:
-    """`moejax parity`'s figure: per block, the relative hidden-state difference (log scale, one marker per
-    block kind, the tolerance dashed) above, and per MoE block the share of tokens whose expert set differs."""
+def drift_figure(path: Path, rows: list[dict], title: str) -> None:
+    """`moejax parity`'s figure: per block, the hidden-state difference it checks (log scale, one marker per
+    block kind; calibrated runs add the 16-bit reference's own; the bound dashed) above, and per MoE block the
+    share of tokens whose expert set differs."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.18 * len(rows) + 3), 5.6), sharex=True)
     blocks = np.array([r["block"] for r in rows])
-    drift = np.array([max(r["hidden_relative_diff"], 1e-12) for r in rows])
+    drift = np.array([max(r["hidden_checked"], 1e-12) for r in rows])
     top.plot(blocks, drift, c="0.6", lw=0.8)
     for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
         here = np.array([r["kind"] == kind for r in rows])
         top.scatter(blocks[here], drift[here], s=18, marker="os^Dv"[i % 5], label=kind, zorder=3)
-    top.axhline(tolerance, ls="--", c="tab:red", lw=0.9, label=f"tolerance {tolerance:g}")
+    calibrated = "hidden_median_reference" in rows[0]
+    if calibrated:
+        top.plot(blocks, [max(r["hidden_median_reference"], 1e-12) for r in rows], c="tab:green", lw=0.9,
+                 label="16-bit reference (its own rounding)")
+    top.plot(blocks, [r["hidden_bound"] for r in rows], ls="--", c="tab:red", lw=0.9, label="bound")
     top.set_yscale("log")
-    top.set_ylabel("|h_moejax - h_ref| / |h_ref|")
+    top.set_ylabel(("median token " if calibrated else "") + "|h - h_ref32| / |h_ref32|")
     top.set_title(f"parity drift per block: {title}", fontsize=9)
     top.grid(alpha=0.3)
     top.legend(fontsize=8)
     moe = [r for r in rows if "moe_layer" in r]
-    bottom.bar([r["block"] for r in moe], [100 * (1 - r["expert_set_agreement"]) for r in moe], color="tab:orange")
+    bottom.bar([r["block"] for r in moe], [100 * (1 - r["expert_set_agreement"]) for r in moe], color="tab:orange",
+               label="moejax")
+    if calibrated and moe:
+        bottom.plot([r["block"] for r in moe], [100 * (1 - r["expert_set_agreement_reference"]) for r in moe], "o",
+                    c="tab:green", label="16-bit reference")
+        bottom.legend(fontsize=8)
     bottom.set_ylabel("tokens with another\nexpert set (%)")
     bottom.set_xlabel("block")
     bottom.grid(alpha=0.3)

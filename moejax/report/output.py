@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """rows as CSV with the union of their keys as columns, in first-seen order."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
+    """rows as CSV with `columns`, or the union of their keys in first-seen order."""
+    fields = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
