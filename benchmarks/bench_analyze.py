@@ -42,10 +42,11 @@ def make_corpus(directory: Path, tokens: int) -> None:
 
 
 def run_moejax(model_dir: str, corpus: str, out: str) -> dict:
-    from moejax.routing.analyze import analyze
+    from moejax.commands.analyze import AnalyzeSettings, analyze
 
     start = time.perf_counter()
-    result = analyze([model_dir], LANGS, corpus, out, chunk_words=CHUNK_WORDS, batch_size=8, show_progress=False)
+    result = analyze(AnalyzeSettings(model=(model_dir,), langs=tuple(LANGS), data=corpus, out=out,
+                                     chunk_words=CHUNK_WORDS, batch_size=8, quiet=True))
     seconds = time.perf_counter() - start
     tokens = sum(json.loads((result / "metrics.json").read_text())["models"][Path(model_dir).name]["tokens"].values())
     return {"seconds": seconds, "tokens": tokens}
@@ -58,7 +59,7 @@ def run_torch(model_dir: str, corpus: str) -> dict:
 
     from moejax.data.corpus import chunk, read_corpus
     from moejax.routing import metrics as M
-    from moejax.routing.analyze import _bucket
+    from moejax.routing.analysis import _bucket
 
     torch.set_num_threads(os.cpu_count())
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

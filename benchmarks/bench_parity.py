@@ -25,7 +25,7 @@ import torch
 import transformers
 from bench_forward import CONFIGS
 
-from moejax.parity import parity
+from moejax.commands.parity import ParitySettings, parity
 from moejax.reference import randomize, save_byte_tokenizer
 
 
@@ -56,8 +56,8 @@ def main() -> None:
             for dtype in dtypes:
                 model_dir = make(arch, Path(tmp) / f"{arch}-{dtype}", dtype)
                 for tokens in args.tokens or [2048, 10240]:
-                    result = parity(model_dir, None, seq_len=512, batch_size=4, max_tokens=tokens, dtype=dtype,
-                                    show_progress=False)
+                    result = parity(ParitySettings(model=model_dir, out=None, seq_len=512, batch_size=4,
+                                                   max_tokens=tokens, dtype=dtype, quiet=True))
                     s, t = result.summary, result.summary["timings"]
                     checks = ", ".join(f"{c['check']} {c['value']:.3g}{'' if c['passed'] else ' FAIL'}"
                                        for c in s["checks"])

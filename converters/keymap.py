@@ -15,7 +15,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from converters.safetensors_io import SafetensorsCheckpoint
+from moejax.errors import CheckpointError
+from moejax.layers.stack import layer_position
+from moejax.parallel.mesh import param_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +46,7 @@ def _param_paths(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
         yield tuple(path), var
 
 
-def _layer_rule_key(path: tuple) -> tuple[int, int, tuple[str, ...]] | None:
-    if len(path) > 4 and path[0] == "layers" and path[1] == "units":
-        return int(path[2]), int(path[3]), tuple(str(p) for p in path[4:])
-    return None
-
-
-def _keys(template: str, layers: tuple[int, ...] | None, num_experts: int) -> np.ndarray:
+def keys_of(template: str, layers: tuple[int, ...] | None, num_experts: int) -> np.ndarray:
     """Keys as an array shaped [layers?, experts?] (each axis present only where the template has it)."""
     per_expert = "{e}" in template
     rows = [[template.format(i=i, e=e) for e in (range(num_experts) if per_expert else [None])]
@@ -60,11 +57,11 @@ def _keys(template: str, layers: tuple[int, ...] | None, num_experts: int) -> np
 
 def _choose(rules: list[Rule], layers, keymap: KeyMap, ckpt: SafetensorsCheckpoint) -> tuple[Rule, np.ndarray]:
     for rule in rules:
-        keys = _keys(rule.template, layers, keymap.num_experts)
+        keys = keys_of(rule.template, layers, keymap.num_experts)
         if keys.flat[0] in ckpt:
             return rule, keys
     rule = rules[0]
-    keys = _keys(rule.template, layers, keymap.num_experts)
+    keys = keys_of(rule.template, layers, keymap.num_experts)
     alternatives = "" if len(rules) == 1 else f" (nor the alternative layout {[r.template for r in rules[1:]]})"
     raise CheckpointError(f"{ckpt.directory}: missing tensor {keys.flat[0]!r}{alternatives}; "
                           f"expected shape {rule.hf_shape}")
@@ -91,11 +88,9 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
     Raises CheckpointError naming key, file and expected shape for a missing, misshapen or
     unexpected tensor.
     """
-    from moejax.parallel.mesh import param_sharding
-
     consumed: set[str] = set()
     for path, var in _param_paths(model):
-        located = _layer_rule_key(path)
+        located = layer_position(path)
         if located is None:
             rules, layers = keymap.top.get(tuple(str(p) for p in path)), None
         else:
@@ -103,7 +98,8 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
             rules, layers = keymap.layer.get(local), model.layers.layer_ids[s][u]
         name = ".".join(map(str, path))
         if rules is None:
-            raise KeyError(f"no checkpoint rule for parameter {name}")
+            raise CheckpointError(f"{ckpt.directory}: moejax has no checkpoint rule for its parameter {name} (a model "
+                                  "built from a config the key map does not cover)")
         rule, keys = _choose(rules, layers, keymap, ckpt)
         if progress:
             progress(rule.template)

@@ -7,12 +7,8 @@ prediction weights (`mtp.*`) are not part of the forward pass and are skipped, a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from converters.keymap import KeyMap, Rule
-
-if TYPE_CHECKING:  # moejax imports the converters; importing it back here would be circular
-    from moejax.config import NemotronHConfig
+from moejax.config import NemotronHConfig
 
 PREFIXES = ("backbone.", "model.")
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from converters.keymap import KeyMap, Rule
-
-if TYPE_CHECKING:  # moejax imports the converters; importing it back here would be circular
-    from moejax.config import Qwen3MoeConfig
+from moejax.config import Qwen3MoeConfig
 
 
 def _t(a):

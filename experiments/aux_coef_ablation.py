@@ -25,7 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax.cli import main as moejax_main  # noqa: E402
+from moejax.commands.options import add_options, from_mapping  # noqa: E402
+from moejax.commands.train import TrainSettings, train  # noqa: E402
 from moejax.report.figures import entropy_by_layer, mean_entropy, read_metrics, save_figure  # noqa: E402
 
 
@@ -37,14 +38,13 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[n] - sums[lo]) / (n - lo)
 
 
-def run(coefs: list[float], out: Path, train_args: list[str]) -> dict[float, dict[str, np.ndarray]]:
+def run(coefs: list[float], out: Path, settings: dict) -> dict[float, dict[str, np.ndarray]]:
+    """One `moejax train` run per coefficient, each with the same `settings` (TrainSettings fields) otherwise."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
     for coef in coefs:
         run_dir = out / f"lb_{coef:g}"
-        status = moejax_main(["train", *train_args, "--lb-coef", repr(coef), "--out", str(run_dir)])
-        if status != 0:
-            raise SystemExit(f"moejax train with --lb-coef {coef:g} failed (exit {status}); see above")
+        train(from_mapping(TrainSettings, {**settings, "lb_coef": coef, "out": run_dir}))
         metrics[coef] = read_metrics(run_dir / "metrics.csv")
     figures(metrics, out)
     summary(metrics, out)
@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         parser.error(f"--coefs takes numbers separated by commas, got {args.coefs!r}")
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    common = ["--steps", str(args.steps), *(["--model", args.model] if args.model else []),
-              *(["--data", args.data] if args.data else []), *extra]
-    run(coefs, args.out, common)
+    flags = argparse.ArgumentParser(prog="moejax train flags")
+    add_options(flags, TrainSettings)
+    settings = {"steps": args.steps, "model": args.model, "data": args.data, **vars(flags.parse_args(extra))}
+    run(coefs, args.out, settings)
     print(f"wrote {args.out}/loss_curves.png, routing_entropy.png and summary.md")
 
 

@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moejax.routing.analyze import analyze
+from moejax.commands.analyze import AnalyzeSettings, analyze
 
 
 def run(models: dict[str, str | None], pairs: list[str], data: str | None, out: Path, chunk_words: int,
@@ -30,8 +30,9 @@ def run(models: dict[str, str | None], pairs: list[str], data: str | None, out: 
             "|---|---|---|---|---|---|"]
     for pair in pairs:
         langs = pair.split("-")
-        specs = [None if path is None else f"{label}={path}" for label, path in models.items()]
-        result = analyze(specs, langs, data, out / pair, chunk_words=chunk_words, mode=mode, batch_size=batch_size)
+        specs = tuple(f"{label}={path}" for label, path in models.items() if path is not None)
+        result = analyze(AnalyzeSettings(model=specs, langs=tuple(langs), data=data, out=out / pair,
+                                         chunk_words=chunk_words, chunk_mode=mode, batch_size=batch_size))
         summary = json.loads((result / "metrics.json").read_text())["summary"]
         for model, s in summary.items():
             for lang, c in s["collapse"].items():

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from converters.safetensors_io import CheckpointError
+from moejax.errors import CheckpointError
+from moejax.io import atomic_directory
+from moejax.parallel.mesh import param_sharding
 
 MARKER = "moejax.json"
 FORMAT = "moejax-orbax-params"
@@ -32,10 +35,6 @@ def is_orbax_dir(path: str | Path) -> bool:
 def save_params(model: nnx.Module, source_dir: str | Path, out: str | Path) -> Path:
     """Writes `model`'s parameters as an Orbax checkpoint in OUT (atomically), with source_dir's config
     and tokenizer files."""
-    import orbax.checkpoint as ocp
-
-    from moejax.report.output import atomic_directory
-
     source_dir, out = Path(source_dir), Path(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with atomic_directory(out) as tmp:
@@ -56,10 +55,6 @@ def save_params(model: nnx.Module, source_dir: str | Path, out: str | Path) -> P
 def restore_params(model: nnx.Module, path: str | Path, mesh=None) -> nnx.Module:
     """Fills an abstract `model` from the Orbax checkpoint at `path`, each parameter created in its
     target sharding (`mesh` and the logical-axis rules, or one device) and cast to the model's dtype."""
-    import orbax.checkpoint as ocp
-
-    from moejax.parallel.mesh import param_sharding
-
     path = Path(path)
     marker = json.loads((path / MARKER).read_text())
     if marker.get("format") != FORMAT:

@@ -13,16 +13,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json this library cannot represent faithfully."""
-
+from moejax.errors import ConfigError
 
 # Fields that PreTrainedConfig writes for every model and that never change a forward pass.
 _GENERIC_INERT = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
     "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "output_router_logits", "router_aux_loss_coef", "attention_dropout",
+    "decoder_start_token_id", "output_router_logits", "attention_dropout",
     "max_position_embeddings", "_name_or_path", "name_or_path", "return_dict", "output_hidden_states",
     "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
     "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
@@ -122,6 +119,15 @@ def _check_hf(cls, d: dict[str, Any], source: str) -> None:
     _check_fields(d, cls._READ, set(cls._INERT), source)
 
 
+def _optional_float(d: dict[str, Any], name: str, source: str) -> float | None:
+    value = d.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
 def _require(cond: bool, source: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{source}: {message}")
@@ -149,6 +155,7 @@ class Qwen3MoeConfig:
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = RopeConfig(theta=1_000_000.0)
     max_position_embeddings: int = 40960
+    router_aux_loss_coef: float | None = None  # the load-balancing coefficient the model was trained with
 
     model_type = "qwen3_moe"
     _READ = {
@@ -157,7 +164,7 @@ class Qwen3MoeConfig:
         "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
         "tie_word_embeddings", "attention_bias", "rms_norm_eps", "rope_theta", "rope_scaling",
         "rope_parameters", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
-        "max_position_embeddings", "original_max_position_embeddings",
+        "max_position_embeddings", "original_max_position_embeddings", "router_aux_loss_coef",
     }
     _INERT = frozenset()
 
@@ -200,6 +207,7 @@ class Qwen3MoeConfig:
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope=RopeConfig.from_hf(d, source),
                 max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
+                router_aux_loss_coef=_optional_float(d, "router_aux_loss_coef", source),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
@@ -208,6 +216,8 @@ class Qwen3MoeConfig:
         """The config.json transformers reads for this model."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope"}
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if self.router_aux_loss_coef is None:
+            del d["router_aux_loss_coef"]
         d.update(model_type=self.model_type, architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
                  rope_parameters=self.rope.to_hf(), use_sliding_window=False)
         return d
@@ -231,6 +241,16 @@ class Qwen3MoeConfig:
 
     router_kind = "softmax"  # softmax top-k over the raw logits
     router_groups = (1, 1)  # (groups, groups kept): no group limit
+
+    @property
+    def expert_input_size(self) -> int:
+        """The width of the rows the routed experts take (and give back)."""
+        return self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model's positions cover (RoPE's trained range)."""
+        return self.max_position_embeddings
 
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""
@@ -324,6 +344,7 @@ class NemotronHConfig:
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     time_step_min: float = 0.001
     layer_norm_epsilon: float = 1e-5
+    router_aux_loss_coef: float | None = None  # the load-balancing coefficient, when config.json records one
     dt_floor: str = "time_step_limit"
 
     model_type = "nemotron_h"
@@ -335,7 +356,8 @@ class NemotronHConfig:
         "use_conv_bias", "mamba_hidden_act", "mamba_proj_bias", "use_bias", "time_step_limit", "time_step_min",
         "n_routed_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
         "moe_shared_expert_intermediate_size", "moe_latent_size", "n_group", "topk_group", "routed_scaling_factor",
-        "norm_topk_prob", "layer_norm_epsilon", "tie_word_embeddings", "sliding_window", *NEMOTRON_LEGACY,
+        "norm_topk_prob", "layer_norm_epsilon", "tie_word_embeddings", "sliding_window", "router_aux_loss_coef",
+        *NEMOTRON_LEGACY,
     }
     # Read by transformers only for initialisation, caching, kernels or multi-token prediction, or
     # (attention_bias, residual_in_fp32, RoPE fields) not used by its Nemotron-H forward at all.
@@ -416,13 +438,15 @@ class NemotronHConfig:
                 time_step_limit=_float_pair(d.get("time_step_limit", (0.0, math.inf)), source, "time_step_limit"),
                 time_step_min=float(d.get("time_step_min", 0.001)),
                 layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+                router_aux_loss_coef=_optional_float(d, "router_aux_loss_coef", source),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads for this model."""
-        skip = {"layer_kinds", "time_step_limit", "dt_floor"}
+        skip = {"layer_kinds", "time_step_limit", "dt_floor"} | (
+            {"router_aux_loss_coef"} if self.router_aux_loss_coef is None else set())
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         inverse = {v: k for k, v in NEMOTRON_PATTERN.items()}
         d.update(model_type=self.model_type, architectures=["NemotronHForCausalLM"],
@@ -450,6 +474,13 @@ class NemotronHConfig:
     def router_groups(self) -> tuple[int, int]:
         """(groups, groups kept) of the group-limited top-k."""
         return self.n_group, self.topk_group
+
+    @property
+    def expert_input_size(self) -> int:
+        """The width of the rows the routed experts take (and give back): the latent size, if there is one."""
+        return self.moe_latent_size or self.hidden_size
+
+    max_positions = None  # no positional encoding: attention without RoPE, positions implicit in the Mamba scan
 
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from converters.keymap import KeyMap, Rule, _keys, _layer_rule_key
+from converters import keymap as keymap_of
+from converters.keymap import KeyMap, Rule, keys_of
 from converters.safetensors_io import INDEX_NAME, write_safetensors
 from moejax.checkpoint import COPIED
-from moejax.models import architecture
-from moejax.report.output import atomic_directory
+from moejax.errors import CheckpointError
+from moejax.io import atomic_directory
+from moejax.layers.stack import layer_position
 
 
 def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
@@ -27,7 +29,7 @@ def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
     source = np.arange(int(np.prod(rule.hf_shape))).reshape(rule.hf_shape)
     positions = np.asarray(rule.to_moejax(source))
     if positions.shape != value.shape or positions.size != source.size:
-        raise ValueError(f"{rule.template}: its transform is not a rearrangement; it cannot be written back")
+        raise CheckpointError(f"{rule.template}: its transform is not a rearrangement; it cannot be written back")
     flat = np.empty(source.size, value.dtype)
     flat[positions.ravel()] = value.ravel()
     return flat.reshape(rule.hf_shape)
@@ -36,13 +38,13 @@ def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
 def _tensors(model, keymap: KeyMap):
     """(key, on-disk tensor) for every parameter, a layer's worth fetched from the devices at a time."""
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        located = _layer_rule_key(tuple(path))
+        located = layer_position(path)
         if located is None:
             rule, layers = keymap.top[tuple(str(p) for p in path)][0], None
         else:
             s, u, local = located
             rule, layers = keymap.layer[local][0], model.layers.layer_ids[s][u]
-        keys = _keys(rule.template, layers, keymap.num_experts)
+        keys = keys_of(rule.template, layers, keymap.num_experts)
         value = var[...]
         if keys.ndim == 0:
             yield str(keys[()]), _to_hf(rule, np.asarray(value))
@@ -61,7 +63,7 @@ def export_pretrained(model, out: str | Path, *, tokenizer_from: str | Path | No
     """Writes `model` to OUT as config.json + model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json
     (atomically), in the parameters' dtype; tokenizer files are copied from `tokenizer_from` if given."""
     cfg = model.config
-    keymap = architecture(cfg.model_type, "the model").keymap(cfg)
+    keymap = keymap_of(cfg)
     with atomic_directory(out) as tmp:
         shard_keys, current, size, total, dtype = [], {}, 0, 0, None
 

@@ -6,20 +6,21 @@ import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
-from flax import nnx
 
+from converters import keymap
 from converters.keymap import load_params
 from converters.safetensors_io import SafetensorsCheckpoint
 from moejax.checkpoint import is_orbax_dir, restore_params
-from moejax.config import ConfigError, read_config_json
-from moejax.models import architecture
+from moejax.config import read_config_json
+from moejax.errors import ConfigError
+from moejax.models import abstract_model, config_class
 
 
 def load_config(path: str | Path):
     """The moejax config of a checkpoint directory (validated; see moejax.config)."""
     source = Path(path) / "config.json"
     hf = read_config_json(source)
-    return architecture(hf.get("model_type"), str(source)).config_cls.from_hf(hf, str(source))
+    return config_class(hf.get("model_type"), str(source)).from_hf(hf, str(source))
 
 
 def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_overrides):
@@ -41,9 +42,8 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_ove
         if unknown:
             raise ConfigError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
         cfg = dataclasses.replace(cfg, **config_overrides)
-    arch = architecture(cfg.model_type, str(path / "config.json"))
-    model = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg, dtype)
     if is_orbax_dir(path):
         return restore_params(model, path, mesh)
-    load_params(model, arch.keymap(cfg), SafetensorsCheckpoint(path), mesh=mesh)
+    load_params(model, keymap(cfg), SafetensorsCheckpoint(path), mesh=mesh)
     return model

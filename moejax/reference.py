@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 
 def tiny_qwen3_config(**overrides) -> transformers.Qwen3MoeConfig:
@@ -109,8 +110,6 @@ def save_byte_tokenizer(directory: Path) -> None:
 
     Tiny test checkpoints carry it so the analysis reads a real tokenizer from the model directory.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)

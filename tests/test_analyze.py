@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from moejax.routing.analyze import analyze
 from scipy import stats as sps
 from scipy.spatial import distance
 
 from moejax.cli import main
-from moejax.data.corpus import CorpusError, chunk, read_corpus
+from moejax.data.corpus import DataError, chunk, read_corpus
 from moejax.reference import make_checkpoint, run_reference, save_byte_tokenizer
-from moejax.routing.analyze import analyze
 
 LANGS = ["he", "en"]
 TEXT = {
@@ -185,14 +185,14 @@ def test_content_mask_excludes_added_specials(checkpoint, tmp_path):
 def test_bad_corpora(tmp_path, text, message):
     corpus = write_corpus(tmp_path / "corpus", text)
     out = tmp_path / "out"
-    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         analyze([None], LANGS, str(corpus), out, show_progress=False)
     assert not out.exists()
 
 
 def test_unknown_language_and_no_moe(tmp_path):
-    with pytest.raises(CorpusError, match="unknown language code"):
+    with pytest.raises(DataError, match="unknown language code"):
         read_corpus(None, ["en", "xx"])
     _, path = make_checkpoint("qwen3_moe", tmp_path / "dense", seed=1, vocab_size=259, mlp_only_layers=[0, 1, 2, 3])
     save_byte_tokenizer(path)
@@ -206,7 +206,7 @@ def test_unknown_language_and_no_moe(tmp_path):
 
 def test_missing_tokenizer(tmp_path):
     _, path = make_checkpoint("qwen3_moe", tmp_path / "m", seed=1)
-    with pytest.raises(CorpusError, match="no tokenizer"):
+    with pytest.raises(DataError, match="no tokenizer"):
         analyze([str(path)], LANGS, str(write_corpus(tmp_path / "c")), tmp_path / "out", show_progress=False)
 
 
@@ -275,10 +275,10 @@ def test_corpus_formats(tmp_path):
                              for e, h in zip(TEXT["en"], TEXT["he"], strict=True)), encoding="utf-8")
     for source in (flores, tsv, jsonl, write_corpus(tmp_path / "plain")):
         assert read_corpus(str(source), ["he", "en"]) == {"he": TEXT["he"], "en": TEXT["en"]}, source
-    with pytest.raises(CorpusError, match=r"no column for language\(s\) \['ja'\]"):
+    with pytest.raises(DataError, match=r"no column for language\(s\) \['ja'\]"):
         read_corpus(str(tsv), ["ja", "en"])
-    with pytest.raises(CorpusError, match="no FLORES-200 file jpn_Jpan"):
+    with pytest.raises(DataError, match="no FLORES-200 file jpn_Jpan"):
         read_corpus(str(flores), ["ja", "en"])
     jsonl.write_text(json.dumps({"en": "x", "he": ""}) + "\n")
-    with pytest.raises(CorpusError, match="row 1 has no 'he' text"):
+    with pytest.raises(DataError, match="row 1 has no 'he' text"):
         read_corpus(str(jsonl), ["he", "en"])

@@ -1,7 +1,7 @@
 """Parallel corpora: readers for FLORES-200, TED-style TSV/JSONL and aligned text files; chunking.
 
 Every reader returns {lang: [sentence, ...]} with the same number of aligned sentences per language,
-or raises CorpusError naming the file, the language and what is wrong.
+or raises DataError naming the file, the language and what is wrong.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+
+from moejax.errors import DataError
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 
@@ -20,28 +22,24 @@ FLORES_CODES = {
 }
 
 
-class CorpusError(ValueError):
-    """A corpus that is missing, empty or not aligned."""
-
-
 def check_langs(langs: list[str]) -> list[str]:
     unknown = [lang for lang in langs if lang not in FLORES_CODES]
     if unknown:
-        raise CorpusError(f"unknown language code(s) {unknown}; known: {sorted(FLORES_CODES)}")
+        raise DataError(f"unknown language code(s) {unknown}; known: {sorted(FLORES_CODES)}")
     if len(set(langs)) != len(langs) or len(langs) < 2:
-        raise CorpusError(f"--langs needs at least two different languages, got {langs}")
+        raise DataError(f"--langs needs at least two different languages, got {langs}")
     return langs
 
 
 def _lines(path: Path, lang: str) -> list[str]:
     if not path.is_file():
-        raise CorpusError(f"{path}: missing file for language {lang!r}")
+        raise DataError(f"{path}: missing file for language {lang!r}")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     empty = [i + 1 for i, line in enumerate(lines) if not line]
     if empty:
-        raise CorpusError(f"{path}: empty line(s) {empty[:5]} (language {lang!r}); every line must be a sentence")
+        raise DataError(f"{path}: empty line(s) {empty[:5]} (language {lang!r}); every line must be a sentence")
     if not lines:
-        raise CorpusError(f"{path}: no text (language {lang!r})")
+        raise DataError(f"{path}: no text (language {lang!r})")
     return lines
 
 
@@ -49,7 +47,7 @@ def _aligned(corpus: dict[str, list[str]], where: dict[str, str]) -> dict[str, l
     counts = {lang: len(lines) for lang, lines in corpus.items()}
     if len(set(counts.values())) != 1:
         detail = ", ".join(f"{where[lang]}: {n}" for lang, n in counts.items())
-        raise CorpusError(f"the parallel corpus is not aligned: line counts differ ({detail})")
+        raise DataError(f"the parallel corpus is not aligned: line counts differ ({detail})")
     return corpus
 
 
@@ -63,14 +61,14 @@ def read_corpus(path: str | Path | None, langs: list[str]) -> dict[str, list[str
     if path.is_file():
         return _read_table(path, langs)
     if not path.is_dir():
-        raise CorpusError(f"{path}: no such corpus file or directory")
+        raise DataError(f"{path}: no such corpus file or directory")
     flores = {lang: sorted(path.glob(f"{FLORES_CODES[lang]}.dev*")) + sorted(path.glob(f"*/{FLORES_CODES[lang]}.dev*"))
               for lang in langs}
     if any(flores.values()):
         corpus, where = {}, {}
         for lang, files in flores.items():
             if not files:
-                raise CorpusError(f"{path}: no FLORES-200 file {FLORES_CODES[lang]}.dev/.devtest for language {lang!r}")
+                raise DataError(f"{path}: no FLORES-200 file {FLORES_CODES[lang]}.dev/.devtest for language {lang!r}")
             corpus[lang] = [line for f in files for line in _lines(f, lang)]
             where[lang] = ", ".join(str(f) for f in files)
         return _aligned(corpus, where)
@@ -87,23 +85,23 @@ def _read_table(path: Path, langs: list[str]) -> dict[str, list[str]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{i}: not a JSON object ({e})") from None
+                    raise DataError(f"{path}:{i}: not a JSON object ({e})") from None
     elif path.suffix in (".tsv", ".txt"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     else:
-        raise CorpusError(f"{path}: expected a .tsv (header row of language codes) or .jsonl file")
+        raise DataError(f"{path}: expected a .tsv (header row of language codes) or .jsonl file")
     if not rows:
-        raise CorpusError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     missing = [lang for lang in langs if lang not in rows[0]]
     if missing:
-        raise CorpusError(f"{path}: no column for language(s) {missing}; columns: {sorted(rows[0])}")
+        raise DataError(f"{path}: no column for language(s) {missing}; columns: {sorted(rows[0])}")
     corpus = {lang: [] for lang in langs}
     for i, row in enumerate(rows, 2 if path.suffix == ".tsv" else 1):
         for lang in langs:
             text = (row.get(lang) or "").strip()
             if not text:
-                raise CorpusError(f"{path}: row {i} has no {lang!r} text; a parallel row needs every language")
+                raise DataError(f"{path}: row {i} has no {lang!r} text; a parallel row needs every language")
             corpus[lang].append(text)
     return corpus
 
@@ -116,7 +114,7 @@ def chunk(corpus: dict[str, list[str]], words: int = 300, mode: str = "paragraph
     if mode == "sentence":
         return {lang: list(lines) for lang, lines in corpus.items()}
     if mode != "paragraph":
-        raise CorpusError(f"chunk mode {mode!r} is not 'paragraph' or 'sentence'")
+        raise DataError(f"chunk mode {mode!r} is not 'paragraph' or 'sentence'")
     ref = boundary_lang or ("en" if "en" in corpus else next(iter(corpus)))
     bounds, start, count = [], 0, 0
     for i, sentence in enumerate(corpus[ref]):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moejax.errors import DataError
+
 SUFFIXES = (".txt", ".jsonl", ".npy", ".npz")
 IGNORE_ID = -100
 STATE_VERSION = 1
@@ -24,10 +26,6 @@ _LANG_RE = re.compile(r"[A-Za-z0-9_-]+")
 # epoch-0 permutation key [seed, lang, 0] of language `batch`: SeedSequence ignores trailing zeros.
 _ROWS_KEY = 2**32 - 1
 _EPOCH_CACHE = 4
-
-
-class DataError(ValueError):
-    """A mixture spec, data file, Documents or resume state that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)

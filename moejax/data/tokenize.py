@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moejax.data.corpus import CorpusError
+import transformers
+
+from moejax.data.corpus import DataError
 
 
 class ByteTokenizer:
@@ -24,11 +26,9 @@ class HFTokenizer:
     """A transformers tokenizer from the model directory; its special tokens are excluded from metrics."""
 
     def __init__(self, model_dir: str | Path):
-        import transformers
-
         model_dir = Path(model_dir)
         if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise CorpusError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
+            raise DataError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
                               "model's tokenizer files into the checkpoint directory")
         self._tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.special_ids = frozenset(self._tok.all_special_ids)

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.layers.mlp import MLP, activate
 from moejax.layers.params import param
+from moejax.parallel.mesh import BATCH_AXES
 
 
 @struct.dataclass
@@ -291,8 +292,6 @@ def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w
     "tensor"), the tokens over BATCH_AXES. Each device all-gathers the tokens of its expert group, runs
     its own experts on the pairs routed to them (dropless, as on one device), and a reduce-scatter over
     "expert" (after a sum over "tensor") returns each device its tokens' combined outputs."""
-    from moejax.parallel.mesh import BATCH_AXES
-
     tokens = x_td.shape[0]
     pad = -tokens % math.prod(mesh.shape[a] for a in BATCH_AXES)
     if pad:  # padded tokens route with weight 0 and are dropped after

@@ -39,6 +39,16 @@ def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
     return out
 
 
+def layer_position(path: Sequence) -> tuple[int, int, tuple[str, ...]] | None:
+    """(segment, unit position, the path inside the layer) of a parameter path (its keys, or a dotted name) inside
+    a LayerStack named "layers" ("layers", "units", S, U, ...); None for a parameter outside it. The one place that
+    reads the stacked layout's paths."""
+    parts = tuple(str(p) for p in (path.split(".") if isinstance(path, str) else path))
+    if len(parts) > 4 and parts[:2] == ("layers", "units"):
+        return int(parts[2]), int(parts[3]), parts[4:]
+    return None
+
+
 def segment_layer_ids(kinds: Sequence[str]) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Per segment, per kind of its unit: the layer index of each repeat (LayerStack.layer_ids)."""
     layer_ids, start = [], 0

@@ -13,6 +13,9 @@ from moejax.data.tokenize import ByteTokenizer
 from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
 
 NAME = "builtin-tiny-qwen3-moe"
+# Its weights start random, so training it (`moejax train` with no --model) takes a larger step than the 1e-5
+# suited to continuing a pre-trained model.
+LEARNING_RATE = 1e-3
 
 
 def builtin_config() -> Qwen3MoeConfig:

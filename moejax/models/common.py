@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 from flax import nnx, struct
 
 from moejax.layers.moe import RouterControl
-from moejax.parallel.mesh import batch_sharding, mesh_of
+from moejax.parallel.mesh import on_mesh
 
 
 @struct.dataclass
@@ -74,35 +73,19 @@ class CausalLM(nnx.Module):
                                  f"{np.shape(forced_routing.mask)}")
         graphdef, state = nnx.split(self)
         with on_mesh(state) as place:
-            return _jitted_forward(graphdef, state, *place(input_ids, attention_mask,
+            return jitted_forward(graphdef, state, *place(input_ids, attention_mask,
                                                            jnp.asarray(position_ids, jnp.int32)),
                                    return_router_logits, return_hidden_states,
                                    None if forced_routing is None else forced_routing.control())
 
 
-@contextlib.contextmanager
-def on_mesh(state):
-    """When the parameters in `state` live on a mesh: makes it the current mesh (so MoE blocks run
-    expert-parallel) and yields a function placing [batch, ...] inputs split over its batch axes;
-    otherwise yields the identity."""
-    mesh = mesh_of(state)
-    if mesh is None:
-        yield lambda *arrays: arrays
-        return
-    with jax.set_mesh(mesh):
-        yield lambda *arrays: tuple(_place(np.asarray(a), batch_sharding(mesh, np.shape(a))) for a in arrays)
-
-
-def _place(a: np.ndarray, sharding) -> jax.Array:
-    """Every process holds the whole batch and gives each of its own devices its part (multi-host too)."""
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured
 # ~80 ms here, as much as a small forward pass.
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits,
+def jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits,
                     return_hidden_states, control=None):
+    """The compiled forward of a model given as (graphdef, state): what `model(...)` runs (`moejax plan` lowers it
+    from shapes alone)."""
     return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits,
                                               return_hidden_states, control)
 

@@ -10,12 +10,15 @@ group (moejax.layers.moe.expert_parallel).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from moejax.errors import MeshError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -40,10 +43,6 @@ RULES: dict[str, str | None] = {
     "mamba_conv": None,
     "conv_kernel": None,
 }
-
-
-class MeshError(ValueError):
-    pass
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
@@ -124,3 +123,21 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(jax.device_put(var.get_value(), param_sharding(".".join(map(str, path)), var, mesh)))
     return model
+
+
+@contextlib.contextmanager
+def on_mesh(state):
+    """When the parameters in `state` live on a mesh: makes it the current mesh (so MoE blocks run
+    expert-parallel) and yields a function placing [batch, ...] inputs split over its batch axes;
+    otherwise yields the identity."""
+    mesh = mesh_of(state)
+    if mesh is None:
+        yield lambda *arrays: arrays
+        return
+    with jax.set_mesh(mesh):
+        yield lambda *arrays: tuple(_place(np.asarray(a), batch_sharding(mesh, np.shape(a))) for a in arrays)
+
+
+def _place(a: np.ndarray, sharding) -> jax.Array:
+    """Every process holds the whole batch and gives each of its own devices its part (multi-host too)."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -144,8 +145,6 @@ def drift_figure(path: Path, rows: list[dict], title: str) -> None:
 
 def read_metrics(path: Path) -> dict[str, np.ndarray]:
     """A run's metrics.csv as float arrays by column."""
-    import csv
-
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from moejax.models.common import on_mesh
+from moejax.errors import DataError
+from moejax.models.common import ForcedRouting
+from moejax.parallel.mesh import on_mesh
 
 PROBABILITIES = ("softmax", "native")
 
@@ -32,6 +34,8 @@ class ChunkStats:
     tokens: jax.Array  # [b] int32
     pair_jaccard_sums: jax.Array  # [b, L] float32
     pairs: jax.Array  # [b] int32
+    expert_ids: jax.Array | None = None  # with keep_routing: [b, L, t, k] int32, every token's experts
+    router_logits: jax.Array | None = None  # with keep_routing: [b, L, t, E] float32, its raw router logits
 
 
 def _layer_stats(logits_bte, ids_btk, content_bt, pairs_bp2, pair_valid_bp, probabilities: str):
@@ -53,11 +57,12 @@ def _layer_stats(logits_bte, ids_btk, content_bt, pairs_bp2, pair_valid_bp, prob
     return topk, top1, prob_sums, entropy, jaccard
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _stats(graphdef, state, input_ids_bt, attention_mask_bt, content_bt, pairs_bp2, probabilities):
+@functools.partial(jax.jit, static_argnums=(0, 6, 8))
+def _stats(graphdef, state, input_ids_bt, attention_mask_bt, content_bt, pairs_bp2, probabilities, control,
+           keep_routing):
     model = nnx.merge(graphdef, state)
     positions_bt = jnp.broadcast_to(jnp.arange(input_ids_bt.shape[1], dtype=jnp.int32), input_ids_bt.shape)
-    out = model.forward(input_ids_bt, attention_mask_bt, positions_bt, True)
+    out = model.forward(input_ids_bt, attention_mask_bt, positions_bt, True, control=control)
     content_bt = content_bt & attention_mask_bt.astype(bool)
     pair_valid_bp = (content_bt[jnp.arange(content_bt.shape[0])[:, None], pairs_bp2[..., 0]]
                      & content_bt[jnp.arange(content_bt.shape[0])[:, None], pairs_bp2[..., 1]]
@@ -65,29 +70,36 @@ def _stats(graphdef, state, input_ids_bt, attention_mask_bt, content_bt, pairs_b
     per_layer = [_layer_stats(logits, ids, content_bt, pairs_bp2, pair_valid_bp, probabilities)
                  for logits, ids in zip(out.router_logits, out.router_expert_ids, strict=True)]
     topk, top1, prob_sums, entropy, jaccard = (jnp.stack(x, axis=1) for x in zip(*per_layer, strict=True))
+    kept = {}
+    if keep_routing:
+        kept = {"expert_ids": jnp.stack(out.router_expert_ids, axis=1),
+                "router_logits": jnp.stack(out.router_logits, axis=1)}
     return ChunkStats(topk_counts=topk, top1_counts=top1, prob_sums=prob_sums, entropy_sums_bits=entropy,
                       tokens=content_bt.sum(axis=-1).astype(jnp.int32), pair_jaccard_sums=jaccard,
-                      pairs=pair_valid_bp.sum(axis=-1).astype(jnp.int32))
+                      pairs=pair_valid_bp.sum(axis=-1).astype(jnp.int32), **kept)
 
 
 def chunk_stats(model: nnx.Module, input_ids_bt, attention_mask_bt, content_bt, pairs_bp2,
-                probabilities: str = "softmax") -> ChunkStats:
+                probabilities: str = "softmax", *, forced: ForcedRouting | None = None,
+                keep_routing: bool = False) -> ChunkStats:
     """Routing statistics of a batch of sequences, reduced in the same jitted call as the forward pass.
 
     content_bt marks the tokens that count (padding and special tokens excluded); pairs_bp2 holds
     token-position pairs per sequence for routing consistency (pairs touching a non-content token,
     or a position with itself, are ignored). probabilities: "softmax" of the raw logits (paper a's
-    protocol, for both architectures) or "native" (sigmoid scores for Nemotron-H).
+    protocol, for both architectures) or "native" (sigmoid scores for Nemotron-H). forced: experts imposed on
+    some tokens (as in model(...)); keep_routing: every token's experts and raw router logits come back too.
     """
     if probabilities not in PROBABILITIES:
-        raise ValueError(f"probabilities={probabilities!r} is not one of {PROBABILITIES}")
+        raise DataError(f"probabilities={probabilities!r} is not one of {PROBABILITIES}")
     if probabilities == "native":
-        probabilities = "sigmoid" if model.config.model_type == "nemotron_h" else "softmax"
+        probabilities = "sigmoid" if model.config.router_kind == "sigmoid" else "softmax"
     graphdef, state = nnx.split(model)
     with on_mesh(state) as place:
         stats = _stats(graphdef, state, *place(jnp.asarray(input_ids_bt, jnp.int32),
                                                jnp.asarray(attention_mask_bt, jnp.int32), jnp.asarray(content_bt, bool),
-                                               jnp.asarray(pairs_bp2, jnp.int32)), probabilities)
+                                               jnp.asarray(pairs_bp2, jnp.int32)), probabilities,
+                       None if forced is None else forced.control(), keep_routing)
     if jax.process_count() > 1:  # every host gets the whole batch's statistics
         stats = multihost_utils.process_allgather(stats, tiled=True)
     return stats

@@ -30,27 +30,33 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from moejax.checkpoint import COPIED
+from moejax.data.corpus import SAMPLE_DIR
 from moejax.data.mixture import Mixture, load_documents, parse_mixture
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
+from moejax.errors import RunError
+from moejax.loading import from_pretrained, load_config
+from moejax.models import abstract_model, model_class
+from moejax.models.builtin import builtin_config, builtin_model
+from moejax.parallel.mesh import make_mesh, shard_model
+from moejax.report.figures import training_figure
 from moejax.training.step import TrainConfig, TrainState, init_state, make_eval_step, make_train_step
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoint"
 BASE_COLUMNS = ("step", "loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
-# Test hook: exit abruptly right after the save of this step has started (while it is still being written).
-_EXIT_DURING_SAVE = "MOEJAX_TEST_EXIT_DURING_SAVE"
-
-
-class RunError(ValueError):
-    """A run that cannot start or continue: another run in the directory, a bad setting, a non-finite loss."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """Everything that determines a run's trajectory (run.json). model None: the built-in model; data None: the
-    built-in sample corpus, 60% Hebrew and 40% English."""
+    """Everything that determines a run's trajectory, every value resolved (run.json; built by the train command's
+    settings, moejax.commands.train). model None: the built-in model; data None: the built-in sample corpus, 60%
+    Hebrew and 40% English."""
 
     model: str | None
     data: str | None
@@ -75,20 +81,13 @@ class RunSettings:
 
 
 def sample_mixture() -> str:
-    from moejax.data.corpus import SAMPLE_DIR
-
     return f"he={SAMPLE_DIR / 'he.txt'}:0.6,en={SAMPLE_DIR / 'en.txt'}:0.4"
 
 
 def _load_model(settings: RunSettings):
     """(model, on the mesh if one is set; its tokenizer)."""
-    from moejax.loading import from_pretrained
-    from moejax.parallel.mesh import make_mesh, shard_model
-
     mesh = make_mesh(settings.mesh) if settings.mesh else None
     if settings.model is None:
-        from moejax.models.builtin import builtin_model
-
         model = builtin_model()
         return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer()
     return from_pretrained(settings.model, mesh=mesh), HFTokenizer(settings.model)
@@ -132,8 +131,6 @@ def _keep_rows(path: Path, last_step: int) -> None:
 
 
 def _checkpoint_manager(directory: Path, settings: RunSettings):
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(save_interval_steps=settings.save_every, max_to_keep=settings.keep,
                                            enable_async_checkpointing=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "data"))
@@ -144,30 +141,22 @@ def _abstract_state(state: TrainState):
 
 
 def _restore(manager, step: int, state: TrainState):
-    import orbax.checkpoint as ocp
-
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract_state(state)),
                                                              data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
 
 def _save(manager, step: int, state: TrainState, mixture: Mixture) -> None:
-    import orbax.checkpoint as ocp
-
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                data=ocp.args.JsonSave(mixture.state_dict())))
-    if os.environ.get(_EXIT_DURING_SAVE) == str(step):
-        os._exit(137)
 
 
 def prepare(settings: RunSettings, out: Path):
     """Checks everything a run needs before anything is written: returns (model, mixture, held-out batches per
     language, resume?)."""
-    if settings.steps < 1 or settings.batch_size < 1 or settings.save_every < 1 or settings.keep < 1:
-        raise RunError("--steps, --batch-size, --save-every and --keep must be >= 1")
     resume = _check_run_dir(out, settings)
     model, tokenizer = _load_model(settings)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = model.config.max_positions
     if limit is not None and settings.seq_len > limit:
         raise RunError(f"--seq-len {settings.seq_len} is above the model's maximum of {limit} positions "
                        "(max_position_embeddings in its config.json)")
@@ -204,7 +193,7 @@ def _evaluate(evaluate, params, batches: dict[str, list]) -> dict[str, float]:
     return losses
 
 
-def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True) -> Path:
+def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool = True) -> Path:
     """Runs (or resumes) the CPT run in OUT; returns OUT."""
     out = Path(out)
     model, mixture, eval_batches, resume = prepare(settings, out)
@@ -263,8 +252,6 @@ def train(settings: RunSettings, out: str | Path, *, show_progress: bool = True)
         if writer is not None:
             writer.close()
     if primary:
-        from moejax.report.figures import training_figure
-
         training_figure(metrics_path, out / "training.png")
     return out
 
@@ -288,8 +275,6 @@ def _start_run_dir(out: Path, settings: RunSettings) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     if settings.model is None:
-        from moejax.models.builtin import builtin_config
-
         (out / "config.json").write_text(json.dumps(builtin_config().to_hf(), indent=2))
     else:
         for name in COPIED:
@@ -318,8 +303,6 @@ class _TensorBoard:
     """Scalars to TensorBoard event files (tensorboardX); a resume purges events past its checkpoint."""
 
     def __init__(self, directory: Path, purge_step: int):
-        from tensorboardX import SummaryWriter
-
         self._writer = SummaryWriter(str(directory), purge_step=purge_step if purge_step > 1 else None)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -332,8 +315,6 @@ class _TensorBoard:
 
 
 def _progress(start: int, total: int, show: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
 
 
@@ -357,21 +338,14 @@ def restore_model(path: str | Path, dtype=jnp.float32):
     """The model of a run's checkpoint (PATH: RUN_DIR, RUN_DIR/checkpoint for the latest step, or
     RUN_DIR/checkpoint/STEP), its float32 master weights cast to `dtype`; and the run directory, which
     holds the model's config and tokenizer files."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from moejax.loading import load_config
-    from moejax.models import architecture
-
     located = _locate(Path(path))
     if located is None:
         raise RunError(f"{path}: not a moejax run, its checkpoint directory or one of its steps")
     run_dir, step = located
     settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text()))
     config = load_config(run_dir)
-    arch = architecture(config.model_type, str(run_dir / "config.json"))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(lambda: init_state(arch.model_cls(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+    abstract = jax.eval_shape(lambda: init_state(model_class(config)(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
                                                  settings.train)[1])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     manager = ocp.CheckpointManager((run_dir / CHECKPOINTS).absolute(), item_names=("state", "data"),
@@ -384,7 +358,7 @@ def restore_model(path: str | Path, dtype=jnp.float32):
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
     finally:
         manager.close()
-    model = nnx.eval_shape(lambda: arch.model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, dtype)
     target = nnx.state(model)
     nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, target))
     return model, run_dir

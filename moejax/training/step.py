@@ -25,10 +25,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moejax.layers.stack import REMAT_POLICIES, segment_layer_ids
-from moejax.models import architecture
-from moejax.models.common import on_mesh
-from moejax.parallel.mesh import mesh_of
+from moejax.errors import DataError, SettingsError
+from moejax.layers.stack import REMAT_POLICIES, layer_position, segment_layer_ids
+from moejax.models import abstract_model
+from moejax.parallel.mesh import mesh_of, on_mesh
 from moejax.training.adamw import clipped_adamw
 from moejax.training.losses import (
     IGNORE_INDEX,
@@ -43,34 +43,53 @@ from moejax.training.losses import (
 BATCH_FIELDS = ("input_ids", "segment_ids", "position_ids", "labels", "lang_ids")
 
 
+DEFAULT_LB_COEF = 1e-3  # for a model whose config.json records no router_aux_loss_coef
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The step's hyperparameters. None marks a value resolved from the model and the machine
+    (`resolved`): the balance coefficient from the model's config.json, the warmup from total_steps, the
+    compute dtype from the JAX backend."""
+
     learning_rate: float = 1e-5
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: 5% of total_steps (at least 1)
     total_steps: int = 1000
     min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio
     weight_decay: float = 0.1  # on weight matrices only (not norms, biases, per-head vectors)
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
-    lb_coef: float = 1e-3  # load-balancing loss coefficient (0: none)
+    lb_coef: float | None = None  # load-balancing coefficient (0: none); None: config.json's router_aux_loss_coef
     z_coef: float = 0.0  # router z-loss coefficient
     bias_update_rate: float = 0.0  # Nemotron-H aux-loss-free balancing: correction-bias step per train step
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str | None = None  # None: bfloat16 on an accelerator, float32 on a CPU
     trainable: str | None = None  # a regex over parameter paths ("layers.units.0.0.mlp.experts..."); None: all
     remat: str = "none"  # a REMAT_POLICIES key: none, full, dots
     accum_steps: int = 1  # micro-batches per step; the batch is split into this many
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise SettingsError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.accum_steps < 1:
-            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
-        if jnp.dtype(self.compute_dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
+            raise SettingsError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise SettingsError(f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
+
+    def resolved(self, model_config) -> TrainConfig:
+        """Every None replaced by its value for this model on this machine."""
+        lb = self.lb_coef
+        if lb is None:
+            lb = DEFAULT_LB_COEF if model_config.router_aux_loss_coef is None else model_config.router_aux_loss_coef
+        return dataclasses.replace(
+            self, lb_coef=lb,
+            warmup_steps=max(1, self.total_steps // 20) if self.warmup_steps is None else self.warmup_steps,
+            # XLA's CPU compiler has no fast bfloat16 matmul: float32 is the faster choice there.
+            compute_dtype=self.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then a cosine to learning_rate * min_lr_ratio (cfg resolved)."""
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
                                               max(cfg.total_steps, cfg.warmup_steps + 1),
                                               cfg.learning_rate * cfg.min_lr_ratio)
@@ -96,7 +115,7 @@ def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     train = jax.tree_util.tree_map_with_path(
         lambda path, _: bool(pattern.search(_dotted(path))) and not _dotted(path).endswith("correction_e"), params)
     if not any(jax.tree.leaves(train)):
-        raise ValueError(f"trainable {cfg.trainable!r} matches no parameter; names look like {names[:3]}")
+        raise SettingsError(f"trainable {cfg.trainable!r} matches no parameter; names look like {names[:3]}")
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     decay = jax.tree.map(lambda var: jax.tree.map(lambda _: _is_matrix(var), var), params, is_leaf=is_variable)
     return clipped_adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm, train, decay)
@@ -111,7 +130,8 @@ class TrainState:
 
 
 def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """(graphdef, state, optimizer) with float32 master weights, keeping the parameters' shardings."""
+    """(graphdef, state, optimizer) with float32 master weights, keeping the parameters' shardings (cfg resolved)."""
+    cfg = cfg.resolved(model.config)
     model.layers.remat = cfg.remat
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
@@ -144,10 +164,7 @@ def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_s
 def _compute_dtypes(model_config, compute_dtype: str):
     """The dtype of each parameter in the model built at the compute dtype (some stay float32 there,
     such as the correction bias), as a tree of the state's structure."""
-    arch = architecture(model_config.model_type, "the model")
-    abstract = nnx.eval_shape(lambda: arch.model_cls(model_config, dtype=jnp.dtype(compute_dtype),
-                                                     rngs=nnx.Rngs(0)))
-    return jax.tree.map(lambda x: x.dtype, nnx.state(abstract))
+    return jax.tree.map(lambda x: x.dtype, nnx.state(abstract_model(model_config, jnp.dtype(compute_dtype))))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig, model_config,
@@ -160,13 +177,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm, lr (of this step), finite,
     tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32) and their usage_entropy_bits
     [moe layers, num_langs] (NaN for a language without rows in the batch)."""
+    cfg = cfg.resolved(model_config)
     compute = _compute_dtypes(model_config, cfg.compute_dtype)
-    experts = getattr(model_config, "num_experts", None) or model_config.n_routed_experts
+    experts = model_config.num_routed_experts
     top_k = model_config.num_experts_per_tok
-    sigmoid = model_config.model_type == "nemotron_h"
+    sigmoid = model_config.router_kind == "sigmoid"
     if cfg.bias_update_rate and not sigmoid:
-        raise ValueError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
-                         f"bias (Nemotron-H); {model_config.model_type} has none")
+        raise SettingsError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
+                            f"bias (Nemotron-H); {model_config.model_type} has none")
 
     def loss_fn(params, micro):
         model = _compute_model(graphdef, params, compute)
@@ -233,7 +251,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
     """evaluate(params, batch) -> (summed next-token cross-entropy, predicted tokens), jitted: the language-model
     loss alone, in the train step's compute dtype, never a balance term. batch: as make_train_step's."""
-    compute = _compute_dtypes(model_config, cfg.compute_dtype)
+    compute = _compute_dtypes(model_config, cfg.resolved(model_config).compute_dtype)
 
     @jax.jit
     def jitted(params, batch):
@@ -249,10 +267,10 @@ def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np
     """The batch with default position_ids and lang_ids, checked."""
     unknown = set(batch) - set(BATCH_FIELDS)
     if unknown:
-        raise ValueError(f"unknown batch fields {sorted(unknown)}; expected {BATCH_FIELDS}")
+        raise DataError(f"unknown batch fields {sorted(unknown)}; expected {BATCH_FIELDS}")
     ids = np.asarray(batch["input_ids"], np.int32)
     if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        raise DataError(f"input_ids must be [batch, seq], got shape {ids.shape}")
     out = {"input_ids": ids,
            "segment_ids": np.asarray(batch.get("segment_ids", np.ones_like(ids)), np.int32),
            "position_ids": np.asarray(batch.get("position_ids", np.broadcast_to(np.arange(ids.shape[1]), ids.shape)),
@@ -261,11 +279,11 @@ def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np
            "lang_ids": np.asarray(batch.get("lang_ids", np.zeros(ids.shape[0])), np.int32)}
     for name in ("segment_ids", "position_ids", "labels"):
         if out[name].shape != ids.shape:
-            raise ValueError(f"{name} shape {out[name].shape} != input_ids shape {ids.shape}")
+            raise DataError(f"{name} shape {out[name].shape} != input_ids shape {ids.shape}")
     if out["lang_ids"].shape != ids.shape[:1]:
-        raise ValueError(f"lang_ids must be [batch] = {ids.shape[:1]}, got {out['lang_ids'].shape}")
+        raise DataError(f"lang_ids must be [batch] = {ids.shape[:1]}, got {out['lang_ids'].shape}")
     if ids.shape[0] % accum_steps:
-        raise ValueError(f"batch size {ids.shape[0]} is not divisible by accum_steps={accum_steps}")
+        raise DataError(f"batch size {ids.shape[0]} is not divisible by accum_steps={accum_steps}")
     return out
 
 
@@ -280,7 +298,7 @@ def _move_correction_bias(params, model_config, load_le: jax.Array, rate: float)
         name = _dotted(path)
         if not name.endswith("correction_e"):
             return x
-        s, u = (int(i) for i in re.match(r"layers\.units\.(\d+)\.(\d+)\.", name).groups())
+        s, u, _ = layer_position(name)
         rows = jnp.asarray([moe_ordinal[layer] for layer in layer_ids[s][u]])
         return x + step_le[rows]
 

@@ -33,12 +33,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
+from tqdm import tqdm
 
-from moejax.config import ConfigError, read_config_json
-from moejax.data.corpus import CorpusError, chunk, read_corpus
+from moejax.commands.options import MESH_HELP, check_options, option
+from moejax.config import read_config_json
+from moejax.data.corpus import chunk, read_corpus
+from moejax.data.tokenize import HFTokenizer
+from moejax.errors import CheckpointError, ConfigError, DataError, SettingsError
+from moejax.io import atomic_directory, versions, write_csv
 from moejax.loading import from_pretrained, load_config
 from moejax.models.common import ForcedRouting
-from moejax.parallel.mesh import describe
+from moejax.parallel.mesh import describe, make_mesh
+from moejax.report.figures import drift_figure
 from moejax.routing import metrics as M
 from moejax.routing.ties import EXACT_TIE, OTHER, RouterRule, classify_flips, differing
 
@@ -88,10 +95,6 @@ UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -9, "float16": 2.0 ** -11}
 
 def tolerances_for(mode: str, overrides: dict[str, float] | None = None) -> Tolerances:
     """The default bounds of a verdict mode ("float32" or "calibrated"), with `overrides` (field -> value)."""
-    fields = {f.name for f in dataclasses.fields(Tolerances)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ValueError(f"unknown tolerance(s) {unknown}; known: {sorted(fields)}")
     return dataclasses.replace(TOLERANCES[mode], **(overrides or {}))
 
 
@@ -119,10 +122,10 @@ def text_sequences(path: str | Path, tokenizer, seq_len: int, max_tokens: int) -
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not paragraphs:
-        raise CorpusError(f"{path}: no text")
+        raise DataError(f"{path}: no text")
     return _cut("text", paragraphs, tokenizer, seq_len, max_tokens)
 
 
@@ -133,7 +136,7 @@ def corpus_sequences(data: str | None, langs: list[str], tokenizer, seq_len: int
     corpus = chunk(read_corpus(data, langs), 300, "paragraph")
     budget = max_tokens // len(langs)
     if budget < 1:
-        raise ValueError(f"--max-tokens {max_tokens} leaves no tokens for {len(langs)} languages")
+        raise SettingsError(f"--max-tokens {max_tokens} leaves no tokens for {len(langs)} languages")
     return [s for lang in langs for s in _cut(lang, corpus[lang], tokenizer, seq_len, budget)]
 
 
@@ -333,8 +336,7 @@ class SideTally:
 
 def load_reference(model_dir: Path, dtype: str, quiet: bool = False):
     """transformers' model for the checkpoint, in `dtype`, on the CPU, in eval mode (no remote code)."""
-    import torch
-    import transformers
+    import torch  # the test extra: every other command runs without PyTorch
 
     if quiet:
         transformers.utils.logging.set_verbosity_error()
@@ -349,14 +351,14 @@ def _reference_modules(reference, cfg) -> tuple[list, dict[int, object]]:
     """The reference's decoder layers (one per moejax block) and its routers by block index."""
     layers = reference.model.layers
     if len(layers) != len(cfg.layer_kinds):
-        raise ValueError(f"the reference has {len(layers)} decoder layers, moejax's config {len(cfg.layer_kinds)}")
+        raise CheckpointError(f"the reference has {len(layers)} decoder layers, moejax's config {len(cfg.layer_kinds)}")
     routers = {}
     for name, module in reference.named_modules():
         found = re.search(r"layers\.(\d+)\.", name)
         if found and type(module).__name__.lower().endswith("topkrouter"):
             routers[int(found.group(1))] = module
     if sorted(routers) != list(cfg.moe_layers):
-        raise ValueError(f"the reference's routers sit in blocks {sorted(routers)}, moejax's MoE layers in "
+        raise CheckpointError(f"the reference's routers sit in blocks {sorted(routers)}, moejax's MoE layers in "
                          f"{list(cfg.moe_layers)}")
     return list(layers), routers
 
@@ -396,7 +398,7 @@ class Recorder:
         return hook
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> Outputs:
-        import torch
+        import torch  # the test extra: every other command runs without PyTorch
 
         self._content = mask.astype(bool)
         self._hidden, self._logits, self._ids = {}, {}, {}
@@ -441,60 +443,114 @@ class _Batch:
     first_sequence: int  # the index of its first sequence
 
 
-def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | Path | None = None,
-           langs: list[str] | None = None, data: str | None = None, dtype: str = "auto",
-           reference_dtype: str = "auto", seq_len: int = 512, batch_size: int = 4, max_tokens: int = 4096,
-           tolerances: dict[str, float] | None = None, dt_floor: str = "time_step_min",
-           show_progress: bool = True, mesh=None) -> ParityResult:
-    """Runs the comparison; writes summary.json, layers.csv, groups.csv, flips.csv and drift_per_layer.png to `out`.
+@dataclasses.dataclass(frozen=True)
+class ParitySettings:
+    """Everything `moejax parity` takes."""
 
-    text: a UTF-8 file cut into seq_len-token sequences; otherwise `data` (a parallel corpus, default the
-    built-in sample) in `langs`. dtype: moejax's ("auto": the checkpoint's); float32 gives the float32 verdict,
-    bfloat16 or float16 the calibrated one, where reference_dtype ("auto": moejax's) is the 16-bit dtype the
-    reference also runs in. dt_floor (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path.
-    mesh: moejax loads onto it and runs sharded.
+    model: Path | None = option(None, "Hugging Face checkpoint directory (config.json, safetensors, tokenizer); "
+                                "qwen3_moe or nemotron_h", kind=Path, metavar="DIR")
+    text: Path | None = option(None, "a UTF-8 text file, tokenised and cut into --seq-len sequences (instead of "
+                               "--data)", kind=Path, metavar="FILE")
+    langs: tuple[str, ...] = option(("en", "he", "ja"), "with --data (or the built-in sample): comma-separated "
+                                    "language codes, each given an equal share of --max-tokens", kind=list)
+    data: str | None = option(None, "a parallel corpus as for `moejax analyze` (FLORES-200 directory, TSV, JSONL or "
+                              "{lang}.txt files); default, without --text: the built-in sample", metavar="CORPUS")
+    dtype: str = option("auto", "moejax's parameter and compute dtype; auto: the checkpoint's (config.json dtype). "
+                        "float32 gives the float32 verdict (recommended); bfloat16/float16 the calibrated 16-bit one "
+                        "(docs/parity.md)", choices=("auto", *DTYPES))
+    reference_dtype: str = option("auto", "the 16-bit dtype transformers also runs in for a calibrated verdict "
+                                  "(auto: moejax's); the reference always runs in float32 too",
+                                  choices=("auto", *DTYPES))
+    seq_len: int = option(512, "tokens per sequence at most", kind=int, minimum=1)
+    batch_size: int = option(4, "sequences per forward pass", kind=int, minimum=1)
+    max_tokens: int = option(4096, "tokens compared in all", kind=int, minimum=1)
+    tol: tuple[str, ...] = option((), "override one tolerance (repeatable), e.g. --tol kl_mean=1e-3; names: "
+                                  + ", ".join(f.name for f in dataclasses.fields(Tolerances)),
+                                  metavar="NAME=VALUE", repeat=True)
+    list_tolerances: bool = option(False, "print the default tolerances of each verdict and exit", kind=bool)
+    dt_floor: str = option("time_step_min", "Nemotron-H only: where moejax floors the Mamba-2 dt; time_step_min is "
+                           "what transformers' PyTorch path does (moejax's own default is time_step_limit)",
+                           choices=("time_step_min", "time_step_limit"))
+    mesh: str | None = option(None, MESH_HELP + "; the reference stays on the CPU", metavar="AXIS=N,...")
+    out: Path | None = option(Path("moejax-parity"), "output directory (replaced only when the run succeeds); None "
+                              "from Python: write nothing", kind=Path)
+    quiet: bool = option(False, "no progress output", kind=bool)
+
+    def __post_init__(self):
+        check_options(self)
+        if self.text is not None and self.data is not None:
+            raise SettingsError("--text and --data are alternatives: give one")
+        if self.model is None and not self.list_tolerances:
+            raise SettingsError("--model DIR is required")
+        self.tolerances  # noqa: B018 (checks the overrides)
+
+    @property
+    def tolerances(self) -> dict[str, float]:
+        """The --tol overrides as {name: value}."""
+        fields = {f.name for f in dataclasses.fields(Tolerances)}
+        overrides = {}
+        for item in self.tol:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SettingsError(f"--tol {item!r}: expected NAME=VALUE, e.g. kl_mean=1e-3")
+            if key not in fields:
+                raise SettingsError(f"--tol {item!r}: unknown tolerance {key!r}; known: {sorted(fields)}")
+            try:
+                overrides[key] = float(value)
+            except ValueError:
+                raise SettingsError(f"--tol {item!r}: {value!r} is not a number") from None
+            if not math.isfinite(overrides[key]) or overrides[key] < 0:
+                raise SettingsError(f"--tol {item!r}: a tolerance must be a finite number >= 0")
+        return overrides
+
+
+def tolerance_listing() -> str:
+    """The default tolerances of each verdict, one line each (`--list-tolerances`)."""
+    return "\n".join(name + " " + " ".join(f"{k}={format(v, 'g')}" for k, v in vars(bounds).items() if v is not None)
+                     for name, bounds in TOLERANCES.items())
+
+
+def parity(settings: ParitySettings) -> ParityResult:
+    """Runs the comparison; writes summary.json, layers.csv, groups.csv, flips.csv and drift_per_layer.png to OUT.
+
+    The text: a UTF-8 file cut into seq_len-token sequences; otherwise a parallel corpus (default the built-in
+    sample) in `langs`. dtype: moejax's ("auto": the checkpoint's); float32 gives the float32 verdict, bfloat16 or
+    float16 the calibrated one, where reference_dtype ("auto": moejax's) is the 16-bit dtype the reference also
+    runs in. dt_floor (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path.
     """
-    from tqdm import tqdm
-
-    from moejax.data.tokenize import HFTokenizer
-
+    s = settings
     started = time.perf_counter()
-    model_dir = Path(model_dir)
-    if text is not None and data is not None:
-        raise ValueError("--text and --data are alternatives: give one")
-    if seq_len < 1 or batch_size < 1 or max_tokens < 1:
-        raise ValueError("--seq-len, --batch-size and --max-tokens must be positive")
+    model_dir, out, text, data = Path(s.model), s.out, s.text, s.data
+    seq_len, batch_size, show_progress = s.seq_len, s.batch_size, not s.quiet
+    mesh = make_mesh(s.mesh) if s.mesh else None
     if jax.process_count() > 1:
-        raise ValueError("moejax parity runs in one process (the PyTorch reference is on one host); run it on one "
-                         "worker, with a mesh over that worker's devices")
+        raise SettingsError("moejax parity runs in one process (the PyTorch reference is on one host); run it on one "
+                            "worker, with a mesh over that worker's devices")
     cfg = load_config(model_dir)  # an unknown architecture stops here, before anything loads
-    dtype = checkpoint_dtype(model_dir) if dtype == "auto" else dtype
-    for name, value in (("--dtype", dtype), ("--reference-dtype", reference_dtype)):
-        if value not in ("auto", *DTYPES):
-            raise ValueError(f"{name} {value!r} is not one of auto, {', '.join(DTYPES)}")
+    dtype = checkpoint_dtype(model_dir) if s.dtype == "auto" else s.dtype
     mode = "float32" if dtype == "float32" else "calibrated"
-    if mode == "float32" and reference_dtype not in ("auto", "float32"):
-        raise ValueError(f"--reference-dtype {reference_dtype} with a float32 moejax run: the float32 verdict compares "
-                         "float32 with float32; leave --reference-dtype out, or give --dtype bfloat16 for the "
-                         "calibrated 16-bit verdict")
+    if mode == "float32" and s.reference_dtype not in ("auto", "float32"):
+        raise SettingsError(f"--reference-dtype {s.reference_dtype} with a float32 moejax run: the float32 verdict "
+                            "compares float32 with float32; leave --reference-dtype out, or give --dtype bfloat16 for "
+                            "the calibrated 16-bit verdict")
     calibration_dtype = None
     if mode == "calibrated":
-        calibration_dtype = dtype if reference_dtype == "auto" else reference_dtype
+        calibration_dtype = dtype if s.reference_dtype == "auto" else s.reference_dtype
         if calibration_dtype == "float32":
-            raise ValueError(f"--reference-dtype float32 with --dtype {dtype}: the 16-bit verdict runs the reference "
-                             f"in float32 and in a 16-bit dtype (its own rounding is the yardstick); leave "
-                             "--reference-dtype out or give bfloat16/float16")
-    bounds = tolerances_for(mode, tolerances)
+            raise SettingsError(f"--reference-dtype float32 with --dtype {dtype}: the 16-bit verdict runs the "
+                                "reference in float32 and in a 16-bit dtype (its own rounding is the yardstick); "
+                                "leave --reference-dtype out or give bfloat16/float16")
+    bounds = tolerances_for(mode, s.tolerances)
     tokenizer = HFTokenizer(model_dir)
-    langs = langs or ["en", "he", "ja"]
-    sequences = (text_sequences(text, tokenizer, seq_len, max_tokens) if text is not None
-                 else corpus_sequences(data, langs, tokenizer, seq_len, max_tokens))
+    langs = list(s.langs)
+    sequences = (text_sequences(text, tokenizer, seq_len, s.max_tokens) if text is not None
+                 else corpus_sequences(data, langs, tokenizer, seq_len, s.max_tokens))
     if not sequences:
-        raise CorpusError(f"{text or data or 'the sample corpus'}: no tokens to compare")
-    too_big = [i for s in sequences for i in s.ids if not 0 <= i < cfg.vocab_size]
+        raise DataError(f"{text or data or 'the sample corpus'}: no tokens to compare")
+    too_big = [i for seq in sequences for i in seq.ids if not 0 <= i < cfg.vocab_size]
     if too_big:
-        raise ValueError(f"the tokenizer in {model_dir} gives token id {too_big[0]}, outside the model's vocabulary "
-                         f"of {cfg.vocab_size}")
+        raise DataError(f"the tokenizer in {model_dir} gives token id {too_big[0]}, outside the model's vocabulary "
+                        f"of {cfg.vocab_size}")
     all_batches = [_Batch(np.repeat(np.array(groups), mask.sum(-1)), ids, mask, i * batch_size)
                    for i, (groups, ids, mask) in enumerate(batches(sequences, batch_size, tokenizer.pad_id))]
 
@@ -508,7 +564,7 @@ def parity(model_dir: str | Path, out: str | Path | None = None, *, text: str | 
     where = f"mesh {describe(mesh)}" if mesh is not None else "one device"
     say(f"loading {model_dir} in moejax ({dtype}, JAX backend {jax.default_backend()}, {where})")
     t0 = time.perf_counter()
-    overrides = {"dt_floor": dt_floor} if "dt_floor" in {f.name for f in dataclasses.fields(cfg)} else {}
+    overrides = {"dt_floor": s.dt_floor} if "dt_floor" in {f.name for f in dataclasses.fields(cfg)} else {}
     model = from_pretrained(model_dir, dtype=DTYPES[dtype], mesh=mesh, **overrides)
     timings["moejax_load_s"] = time.perf_counter() - t0
     width = all_batches[0].ids.shape[1]
@@ -887,9 +943,6 @@ def _json_safe(value):
 
 
 def _write(out, summary, layer_rows, group_rows, flip_rows) -> Path:
-    from moejax.report.figures import drift_figure
-    from moejax.report.output import atomic_directory, versions, write_csv
-
     summary = summary | {"versions": versions("torch", "transformers")}
     with atomic_directory(out) as tmp:
         write_csv(tmp / "layers.csv", layer_rows)

@@ -7,6 +7,7 @@ import csv
 import shutil
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
@@ -38,8 +39,6 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
 
 def versions(*packages: str) -> dict[str, str]:
     """Versions of moejax, jax, flax, numpy and the named extra packages, for a run's settings."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for name in ("moejax", "jax", "jaxlib", "flax", "numpy", *packages):
         try:

@@ -25,12 +25,27 @@ gradient rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moejax.commands.options import check_options, option
+from moejax.config import NemotronHConfig, Qwen3MoeConfig
+from moejax.errors import MeshError, SettingsError
+from moejax.layers.stack import REMAT_POLICIES
+from moejax.loading import load_config
+from moejax.models import abstract_model
+from moejax.models.common import jitted_forward
+from moejax.parallel.mesh import BATCH_AXES, batch_sharding, describe, make_mesh, param_sharding, parse_mesh
+from moejax.training.step import BATCH_FIELDS, TrainConfig, init_state, make_train_step, optimizer
 
 GiB = 1024 ** 3
 
@@ -49,35 +64,82 @@ TOPOLOGIES = {
 }
 
 
-def presets() -> dict:
-    from moejax.config import NemotronHConfig, Qwen3MoeConfig
-
-    return {"qwen3-30b-a3b": Qwen3MoeConfig.qwen3_30b_a3b,
-            "nemotron-3-nano-30b-a3b": NemotronHConfig.nemotron_3_nano_30b_a3b}
+PRESETS = {"qwen3-30b-a3b": Qwen3MoeConfig.qwen3_30b_a3b,
+           "nemotron-3-nano-30b-a3b": NemotronHConfig.nemotron_3_nano_30b_a3b}
 
 
-class NeedDevices(Exception):
-    """The mesh needs more devices than this process has; rerun with that many simulated ones."""
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """Everything `moejax plan` takes."""
 
-    def __init__(self, count: int):
-        super().__init__(count)
-        self.count = count
+    model: str | None = option(None, "qwen3-30b-a3b, nemotron-3-nano-30b-a3b, or a checkpoint directory (only its "
+                               "config.json is read)")
+    mesh: str | None = option(None, "e.g. data=2,expert=4 (default with --topology: expert=<chips>)",
+                              metavar="AXIS=N,...")
+    topology: str | None = option(None, "TPU slice: sets the chip count the mesh must use and the HBM per chip to "
+                                  "compare with", choices=tuple(sorted(TOPOLOGIES)))
+    batch: int = option(8, "sequences per step (global)", kind=int, minimum=1)
+    seq: int = option(2048, "tokens per sequence", kind=int, minimum=1)
+    dtype: str = option("bfloat16", "parameter dtype (with --train: the compute dtype; master weights are float32)",
+                        choices=("bfloat16", "float32"))
+    train: bool = option(False, "plan the train step rather than the forward", kind=bool)
+    remat: str = option("none", "with --train: rematerialise each layer in the backward pass (full: everything; "
+                        "dots: keep the dense matmuls' outputs)", choices=tuple(REMAT_POLICIES))
+    accum_steps: int = option(1, "with --train: split the batch into N micro-batches, gradients accumulated",
+                              kind=int, minimum=1, metavar="N")
+    json: str | None = option(None, "also write the plan as JSON", metavar="FILE")
+
+    def __post_init__(self):
+        check_options(self)
+        if self.model is None:
+            raise SettingsError("--model is required: a preset (qwen3-30b-a3b, nemotron-3-nano-30b-a3b) or a "
+                                "checkpoint directory")
+        if not self.train and (self.remat != "none" or self.accum_steps != 1):
+            raise SettingsError("--remat and --accum-steps plan the train step: add --train")
+        if self.train and self.batch % self.accum_steps:
+            raise SettingsError(f"--batch {self.batch} is not divisible by --accum-steps {self.accum_steps}")
+        if self.mesh is None and self.topology is None:
+            raise SettingsError("give --mesh, --topology or both")
+
+
+def plan(settings: PlanSettings) -> dict:
+    """The memory plan (module docstring) of the forward, or with `train` of the train step. When the mesh needs
+    more devices than this process has, the plan is made in a child process with that many simulated CPU devices
+    (XLA reads the count when jax starts)."""
+    s = settings
+    cfg, sizes, chip = resolve(s.model, s.mesh, s.topology)
+    needed = math.prod(sizes.values())
+    if needed > jax.device_count():
+        return _plan_in_child(s, needed)
+    if s.train:
+        return plan_train(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype, remat=s.remat,
+                          accum_steps=s.accum_steps)
+    return plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype)
+
+
+def _plan_in_child(settings: PlanSettings, devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+    code = ("import dataclasses, json, sys; from moejax.commands.plan import PlanSettings, plan; "
+            "print(json.dumps(plan(PlanSettings(**json.loads(sys.stdin.read())))))")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(dataclasses.asdict(settings)), env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise MeshError(f"planning on {devices} simulated devices failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def resolve(model: str, mesh_spec: str | None, topology: str | None):
     """(config, mesh sizes, Topology or None) for a preset name or a checkpoint directory."""
-    from moejax.loading import load_config
-    from moejax.parallel.mesh import MeshError, parse_mesh
-
-    cfg = presets()[model]() if model in presets() else load_config(model)
+    cfg = PRESETS[model]() if model in PRESETS else load_config(model)
     chip = None
     if topology is not None:
         if topology not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
+            raise SettingsError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
         chip = TOPOLOGIES[topology]
     if mesh_spec is None:
         if chip is None:
-            raise ValueError("give --mesh, --topology or both")
+            raise SettingsError("give --mesh, --topology or both")
         mesh_spec = f"expert={chip.chips}"
     sizes = parse_mesh(mesh_spec)
     if chip is not None and math.prod(sizes.values()) != chip.chips:
@@ -85,15 +147,10 @@ def resolve(model: str, mesh_spec: str | None, topology: str | None):
     return cfg, sizes, chip
 
 
-def plan(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
-         seq: int = 2048, dtype: str = "bfloat16") -> dict:
+def plan_forward(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
+                 seq: int = 2048, dtype: str = "bfloat16") -> dict:
     """Compiles the forward of `model` on the mesh; returns the memory plan (see module docstring)."""
-    from moejax.models.common import _jitted_forward
-    from moejax.parallel.mesh import batch_sharding, describe, make_mesh
-
     cfg, sizes, chip = resolve(model, mesh_spec, topology)
-    if math.prod(sizes.values()) > jax.device_count():
-        raise NeedDevices(math.prod(sizes.values()))
     mesh = make_mesh(sizes)
     started = time.perf_counter()
     abstract = sharded_abstract(cfg, model, mesh)
@@ -106,7 +163,7 @@ def plan(model: str, mesh_spec: str | None = None, topology: str | None = None, 
         per_device += math.prod(var.get_value().sharding.shard_shape(var.shape)) * itemsize
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(mesh, (batch, seq)))
     with jax.set_mesh(mesh):
-        compiled = _jitted_forward.lower(graphdef, state, ids, ids, ids, False, False).compile()
+        compiled = jitted_forward.lower(graphdef, state, ids, ids, ids, False, False).compile()
     memory = compiled.memory_analysis()
     dispatch = moe_dispatch_bytes(cfg, mesh, batch * seq, jnp.dtype(dtype).itemsize)
     total = per_device + memory.output_size_in_bytes + memory.temp_size_in_bytes + dispatch \
@@ -129,18 +186,11 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
                seq: int = 2048, dtype: str = "bfloat16", remat: str = "none", accum_steps: int = 1) -> dict:
     """Compiles the train step of `model` on the mesh (float32 master weights, AdamW, load-balancing loss,
     compute in `dtype`); returns its memory plan (see module docstring)."""
-    from moejax.parallel.mesh import batch_sharding, describe, make_mesh
-    from moejax.training.step import BATCH_FIELDS, TrainConfig, init_state, make_train_step, optimizer
-
     cfg, sizes, chip = resolve(model, mesh_spec, topology)
-    if math.prod(sizes.values()) > jax.device_count():
-        raise NeedDevices(math.prod(sizes.values()))
-    if batch % accum_steps:
-        raise ValueError(f"--batch {batch} is not divisible by --accum-steps {accum_steps}")
     mesh = make_mesh(sizes)
     started = time.perf_counter()
     # Compiled in float32 (module docstring); the lower compute dtype enters the analytic terms below.
-    train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps)
+    train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps).resolved(cfg)
     abstract = sharded_abstract(cfg, model, mesh)
     abstract.layers.remat = remat
     graphdef, params = nnx.split(abstract)
@@ -183,11 +233,7 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
 
 def sharded_abstract(cfg, model: str, mesh) -> nnx.Module:
     """The float32 model from shapes alone, each parameter a ShapeDtypeStruct sharded by the logical-axis rules."""
-    from moejax.models import architecture
-    from moejax.parallel.mesh import param_sharding
-
-    arch = architecture(cfg.model_type, model)
-    abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg, jnp.float32)
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         sharding = param_sharding(".".join(map(str, path)), var, mesh)
         var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
@@ -197,8 +243,6 @@ def sharded_abstract(cfg, model: str, mesh) -> nnx.Module:
 def with_param_shardings(tree, params, mesh):
     """`tree` (shapes) with each leaf whose path ends in a parameter's path (the parameter itself, AdamW's mu and
     nu of it) sharded like that parameter, as init_state's arrays are; the rest (step counts) replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     owned = {tuple(path): leaf.sharding for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
              if getattr(leaf, "sharding", None) is not None}
 
@@ -218,12 +262,10 @@ def device_bytes(tree) -> int:
 def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
     """One MoE layer's grouped rows on the accelerator path, per device: the tokens of its expert group
     (all-gathered), k rows each, holding inputs and outputs (2 x expert dim) and gate/up/activation (3 x f)."""
-    from moejax.parallel.mesh import BATCH_AXES
-
     if not cfg.moe_layers:
         return 0
     group_tokens = -(-tokens // math.prod(mesh.shape[a] for a in BATCH_AXES)) * mesh.shape["expert"]
-    width = getattr(cfg, "moe_latent_size", None) or cfg.hidden_size
+    width = cfg.expert_input_size
     ffn = cfg.moe_intermediate_size // mesh.shape["tensor"]
     return group_tokens * cfg.num_experts_per_tok * (2 * width + 3 * ffn) * itemsize
 

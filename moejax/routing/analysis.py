@@ -1,27 +1,22 @@
-"""`moejax analyze`: routing statistics of several models over a parallel corpus, the METRICS.md tables,
-figures and a written report.
+"""Routing analysis of a parallel corpus: per-chunk statistics of each language (`collect`) and the METRICS.md
+tables built from them (`build_tables`), for `moejax analyze`.
 
 Each language's chunks run in their own forward passes (never mixed with another language), padded
 into a few length buckets and fixed-size batches so a long corpus compiles a handful of programs.
 Statistics are reduced in the jitted forward (moejax.routing.stats); only per-chunk [layers, experts]
-arrays reach the host. Outputs are written to a temporary directory beside OUT and moved into place
-at the end, so a failed run leaves nothing half-written in OUT.
+arrays reach the host, unless every token's routing is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from moejax.data.corpus import CorpusError, chunk, read_corpus
-from moejax.data.tokenize import ByteTokenizer, HFTokenizer
-from moejax.report.output import atomic_directory, versions, write_csv
+from moejax.errors import DataError
+from moejax.models.common import ForcedRouting
 from moejax.routing import metrics as M
 from moejax.routing.stats import chunk_stats
 
@@ -43,6 +38,7 @@ class LangRun:
     pair_jaccard_sums: np.ndarray
     pairs: np.ndarray
     tokenization: dict
+    routing: list[ChunkRouting] | None = None  # per chunk, with collect(keep_routing=True)
 
     def pooled(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Over all chunks, per layer: top-K counts, usage fractions f and mean probabilities pbar, [L, E]."""
@@ -70,12 +66,28 @@ def _bucket(length: int) -> int:
     return -(-length // BUCKETS[-1]) * BUCKETS[-1]
 
 
+@dataclasses.dataclass
+class ChunkRouting:
+    """One chunk's routing at every MoE layer, over all its n tokens (special ones included): the experts
+    chosen [L, n, k] (in the router's order) and the raw router logits [L, n, E]."""
+
+    expert_ids: np.ndarray
+    router_logits: np.ndarray
+
+
 def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
-            progress=None) -> LangRun:
-    """Runs every chunk of one language through the model; returns its per-chunk statistics."""
+            progress=None, forced: dict[int, ChunkRouting | tuple] | None = None,
+            keep_routing: bool = False) -> LangRun:
+    """Runs every chunk of one language through the model; returns its per-chunk statistics.
+
+    forced: per chunk index, (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers
+    (moejax.models.common.ForcedRouting). keep_routing: LangRun.routing holds each chunk's ChunkRouting.
+    """
     encoded = [tokenizer.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
-        raise CorpusError("a chunk tokenised to no tokens")
+        raise DataError("a chunk tokenised to no tokens")
+    cfg = model.config
+    layers, k = len(cfg.moe_layers), cfg.num_experts_per_tok
     excluded = np.array(sorted(exclude_ids), np.int64)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: dict[int, dict] = {}
@@ -86,37 +98,30 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
             ids = np.full((batch_size, bucket), tokenizer.pad_id, np.int64)
             mask = np.zeros((batch_size, bucket), np.int64)
             pairs = np.zeros((batch_size, PAIRS_PER_CHUNK, 2), np.int64)
+            imposed = None if forced is None else ForcedRouting.none(layers, batch_size, bucket, k)
             for r, i in enumerate(rows):
                 n = len(encoded[i])
                 ids[r, :n], mask[r, :n] = encoded[i], 1
                 pairs[r] = np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
+                if imposed is not None and i in forced:
+                    where, experts = forced[i]
+                    imposed.mask[:, r, :n], imposed.expert_ids[:, r, :n] = where, experts
             content = mask.astype(bool) & ~np.isin(ids, excluded)
-            stats = jax.device_get(chunk_stats(model, ids, mask, content, pairs, probabilities))
+            stats = jax.device_get(chunk_stats(model, ids, mask, content, pairs, probabilities, forced=imposed,
+                                               keep_routing=keep_routing))
             for r, i in enumerate(rows):
-                results[i] = {f.name: np.asarray(getattr(stats, f.name))[r] for f in dataclasses.fields(stats)}
+                results[i] = {f.name: np.asarray(getattr(stats, f.name))[r] for f in dataclasses.fields(stats)
+                              if getattr(stats, f.name) is not None}
+                if keep_routing:
+                    n = len(encoded[i])
+                    results[i]["routing"] = ChunkRouting(results[i].pop("expert_ids")[:, :n],
+                                                         results[i].pop("router_logits")[:, :n])
             if progress is not None:
                 progress(len(rows), int(mask.sum()))
+    routing = [results[i].pop("routing") for i in range(len(texts))] if keep_routing else None
     stacked = {name: np.stack([results[i][name] for i in range(len(texts))]) for name in results[0]}
-    return LangRun(**stacked, tokenization=M.tokenization_stats(texts, stacked["tokens"].tolist()))
-
-
-def _load(spec: str | None, mesh=None):
-    """(name, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
-    from moejax.loading import from_pretrained
-    from moejax.models.builtin import NAME, builtin_model
-    from moejax.parallel.mesh import shard_model
-
-    if spec is None:
-        model = builtin_model()
-        return NAME, "builtin", model if mesh is None else shard_model(model, mesh), ByteTokenizer()
-    label, sep, path = spec.partition("=")
-    if not sep or not label or Path(spec).exists():
-        label, path = Path(spec).name, spec
-    tokenizer = HFTokenizer(path)
-    model = from_pretrained(path, mesh=mesh)
-    if not model.config.moe_layers:
-        raise CorpusError(f"{path}: the model has no MoE layers; there is no routing to analyse")
-    return label, str(path), model, tokenizer
+    return LangRun(**stacked, tokenization=M.tokenization_stats(texts, stacked["tokens"].tolist()),
+                   routing=routing)
 
 
 def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
@@ -208,70 +213,3 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
         summary[run.name] = model_summary
     return {"layers": layers, "experts": experts, "pairs": pairs, "lsi": lsi_rows, "summary": summary,
             "reference": reference, "targets": targets}
-
-
-def analyze(models: list[str | None], langs: list[str], data: str | None, out: str | Path, *, chunk_words: int = 300,
-            mode: str = "paragraph", batch_size: int = 8, probabilities: str = "softmax",
-            exclude_ids: list[int] | None = None, seed: int = 0, show_progress: bool = True, mesh=None) -> Path:
-    """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with `mesh`,
-    each model is loaded onto it and runs sharded (MoE blocks expert-parallel)."""
-    from tqdm import tqdm
-
-    from moejax.report.figures import write_figures
-    from moejax.report.markdown import write_report
-
-    out = Path(out)
-    corpus = chunk(read_corpus(data, langs), chunk_words, mode)
-    runs = []
-    started = time.perf_counter()
-    for path in models:
-        name, where, model, tokenizer = _load(path, mesh)
-        excluded = sorted(set(tokenizer.special_ids) | set(exclude_ids or ()))
-        lang_runs = {}
-        for lang in langs:
-            bar = tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=not show_progress)
-            tokens_done, t0 = [0], time.perf_counter()
-
-            def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
-                tokens_done[0] += n_tokens
-                bar.update(n_chunks)
-                bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
-
-            lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded, batch_size=batch_size,
-                                      probabilities=probabilities, seed=seed, progress=progress)
-            bar.close()
-        cfg = model.config
-        runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
-                             k=cfg.num_experts_per_tok,
-                             experts=getattr(cfg, "num_experts", None) or cfg.n_routed_experts,
-                             excluded_ids=excluded, langs=lang_runs))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        for i, run in enumerate(runs):
-            run.name = f"{i}:{run.name}"
-    tables = build_tables(runs, langs, seed)
-    if jax.process_index() != 0:  # multi-host: every host computed the same tables; the first writes them
-        return out
-    with atomic_directory(out) as tmp:
-        for name in ("layers", "experts", "pairs", "lsi"):
-            write_csv(tmp / f"{name}.csv", tables[name])
-        settings = {
-            "models": {r.name: {"path": r.path, "model_type": r.model_type, "moe_blocks": list(r.moe_blocks),
-                                "experts": r.experts, "top_k": r.k, "excluded_token_ids": r.excluded_ids,
-                                "tokens": {lang: int(lr.tokens.sum()) for lang, lr in r.langs.items()},
-                                "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
-            "langs": langs, "reference": tables["reference"], "data": data or "builtin sample corpus",
-            "chunking": {"mode": mode, "words": chunk_words}, "probabilities": probabilities, "seed": seed,
-            "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",
-                         "active_experts": "theta 0 (active_experts_0.001: theta 0.001)",
-                         "cosine": "f vectors (cosine_pbar: mean probabilities)", "lsi_theta": 0.1,
-                         "njsd": "per aligned chunk, averaged", "activation_difference": "a_e over all MoE layers",
-                         "routing_consistency": f"mean Jaccard of {PAIRS_PER_CHUNK} sampled token pairs per chunk"},
-            "seconds": time.perf_counter() - started, "versions": versions(),
-            "summary": tables["summary"],
-        }
-        (tmp / "metrics.json").write_text(json.dumps(settings, indent=2))
-        figures = write_figures(tmp, tables, runs, langs)
-        write_report(tmp / "report.md", tables, settings, figures)
-    return out
-

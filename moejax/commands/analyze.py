@@ -1,0 +1,138 @@
+"""`moejax analyze`: routing statistics of several models over a parallel corpus, the METRICS.md tables, figures
+and a written report in OUT (replaced only when the run completes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from moejax.commands.options import MESH_HELP, check_options, option
+from moejax.data.corpus import FLORES_CODES, chunk, read_corpus
+from moejax.data.tokenize import ByteTokenizer, HFTokenizer
+from moejax.errors import DataError
+from moejax.io import atomic_directory, versions, write_csv
+from moejax.loading import from_pretrained
+from moejax.models.builtin import NAME, builtin_model
+from moejax.parallel.mesh import make_mesh, shard_model
+from moejax.report.figures import write_figures
+from moejax.report.markdown import write_report
+from moejax.routing.analysis import PAIRS_PER_CHUNK, ModelRun, build_tables, collect
+from moejax.routing.stats import PROBABILITIES
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeSettings:
+    """Everything `moejax analyze` takes; the defaults run the built-in model on the built-in corpus."""
+
+    model: tuple[str, ...] = option(
+        (), "Hugging Face or `moejax convert` checkpoint directory with its tokenizer, optionally labelled (repeat "
+        "to compare models, e.g. base=DIR1 cpt=DIR2); default: the built-in demonstration model",
+        metavar="[LABEL=]DIR", repeat=True)
+    langs: tuple[str, ...] = option(
+        ("en", "he", "ja"), "comma-separated language codes; the reference is en if present, else the last. "
+        f"Known: {','.join(sorted(FLORES_CODES))}", kind=list)
+    data: str | None = option(
+        None, "a FLORES-200 directory ({code}.dev/.devtest), a TSV (header of language codes) or JSONL file with "
+        "one column per language, or a directory of aligned {lang}.txt files; default: the built-in sample corpus",
+        metavar="CORPUS")
+    out: Path = option(Path("moejax-analysis"), "output directory (replaced only when the run succeeds)", kind=Path)
+    chunk_mode: str = option("paragraph", "paragraph: consecutive sentences up to ~--chunk-words words; sentence: "
+                             "one sentence each", choices=("paragraph", "sentence"))
+    chunk_words: int = option(300, "target words per paragraph chunk", kind=int, minimum=1)
+    batch_size: int = option(8, "chunks per forward pass", kind=int, minimum=1)
+    probabilities: str = option("softmax", "P_t for the probability metrics: softmax of the raw logits (paper a), "
+                                "or the model's native scores (sigmoid for Nemotron-H)", choices=PROBABILITIES)
+    exclude_ids: tuple[int, ...] = option(
+        (), "extra token ids to exclude from every metric (e.g. chat-template tokens), comma-separated; the "
+        "tokenizer's special tokens are always excluded", kind=list, element=int, minimum=0)
+    seed: int = option(0, "seed for same-language splits and token-pair sampling", kind=int, minimum=0)
+    mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
+    quiet: bool = option(False, "no progress bars", kind=bool)
+
+    def __post_init__(self):
+        check_options(self)
+
+
+def load_model(spec: str | None, mesh=None):
+    """(label, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
+    if spec is None:
+        model = builtin_model()
+        return NAME, "builtin", model if mesh is None else shard_model(model, mesh), ByteTokenizer()
+    label, sep, path = spec.partition("=")
+    if not sep or not label or Path(spec).exists():
+        label, path = Path(spec).name, spec
+    tokenizer = HFTokenizer(path)
+    model = from_pretrained(path, mesh=mesh)
+    if not model.config.moe_layers:
+        raise DataError(f"{path}: the model has no MoE layers; there is no routing to analyse")
+    return label, str(path), model, tokenizer
+
+
+def analyze(settings: AnalyzeSettings) -> Path:
+    """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with a mesh, each
+    model is loaded onto it and runs sharded (MoE blocks expert-parallel). Returns OUT."""
+    s = settings
+    out = Path(s.out)
+    langs = list(s.langs)
+    mesh = make_mesh(s.mesh) if s.mesh else None
+    corpus = chunk(read_corpus(s.data, langs), s.chunk_words, s.chunk_mode)
+    runs = []
+    started = time.perf_counter()
+    for spec in s.model or (None,):
+        name, where, model, tokenizer = load_model(spec, mesh)
+        excluded = sorted(set(tokenizer.special_ids) | set(s.exclude_ids))
+        lang_runs = {}
+        for lang in langs:
+            bar = tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=s.quiet)
+            tokens_done, t0 = [0], time.perf_counter()
+
+            def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
+                tokens_done[0] += n_tokens
+                bar.update(n_chunks)
+                bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+            lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded, batch_size=s.batch_size,
+                                      probabilities=s.probabilities, seed=s.seed, progress=progress)
+            bar.close()
+        cfg = model.config
+        runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
+                             k=cfg.num_experts_per_tok, experts=cfg.num_routed_experts, excluded_ids=excluded,
+                             langs=lang_runs))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        for i, run in enumerate(runs):
+            run.name = f"{i}:{run.name}"
+    tables = build_tables(runs, langs, s.seed)
+    if jax.process_index() != 0:  # multi-host: every host computed the same tables; the first writes them
+        return out
+    with atomic_directory(out) as tmp:
+        for table in ("layers", "experts", "pairs", "lsi"):
+            write_csv(tmp / f"{table}.csv", tables[table])
+        recorded = {
+            "models": {r.name: {"path": r.path, "model_type": r.model_type, "moe_blocks": list(r.moe_blocks),
+                                "experts": r.experts, "top_k": r.k, "excluded_token_ids": r.excluded_ids,
+                                "tokens": {lang: int(lr.tokens.sum()) for lang, lr in r.langs.items()},
+                                "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
+            "langs": langs, "reference": tables["reference"], "data": s.data or "builtin sample corpus",
+            "chunking": {"mode": s.chunk_mode, "words": s.chunk_words}, "probabilities": s.probabilities,
+            "seed": s.seed,
+            "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",
+                         "active_experts": "theta 0 (active_experts_0.001: theta 0.001)",
+                         "cosine": "f vectors (cosine_pbar: mean probabilities)", "lsi_theta": 0.1,
+                         "njsd": "per aligned chunk, averaged", "activation_difference": "a_e over all MoE layers",
+                         "routing_consistency": f"mean Jaccard of {PAIRS_PER_CHUNK} sampled token pairs per chunk"},
+            "seconds": time.perf_counter() - started, "versions": versions(),
+            "summary": tables["summary"],
+        }
+        (tmp / "metrics.json").write_text(json.dumps(recorded, indent=2))
+        figures = write_figures(tmp, tables, runs, langs)
+        write_report(tmp / "report.md", tables, recorded, figures)
+    return out
+
+
+

@@ -1,0 +1,42 @@
+"""`moejax export`: a training run's checkpoint, an Orbax directory or a Hugging Face checkpoint -> the Hugging Face
+layout transformers (and lm-eval-harness, vLLM) load."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from moejax.commands.options import check_options, option
+from moejax.errors import SettingsError
+from moejax.export import export_pretrained
+from moejax.loading import from_pretrained
+from moejax.training.run import is_run_checkpoint, restore_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    src: Path | None = option(None, "a training run's checkpoint (RUN_DIR/checkpoint for its latest step, "
+                              "RUN_DIR/checkpoint/STEP for another), an Orbax directory written by `moejax convert`, "
+                              "or a Hugging Face checkpoint directory", kind=Path, positional=True)
+    out_dir: Path | None = option(None, "where to write the Hugging Face checkpoint", kind=Path, positional=True)
+    dtype: str = option("bfloat16", "dtype of the written tensors", choices=("float32", "bfloat16"))
+    max_shard_gb: float = option(2.0, "largest safetensors shard, GiB", kind=float, above=0)
+
+    def __post_init__(self):
+        check_options(self)
+        if self.src is None or self.out_dir is None:
+            raise SettingsError("export needs SRC and OUT_DIR")
+
+
+def export(settings: ExportSettings) -> Path:
+    """Writes OUT_DIR: config.json, model-XXXXX-of-YYYYY.safetensors with their index, per-expert tensor names,
+    and SRC's tokenizer files; returns OUT_DIR."""
+    dtype = jnp.dtype(settings.dtype)
+    if is_run_checkpoint(settings.src):
+        model, tokenizer_from = restore_model(settings.src, dtype)
+    else:
+        model, tokenizer_from = from_pretrained(settings.src, dtype=dtype), settings.src
+    return export_pretrained(model, settings.out_dir, tokenizer_from=tokenizer_from,
+                             max_shard_bytes=int(settings.max_shard_gb * 1024 ** 3))
