@@ -22,7 +22,7 @@ directory by both sides, in float32. One step, each side:
   balance loss: the comparison then slightly favours torch.
 
 Like `moejax train`, the benchmark re-executes itself with glibc's malloc asking for transparent huge
-pages (moejax.commands.train.with_huge_pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1), for both sides, since they share
+pages (moejax.process.with_huge_pages: GLIBC_TUNABLES=glibc.malloc.hugetlb=1), for both sides, since they share
 the process; --no-huge-pages keeps the default allocator, and the report says which ran.
 
 The sides run one after the other (torch first, then its model and optimizer are freed), not alternated
@@ -71,8 +71,8 @@ import transformers
 from bench_forward import CONFIGS, best_time
 
 import moejax
-from moejax.commands.train import HUGE_PAGES, with_huge_pages
 from moejax.config import NemotronHConfig, Qwen3MoeConfig
+from moejax.process import HUGE_PAGES, with_huge_pages
 from moejax.reference import randomize
 from moejax.training.step import TrainConfig, init_state, make_train_step
 

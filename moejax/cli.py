@@ -18,6 +18,7 @@ import jax
 from moejax.commands import analyze, convert, export, parity, plan, train
 from moejax.commands.options import add_options, from_mapping
 from moejax.errors import MoejaxError
+from moejax.process import compilation_cache_dir, with_huge_pages
 
 DESCRIPTIONS = {
     "analyze": ("routing statistics, metrics, figures and a report for one or more models",
@@ -126,14 +127,6 @@ def run(command: str, settings) -> int:
     return 0
 
 
-def _compilation_cache() -> None:
-    """XLA's persistent compilation cache for the commands (e.g. ~7 s -> ~2.5 s to a Nemotron-H benchmark
-    model's first forward on a CPU): $MOEJAX_COMPILATION_CACHE, default ~/.cache/moejax/xla; empty: off."""
-    where = os.environ.get("MOEJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "moejax" / "xla"))
-    if where and jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", where)
-
-
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -142,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
         return int(e.code or 0)
     if from_command_line and args.command == "train":
-        train.with_huge_pages()
-    _compilation_cache()
+        with_huge_pages()
+    cache = compilation_cache_dir()
+    if cache and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", cache)
     if os.environ.get("MOEJAX_DISTRIBUTED"):  # one process per host of a TPU pod (tpu/launch.py sets it)
         jax.distributed.initialize()
     try:

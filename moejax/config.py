@@ -268,7 +268,7 @@ class Qwen3MoeConfig:
             vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
             num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
-            rope=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960,
+            rope=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960, router_aux_loss_coef=0.001,
         )
 
 

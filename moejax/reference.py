@@ -36,6 +36,9 @@ def tiny_nemotron_h_config(**overrides) -> transformers.NemotronHConfig:
     return transformers.NemotronHConfig(**base)
 
 
+TINY_CONFIGS = {"qwen3_moe": tiny_qwen3_config, "nemotron_h": tiny_nemotron_h_config}
+
+
 def _scale(name: str, shape: torch.Size) -> tuple[float, float]:
     """(mean, std) of a parameter's refill, by its role."""
     if "norm" in name:
@@ -70,7 +73,7 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None, **overrides):
     """A random transformers model of `arch` ("qwen3_moe" or "nemotron_h") saved with save_pretrained;
     returns (the float32 reference model reloaded from disk, the directory)."""
-    config = tiny_qwen3_config(**overrides) if arch == "qwen3_moe" else tiny_nemotron_h_config(**overrides)
+    config = TINY_CONFIGS[arch](**overrides)
     torch.manual_seed(seed)
     model = randomize(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
     save = model if save_dtype is None else model.to(save_dtype)

@@ -1,42 +1,19 @@
-"""Shared pieces of the parity tests."""
+"""Settings for the whole suite: no compilation cache in the user's home, markers, and the torch skip.
+
+Markers (pyproject.toml): `torch` (needs PyTorch, the test extra: such modules skip without it), `slow`
+(left out by `pytest -m "not slow"`), `multidevice` (8 simulated CPU devices, run in one worker process:
+tests/multidevice/conftest.py).
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
-import numpy as np
-
-from moejax.reference import run_reference
-
-LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
-
-# The commands the tests run in-process keep no XLA compilation cache in the user's home.
-os.environ["MOEJAX_COMPILATION_CACHE"] = ""
-
-
-def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], seq: int, side: str):
-    """Token ids [b, seq] and mask, each row `lengths[i]` real tokens padded on `side` with id 0."""
-    ids = np.zeros((len(lengths), seq), np.int64)
-    mask = np.zeros((len(lengths), seq), np.int64)
-    for row, n in enumerate(lengths):
-        cols = slice(seq - n, seq) if side == "left" else slice(0, n)
-        ids[row, cols] = rng.integers(1, vocab, n)
-        mask[row, cols] = 1
-    return ids, mask
-
-
-def assert_parity(model, reference, ids, mask, logits_tol=LOGITS_TOL, router_tol=ROUTER_TOL):
-    """Content tokens only: logits and raw router logits within tolerance, chosen expert sets identical."""
-    ref_logits, ref_routers, ref_ids = run_reference(reference, ids, mask)
-    out = model(ids, mask, return_router_logits=True)
-    content = mask.astype(bool)
-    diff = np.abs(np.asarray(out.logits) - ref_logits)[content].max()
-    assert diff <= logits_tol, f"logits differ by {diff}"
-    assert len(out.router_logits) == len(ref_routers) == len(ref_ids) > 0
-    for layer, (ours, ref, ours_ids, want_ids) in enumerate(
-            zip(out.router_logits, ref_routers, out.router_expert_ids, ref_ids, strict=True)):
-        assert np.asarray(ours).dtype == np.float32
-        diff = np.abs(np.asarray(ours) - ref)[content].max()
-        assert diff <= router_tol, f"MoE layer {layer}: router logits differ by {diff}"
-        np.testing.assert_array_equal(np.sort(np.asarray(ours_ids), axis=-1)[content], want_ids[content],
-                                      err_msg=f"MoE layer {layer}: selected experts differ")
+# The commands the tests run keep their XLA compilation cache inside this test run, never in the user's home:
+# one directory for the session (and the processes it starts), so an identical program compiles once.
+_CACHE = tempfile.mkdtemp(prefix="moejax-test-xla-")
+os.environ.setdefault("MOEJAX_COMPILATION_CACHE", _CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import tomllib
 from pathlib import Path
 
@@ -115,20 +113,3 @@ class TrainSettings:
 def train(settings: TrainSettings) -> Path:
     """Runs (or resumes) the run in settings.out; returns it."""
     return run_training(settings.run_settings(), settings.out, show_progress=not settings.quiet)
-
-
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_pages() -> None:
-    """Re-executes this process with glibc's malloc asking for transparent huge pages, unless it already does
-    or $MOEJAX_HUGE_PAGES is 0. XLA on a CPU allocates each step's large temporaries afresh, and on a kernel
-    whose THP mode is `madvise` every 4 KiB page of them faults in: huge pages make a bench-model train step
-    ~20% faster (docs/performance.md). glibc reads its tunables only at start-up, hence the exec; a glibc
-    without the tunable ignores it."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform != "linux" or HUGE_PAGES in tunables or os.environ.get("MOEJAX_HUGE_PAGES") == "0":
-        return
-    env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
-    sys.stdout.flush()
-    os.execve(sys.executable, sys.orig_argv, env)

@@ -24,7 +24,7 @@ its flip is the consequence of an error upstream.
 An *exact* tie is a flip explained within the floor alone: the reference's own scores cannot order
 the experts (identical router rows give identical scores, and transformers' top-k breaks such ties
 arbitrarily). Exact ties are properties of the checkpoint; near ties beyond the floor are properties of
-rounding, and a rate bound on them (moejax.commands.parity) catches an error hiding in the window.
+rounding, and a rate bound on them (`moejax parity`) catches an error hiding in the window.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from flax import nnx
+
+from moejax.layers.stack import layer_position
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 TIE, EXACT_TIE, OTHER = "tie", "exact_tie", "other"
@@ -129,3 +132,22 @@ def _classify(rule: RouterRule, s_e: np.ndarray, ref: set, got: set, delta: floa
     gap = max(abs(s_e[e] - tau) for e in ref ^ got)
     kind = (EXACT_TIE if gap <= floor else TIE) if gap <= window else OTHER
     return kind, gap, window, tau
+
+
+def router_rules(model) -> list[RouterRule]:
+    """Each MoE layer's selection rule for a moejax model, in MoE-layer order, with its own correction bias
+    (sigmoid routers)."""
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    if cfg.router_kind == "softmax":
+        return [RouterRule("softmax", k) for _ in cfg.moe_layers]
+    moe_row = {layer: row for row, layer in enumerate(cfg.moe_layers)}
+    biases: dict[int, np.ndarray] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        located = layer_position(path)
+        if located is None or located[2][-1] != "correction_e":
+            continue
+        segment, unit, _ = located
+        for repeat, layer in enumerate(model.layers.layer_ids[segment][unit]):
+            biases[moe_row[layer]] = np.asarray(var[...][repeat], np.float64)
+    return [RouterRule("sigmoid", k, biases[row], *cfg.router_groups) for row in range(len(cfg.moe_layers))]

@@ -28,21 +28,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
 import transformers
 
 import moejax
+import moejax.commands.parity as parity_module
 import moejax.layers.moe as moe
-import moejax.parity as parity_module
 from moejax.cli import main
+from moejax.commands.parity import ParitySettings, RouterTally, parity, token_kl
 from moejax.data.tokenize import HFTokenizer
 from moejax.models.common import ForcedRouting
-from moejax.parity import RouterTally, parity, token_kl
 from moejax.reference import make_checkpoint, randomize, save_byte_tokenizer, tiny_qwen3_config
 from moejax.routing.ties import OTHER, RouterRule, classify_flips
 
+pytestmark = pytest.mark.torch
+
 RUN = ["--seq-len", "128", "--batch-size", "2", "--max-tokens", "384", "--quiet"]
-SMALL = dict(seq_len=128, batch_size=2, max_tokens=384, show_progress=False)
+SMALL = dict(seq_len=128, batch_size=2, max_tokens=384)
+
+
+def check(path, out=None, **settings):
+    """`moejax parity` from Python on a short run (SMALL unless overridden)."""
+    return parity(ParitySettings(model=path, out=out, quiet=True, **{**SMALL, **settings}))
 TEXT = ("The river rises in spring and the fields turn green; farmers watch the water and the sky. "
         "הנהר עולה באביב והשדות מוריקים. 川は春に増水し、畑は緑になる。") * 3
 
@@ -152,8 +162,7 @@ def test_corrupted_parameter_fails_and_points_at_its_block(fp32, tmp_path, block
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     edit_moejax(scale_norm(block, 1.5))
-    result = parity(path, tmp_path / "out", text=text, seq_len=128, batch_size=2, max_tokens=128,
-                    show_progress=False)
+    result = check(path, tmp_path / "out", text=text, max_tokens=128)
     assert not result.passed
     assert result.summary["first_drift_block"]["block"] == block
     assert all(r["hidden_relative_diff"] <= 1e-5 for r in result.layers[:block])
@@ -217,11 +226,11 @@ def _perturbed_softmax(logits_te, k, normalize, control=None):
 def test_wrong_selection_with_exact_logits_fails(tmp_path_factory, tmp_path, patch_router, arch, routing, wrong):
     path = _checkpoint(tmp_path_factory, arch)
     patch_router(routing, _perturbed_softmax if routing == "softmax_topk" else _sigmoid_variant(wrong))
-    result = parity(path, tmp_path / "out", **SMALL)
+    result = check(path, tmp_path / "out")
     s = result.summary
     assert not result.passed and s["other_flips"] > 0
-    check = next(c for c in s["checks"] if c["check"] == "other_flips")
-    assert not check["passed"] and "MoE layer" in check["what"]
+    verdict = next(c for c in s["checks"] if c["check"] == "other_flips")
+    assert not verdict["passed"] and "MoE layer" in verdict["what"]
     first = next(r for r in result.layers if "moe_layer" in r)
     if wrong != "renormalisation_skipped":  # the first MoE layer's selection is wrong, its logits exact
         assert first["router_logit_max_abs_diff"] <= 1e-5 and first["other_flips"] > 0
@@ -256,13 +265,13 @@ def test_rare_selection_error_fails(tmp_path_factory, tmp_path, edit_moejax):
     path = _checkpoint(tmp_path_factory, "qwen3_moe")
     positions = [(0, 5), (0, 90), (1, 40)]
     edit_moejax(lambda model: _InjectedError(model, 1, positions))
-    result = parity(path, tmp_path / "out", **SMALL)
+    result = check(path, tmp_path / "out")
     s = result.summary
     assert not result.passed and s["tokens_compared"] == s["tokens"]
     per_layer = [r["other_flips"] for r in result.layers if "moe_layer" in r]
     assert per_layer[:2] == [0, 3 + 2]  # the last batch has one real row: its second row's error is padding
-    check = next(c for c in s["checks"] if c["check"] == "other_flips")
-    assert not check["passed"] and "MoE layer 1" in check["what"]
+    verdict = next(c for c in s["checks"] if c["check"] == "other_flips")
+    assert not verdict["passed"] and "MoE layer 1" in verdict["what"]
     assert s["ties"] == 0
 
 
@@ -292,7 +301,7 @@ def test_exact_ties_are_forced_and_every_token_compared(tmp_path):
     """transformers breaks the exact ties its own way, moejax by index: the flips are exact ties, forced into
     moejax's routing, and then every token of every later block agrees like for like."""
     path = _tied_checkpoint(tmp_path, 0.0)
-    result = parity(path, tmp_path / "out", **SMALL)
+    result = check(path, tmp_path / "out")
     s = result.summary
     assert result.passed and s["ties"] >= 1 and s["exact_ties"] == s["ties"] == s["forced_tokens"]
     assert s["other_flips"] == 0 and s["tokens_compared"] == s["tokens"] == 384
@@ -324,11 +333,11 @@ def test_near_ties_above_the_rate_bound_fail(tmp_path, edit_moejax):
     lifted it passes and every token agrees."""
     path = _tied_checkpoint(tmp_path, 1e-5)
     edit_moejax(_scale_router_column(5, 1 - 4e-5))
-    strict = parity(path, None, **SMALL)
+    strict = check(path)
     s = strict.summary
     assert s["ties"] - s["exact_ties"] >= 10 and s["other_flips"] == 0
     assert [c["check"] for c in s["checks"] if not c["passed"]] == ["tie_rate"]
-    lifted = parity(path, None, tolerances={"tie_rate": 1.0}, **SMALL)
+    lifted = check(path, tol=("tie_rate=1",))
     assert lifted.passed and lifted.summary["overall"]["kl_max"] <= 1e-9
 
 
@@ -353,7 +362,7 @@ def test_bf16_real_errors_fail(bf16, tmp_path, edit_moejax, edit):
     arch, path = bf16
     block = moejax.load_config(path).moe_layers[0] if edit.startswith("expert") else 2
     edit_moejax(scale_expert_down(block, 1.2) if edit.startswith("expert") else scale_norm(block, 1.1))
-    result = parity(path, None, **SMALL)
+    result = check(path)
     assert not result.passed
     assert result.summary["first_drift_block"]["block"] == block
     failed = {c["check"] for c in result.summary["checks"] if not c["passed"]}
@@ -371,7 +380,7 @@ def test_text_file_source(fp32, tmp_path):
     _, path = fp32
     text = tmp_path / "t.txt"
     text.write_text(TEXT + "\n\n" + TEXT, encoding="utf-8")
-    result = parity(path, None, text=text, seq_len=100, batch_size=3, max_tokens=350, show_progress=False)
+    result = check(path, text=text, seq_len=100, batch_size=3, max_tokens=350)
     assert result.passed and result.summary["tokens"] == 350 and result.summary["sequences"] == 4
     assert [g["group"] for g in result.summary["groups"]] == ["text"]
 
@@ -381,7 +390,7 @@ def test_text_file_source(fp32, tmp_path):
     (["--tol", "kl_average=1"], "unknown tolerance"),
     (["--tol", "kl_mean"], "expected NAME=VALUE"),
     (["--langs", "en,xx"], "xx"),
-    (["--max-tokens", "0"], "must be positive"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(fp32, tmp_path, capsys, args, message):
     _, path = fp32
@@ -412,8 +421,7 @@ def test_bad_checkpoints_exit_2(fp32, tmp_path, capsys):
 
 
 def test_help_and_tolerance_listing(capsys):
-    with pytest.raises(SystemExit):
-        main(["parity", "--help"])
+    assert main(["parity", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--model", "--text", "--langs", "--data", "--dtype", "--reference-dtype", "--seq-len",
                    "--batch-size", "--max-tokens", "--tol", "--list-tolerances", "--dt-floor", "--out", "--quiet"):

@@ -11,12 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
 from transformers.models.nemotron_h.modeling_nemotron_h import mamba2_chunk_scan
 
 from moejax.layers.ssd import ssd_chunked, ssd_sequential
 
 BATCH, HEADS, HEAD_DIM, STATE, CHUNK = 2, 4, 3, 16, 8
+
+pytestmark = pytest.mark.torch
+
 LONGEST = 61
 TOL = 1e-5
 

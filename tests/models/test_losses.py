@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
 from flax import nnx
 from safetensors.numpy import save_file
@@ -21,6 +24,8 @@ from safetensors.numpy import save_file
 import moejax
 from moejax.reference import make_checkpoint
 from moejax.training.losses import IGNORE_INDEX, load_balancing_loss, next_token_loss, router_z_loss
+
+pytestmark = pytest.mark.torch
 
 COEF = 0.05
 
@@ -52,6 +57,7 @@ def moejax_loss(model, ids, mask, labels):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
+@pytest.mark.slow
 def test_losses_and_gradients_equal_transformers(setup, tmp_path):
     reference, path, ids, mask, labels = setup
     reference.zero_grad()
@@ -83,6 +89,7 @@ def test_losses_and_gradients_equal_transformers(setup, tmp_path):
     print(f"largest relative gradient difference: {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_aux_loss_ignores_padding_and_z_loss(setup):
     _, path, ids, mask, labels = setup
     model = moejax.from_pretrained(path)

@@ -17,13 +17,18 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_parity, padded_batch
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 from safetensors.numpy import load_file, save_file
+from support import assert_parity, padded_batch
 
 import moejax
 import moejax.layers.mamba2 as mamba2
 from moejax.layers.ssd import ssd_sequential
 from moejax.reference import make_checkpoint, run_reference
+
+pytestmark = pytest.mark.torch
 
 MATCH_TRANSFORMERS = {"dt_floor": "time_step_min"}
 
@@ -70,6 +75,7 @@ def test_in_memory_names_and_fused_experts(tmp_path):
     assert_parity(moejax.from_pretrained(path, **MATCH_TRANSFORMERS), reference, ids, mask)
 
 
+@pytest.mark.slow
 def test_chunk_size_invariance(tmp_path):
     """The same weights give the same outputs with chunk_size 8, 16 and 64 (bound 1e-5: float32 reordering)."""
     _, path = make_checkpoint("nemotron_h", tmp_path, seed=3)
@@ -96,6 +102,7 @@ def test_mixer_chunked_scan_matches_sequential_oracle(tmp_path, monkeypatch):
     assert np.abs(chunked - oracle)[content].max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_mixer_output_matches_sequential_oracle(monkeypatch):
     """One Mamba2Mixer over 3.5 chunks with padding, random weights: chunked SSD vs recurrence (bound 1e-5)."""
     import jax
@@ -122,6 +129,7 @@ def test_mixer_output_matches_sequential_oracle(monkeypatch):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.slow
 def test_padding_invariance(tmp_path, side):
     """Content logits do not change when padding is added: padding is zeroed before the conv and the scan."""
     _, path = make_checkpoint("nemotron_h", tmp_path, seed=5)
@@ -135,6 +143,7 @@ def test_padding_invariance(tmp_path, side):
     np.testing.assert_allclose(np.asarray(model(padded_ids, mask).logits)[0, content], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_dt_floor(tmp_path):
     """transformers clamps dt to [time_step_min, inf); the config's time_step_limit says [0, inf).
 

@@ -15,12 +15,17 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
-from conftest import assert_parity, padded_batch
 from safetensors.numpy import load_file, save_file
+from support import assert_parity, padded_batch
 
 import moejax
 from moejax.reference import make_qwen3, run_reference
+
+pytestmark = pytest.mark.torch
 
 CASES = {
     "sharded-normtopk-rightpad": dict(
@@ -130,6 +135,7 @@ def test_ragged_dot_dispatch_path(tmp_path, monkeypatch):
     assert_parity(moejax.from_pretrained(path), reference, ids, mask)
 
 
+@pytest.mark.slow
 def test_model_gradients_match_across_dispatch_paths(tmp_path, monkeypatch):
     """jax.grad through the whole model: the CPU path's custom VJP equals ragged_dot's autodiff (1e-5 rel)."""
     import jax

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
-from conftest import padded_batch
 from scipy import stats as sps
 from scipy.spatial import distance
+from support import padded_batch
 
 import moejax
 from moejax.reference import make_checkpoint, run_reference
 from moejax.routing import metrics as M
 from moejax.routing.stats import chunk_stats
+
+pytestmark = pytest.mark.torch
 
 RTOL = 1e-6
 
@@ -120,6 +125,7 @@ def test_metrics_match_scipy(routed):
         np.testing.assert_allclose(M.normalized_jsd(p_seq, q_seq), jsd / floor, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_batching_and_padding_invariance(routed):
     """Each sequence alone, unpadded, gives the statistics it got inside the padded batch of three."""
     ids, mask = routed["batch"]

@@ -16,8 +16,12 @@ from flax import nnx
 import moejax
 from converters.safetensors_io import CheckpointError
 from moejax.cli import main
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 from moejax.reference import make_checkpoint, save_byte_tokenizer
 
+pytestmark = pytest.mark.torch
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

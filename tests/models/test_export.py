@@ -13,12 +13,17 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
 import transformers
 
 import moejax
 from moejax.cli import main
 from moejax.reference import make_checkpoint, save_byte_tokenizer
+
+pytestmark = pytest.mark.torch
 
 KEYS = {"qwen3_moe": "model.layers.0.mlp.experts.3.gate_proj.weight",
         "nemotron_h": "backbone.layers.1.mixer.experts.3.up_proj.weight"}

@@ -12,8 +12,12 @@ from safetensors.numpy import load_file, save_file
 import moejax
 from converters.safetensors_io import CheckpointError
 from moejax.config import ConfigError
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 from moejax.reference import make_checkpoint, make_qwen3
 
+pytestmark = pytest.mark.torch
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

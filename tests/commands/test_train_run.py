@@ -9,20 +9,27 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 import torch
 import transformers
 
 import moejax
 from moejax.cli import main
+from moejax.commands.train import TrainSettings, train
 from moejax.data.corpus import SAMPLE_DIR
 from moejax.reference import make_checkpoint, save_byte_tokenizer
 from moejax.training.run import RUN_FILE, restore_model
+
+pytestmark = pytest.mark.torch
 
 DATA = f"he={SAMPLE_DIR / 'he.txt'}:0.6,en={SAMPLE_DIR / 'en.txt'}:0.4"
 
@@ -55,6 +62,7 @@ def uninterrupted(model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_directory(uninterrupted):
     out = uninterrupted
     assert complete_steps(out) == [4, 6]  # keep 2
@@ -94,12 +102,29 @@ def tensorboard_scalars(directory) -> dict:
     return found
 
 
+# The train command, in a process that dies abruptly (as SIGKILL would leave it) right after the save of step 4
+# has started, while it is still being written: the test's own wrapper around the run loop's save.
+DIE_DURING_SAVE = """
+import os, sys
+import moejax.training.run as run
+save = run._save
+def save_then_die(manager, step, state, mixture):
+    save(manager, step, state, mixture)
+    if step == 4:
+        os._exit(137)
+run._save = save_then_die
+from moejax.cli import main
+from moejax.commands.train import TrainSettings, train
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
 def test_resume_after_a_kill_during_a_save_is_exact(model_dir, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "moejax.cli", *args(model_dir, out, "--steps", "6", "--save-every", "2",
-                                                          "--keep", "2")]
-    killed = subprocess.run(command, env=os.environ | {"MOEJAX_TEST_EXIT_DURING_SAVE": "4"}, capture_output=True,
-                            text=True, timeout=600)
+    command = [sys.executable, "-c", DIE_DURING_SAVE, *args(model_dir, out, "--steps", "6", "--save-every", "2",
+                                                           "--keep", "2")]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stderr[-2000:]
     # Step 4's save had started and not finished: only step 2 is complete, step 4 is a temporary directory.
     assert complete_steps(out) == [2]
@@ -117,6 +142,7 @@ def test_resume_after_a_kill_during_a_save_is_exact(model_dir, uninterrupted, tm
     assert len(rows(out)) == 6
 
 
+@pytest.mark.slow
 def test_export_round_trip_matches_transformers(model_dir, tmp_path):
     out, hf = tmp_path / "run", tmp_path / "hf"
     assert main(args(model_dir, out, "--steps", "2", "--dtype", "float32")) == 0
@@ -135,6 +161,7 @@ def test_export_round_trip_matches_transformers(model_dir, tmp_path):
     assert (hf / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving(model_dir, tmp_path, capsys):
     out = tmp_path / "diverged"
     assert main(args(model_dir, out, "--steps", "4", "--save-every", "1", "--warmup-steps", "1", "--lr", "1e12",
@@ -149,7 +176,7 @@ def test_non_finite_loss_stops_without_saving(model_dir, tmp_path, capsys):
     (["--data", f"he={SAMPLE_DIR / 'he.txt'}:0.5,en={SAMPLE_DIR / 'en.txt'}:0.4"], "sum"),
     (["--data", "he=EMPTY:0.6,en=" + str(SAMPLE_DIR / "en.txt") + ":0.4"], "empty"),
     (["--seq-len", "512"], "above the model's maximum of 256"),
-    (["--remat", "none", "--config", "CONFIG"], "unknown field"),
+    (["--remat", "none", "--config", "CONFIG"], "unknown setting"),
 ])
 def test_bad_input_is_refused_before_writing(model_dir, tmp_path, capsys, extra, message):
     empty = tmp_path / "he.txt"
@@ -163,6 +190,7 @@ def test_bad_input_is_refused_before_writing(model_dir, tmp_path, capsys, extra,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_another_run_in_the_directory_is_refused(model_dir, uninterrupted, tmp_path, capsys):
     before = (uninterrupted / "metrics.csv").read_bytes()
     assert main(args(model_dir, uninterrupted, "--steps", "6", "--save-every", "2", "--keep", "2", "--lr",
@@ -177,6 +205,7 @@ def test_another_run_in_the_directory_is_refused(model_dir, uninterrupted, tmp_p
     assert "not a moejax run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_config_file_and_command_line(model_dir, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text('steps = 2\nlb_coef = 0.05\nseq_len = 32\nremat = "full"\n')
@@ -187,6 +216,7 @@ def test_config_file_and_command_line(model_dir, tmp_path):
     assert settings["seq_len"] == 48  # the command line wins over the file
 
 
+@pytest.mark.slow
 def test_held_out_evaluation_is_the_cross_entropy_alone(model_dir, tmp_path):
     """eval.csv's losses are the plain next-token cross-entropy of the held-out batches (recomputed here from
     the model), with a balance coefficient large enough to show if it leaked in."""
@@ -223,14 +253,46 @@ def test_held_out_evaluation_is_the_cross_entropy_alone(model_dir, tmp_path):
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
     ({"MOEJAX_HUGE_PAGES": "0"}, "None"),
 ])
+@pytest.mark.slow
 def test_train_command_restarts_with_huge_pages(env, tunables):
     """with_huge_pages (which cli.main calls for `moejax train` run from the command line) re-executes the process
     once with glibc's malloc asking for huge pages, keeping any tunables already set; MOEJAX_HUGE_PAGES=0 keeps
     the process as it is."""
-    code = ("import os; from moejax.cli import with_huge_pages; print('start', flush=True); with_huge_pages(); "
+    code = ("import os; from moejax.process import with_huge_pages; print('start', flush=True); with_huge_pages(); "
             "print(os.environ.get('GLIBC_TUNABLES'))")
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MOEJAX_HUGE_PAGES")}
     done = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     restarts = 0 if "MOEJAX_HUGE_PAGES" in env else 1
     assert done.stdout.split("\n") == ["start"] * (restarts + 1) + [tunables, ""]
+
+
+@pytest.mark.parametrize("coef", [0.02, 0.0, None])
+@pytest.mark.slow
+def test_balance_coefficient_comes_from_config_json(model_dir, tmp_path, coef):
+    """Without --lb-coef, the run uses the router_aux_loss_coef the checkpoint's config.json records, 0 included;
+    a config.json without one gives 1e-3."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("router_aux_loss_coef", None)
+    if coef is not None:
+        config["router_aux_loss_coef"] = coef
+    (model / "config.json").write_text(json.dumps(config))
+    assert TrainSettings(model=str(model)).run_settings().train.lb_coef == (1e-3 if coef is None else coef)
+    out = tmp_path / "run"
+    assert main(args(model, out, "--steps", "1")) == 0
+    assert json.loads((out / RUN_FILE).read_text())["train"]["lb_coef"] == (1e-3 if coef is None else coef)
+
+
+@pytest.mark.slow
+def test_command_line_and_python_give_the_same_run(model_dir, tmp_path):
+    """`moejax train` with flags and train(TrainSettings(...)) with the same values write the same run.json and
+    the same metrics.csv (every column but the wall-clock tokens_per_s)."""
+    cli_out, py_out = tmp_path / "cli", tmp_path / "python"
+    assert main(args(model_dir, cli_out, "--steps", "3", "--warmup-steps", "1")) == 0
+    train(TrainSettings(model=str(model_dir), data=DATA, out=py_out, seq_len=64, batch_size=4, lr=1e-3, steps=3,
+                        warmup_steps=1, quiet=True))
+    assert json.loads((cli_out / RUN_FILE).read_text()) == json.loads((py_out / RUN_FILE).read_text())
+    strip = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows(cli_out)]
+    assert strip == [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows(py_out)] and len(strip) == 3

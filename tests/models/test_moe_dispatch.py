@@ -68,6 +68,7 @@ def test_tiled_gradients_match_ragged_dot(activation):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
 
 
+@pytest.mark.slow
 def test_plan_places_every_pair_once_in_its_experts_group():
     _, ids, _, _ = problem("relu2", tokens=50, experts=5, k=3)
     plan = moe.plan_dispatch(ids, 5, 8)

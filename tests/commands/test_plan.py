@@ -13,15 +13,22 @@ import pytest
 from moejax.cli import main
 from moejax.config import NemotronHConfig, Qwen3MoeConfig
 from moejax.loading import load_config
+
+pytest.importorskip("torch")  # the test extra; without it these tests are skipped
+
 from moejax.reference import tiny_qwen3_config
 
 GiB = 1024 ** 3
 
 
+
+pytestmark = pytest.mark.torch
+
 @pytest.mark.parametrize("model, config, experts_per_device", [
     ("qwen3-30b-a3b", Qwen3MoeConfig.qwen3_30b_a3b(), 32),
     ("nemotron-3-nano-30b-a3b", NemotronHConfig.nemotron_3_nano_30b_a3b(), 32),
 ])
+@pytest.mark.slow
 def test_presets_fit_v5p_8(model, config, experts_per_device, tmp_path, capfd):
     out = tmp_path / "plan.json"
     assert main(["plan", "--model", model, "--topology", "v5p-8", "--json", str(out)]) == 0
@@ -42,6 +49,7 @@ def test_presets_fit_v5p_8(model, config, experts_per_device, tmp_path, capfd):
     assert plan["per_device_bytes"] < plan["hbm_bytes"] == 95 * GiB
 
 
+@pytest.mark.slow
 def test_does_not_fit_exits_1(capfd):
     assert main(["plan", "--model", "qwen3-30b-a3b", "--topology", "v5e-4"]) == 1
     assert "DOES NOT FIT" in capfd.readouterr().out
@@ -53,11 +61,13 @@ def test_does_not_fit_exits_1(capfd):
     (["--remat", "full", "--topology", "v5p-8"], "plan the train step: add --train"),
     ([], "give --mesh, --topology or both"),
 ])
+@pytest.mark.slow
 def test_bad_plans(args, message, capfd):
     assert main(["plan", "--model", "qwen3-30b-a3b", *args]) == 2
     assert message in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_step_bytes_and_does_not_fit(tmp_path, capfd):
     """One compile: a small Qwen3-MoE with an 8M-token vocabulary, so its replicated embedding and head (805M
     parameters) overflow a v5e-4 chip once float32 weights, mu, nu and the step's new state are counted."""

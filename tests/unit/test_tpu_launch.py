@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH = Path(__file__).parent.parent / "tpu" / "launch.py"
+LAUNCH = Path(__file__).parents[2] / "tpu" / "launch.py"
 
 
 def dry_run(*args: str) -> list[str]:
