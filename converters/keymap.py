@@ -78,9 +78,10 @@ def _read_slice(ckpt: SafetensorsCheckpoint, rule: Rule, keys: np.ndarray, index
 
 
 def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, mesh=None,
-                progress: Callable[[str], None] | None = None) -> set[str]:
+                progress: Callable[[str], None] | None = None) -> dict[tuple, np.ndarray]:
     """Fills every Param of an (abstract) model from the checkpoint, each cast to the dtype the model
-    declared for it; returns the keys it consumed.
+    declared for it; returns, per parameter path, the checkpoint keys it was read from (an array over its
+    stacked leading axes: layers, experts).
 
     Each parameter is built shard by shard (`jax.make_array_from_callback`): with a mesh, every device's
     shard reads only the tensors it covers (its layers, its experts) and the slice of each it holds,
@@ -89,6 +90,7 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
     unexpected tensor.
     """
     consumed: set[str] = set()
+    sources: dict[tuple, np.ndarray] = {}
     for path, var in _param_paths(model):
         located = layer_position(path)
         if located is None:
@@ -113,6 +115,7 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
             var.shape, sharding, lambda index, rule=rule, keys=keys, dtype=var.dtype:
             _read_slice(ckpt, rule, keys, index, dtype)))
         consumed.update(keys.flat)
+        sources[path] = keys
     unexpected = sorted(k for k in ckpt.keys() - consumed - keymap.optional_keys
                         if not k.startswith(keymap.ignored_prefixes))
     if unexpected:
@@ -120,4 +123,4 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
         raise CheckpointError(
             f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s) in {where}, e.g. {unexpected[:5]}; "
             "the checkpoint does not match its config.json")
-    return consumed
+    return sources

@@ -125,7 +125,7 @@ class SafetensorsCheckpoint:
         shape = self.shape(key)
         if shape != tuple(expected_shape):
             raise CheckpointError(
-                f"{self.where(key)}: tensor {key!r} has shape {shape}, expected {tuple(expected_shape)}")
+                f"{self.where(key)}: tensor {str(key)!r} has shape {shape}, expected {tuple(expected_shape)}")
         return self.key_shard[key].read(key)
 
 

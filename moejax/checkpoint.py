@@ -9,8 +9,14 @@ only its own), whatever mesh the conversion ran on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import re
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -18,8 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moejax.errors import CheckpointError
-from moejax.io import atomic_directory
+from moejax.errors import CheckpointError, OutputError
+from moejax.io import output_directory
 from moejax.parallel.mesh import param_sharding
 
 MARKER = "moejax.json"
@@ -32,12 +38,34 @@ def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+@contextlib.contextmanager
+def orbax_errors(where: str | Path):
+    """Orbax writing OUT: an error of the file system (disk full, permission denied, ...) becomes one OutputError
+    naming OUT and the reason, instead of Orbax's many logged tracebacks from its writer threads."""
+    absl_logger = logging.getLogger("absl")
+    level, hook, unraisable = absl_logger.level, threading.excepthook, sys.unraisablehook
+    absl_logger.setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None  # the writer threads' echoes of the one failure below
+    sys.unraisablehook = lambda args: None
+    try:
+        yield
+    except Exception as e:
+        found = re.search(r"os_error_code='(\d+)'", str(e))
+        if isinstance(e, OSError) or found:
+            reason = os.strerror(int(found.group(1))) if found else e.strerror or str(e)
+            raise OutputError(f"{where}: writing the checkpoint failed: {reason}") from None
+        raise
+    finally:
+        absl_logger.setLevel(level)
+        threading.excepthook, sys.unraisablehook = hook, unraisable
+
+
 def save_params(model: nnx.Module, source_dir: str | Path, out: str | Path) -> Path:
     """Writes `model`'s parameters as an Orbax checkpoint in OUT (atomically), with source_dir's config
     and tokenizer files."""
     source_dir, out = Path(source_dir), Path(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "convert", [source_dir], flag="OUT_DIR") as tmp, orbax_errors(out):
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "params").absolute(), params)
         checkpointer.wait_until_finished()

@@ -11,13 +11,13 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 
 from moejax.commands import analyze, convert, export, parity, plan, train
 from moejax.commands.options import add_options, from_mapping
 from moejax.errors import MoejaxError
+from moejax.io import write_file
 from moejax.process import compilation_cache_dir, with_huge_pages
 
 DESCRIPTIONS = {
@@ -119,7 +119,7 @@ def run(command: str, settings) -> int:
         result = plan.plan(settings)
         print(plan.plan_text(result))
         if settings.json:
-            Path(settings.json).write_text(json.dumps(result, indent=2))
+            write_file(settings.json, json.dumps({"written_by": "moejax plan", **result}, indent=2), "plan", "--json")
         return 0 if result["fits"] is not False else 1
     else:
         out = train.train(settings)

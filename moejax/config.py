@@ -71,15 +71,16 @@ class RopeConfig:
             raise ConfigError(f"{source}: yarn mscale/mscale_all_dim are not supported.")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported.")
-        factor = float(params.get("factor") or 1.0)
-        original = params.get("original_max_position_embeddings")
+        f = _Fields({**params, "rope_theta": theta}, f"{source} (rope parameters)")
+        original = f.int("original_max_position_embeddings", None, minimum=1)
         if kind == "yarn" and original is None:
-            original = d.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+            original = _Fields(d, source).int("original_max_position_embeddings",
+                                              _Fields(d, source).int("max_position_embeddings", None))
         return cls(
-            theta=float(theta), kind=kind, factor=factor,
-            original_max_position_embeddings=None if original is None else int(original),
-            beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
-            attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+            theta=f.float("rope_theta"), kind=kind, factor=f.float("factor", 1.0),
+            original_max_position_embeddings=original, beta_fast=f.float("beta_fast", 32.0),
+            beta_slow=f.float("beta_slow", 1.0), attention_factor=f.float("attention_factor", None),
+            truncate=f.bool("truncate", True),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -119,13 +120,66 @@ def _check_hf(cls, d: dict[str, Any], source: str) -> None:
     _check_fields(d, cls._READ, set(cls._INERT), source)
 
 
-def _optional_float(d: dict[str, Any], name: str, source: str) -> float | None:
-    value = d.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
-    return float(value)
+_MISSING = object()
+
+
+class _Fields:
+    """Typed reads of config.json fields, as strict as transformers' own config classes: an integer field takes a
+    JSON integer (not 48.7, not 48.0, not true), a boolean a JSON boolean (not "false", not 1), a number an integer
+    or a float (not a string); a required field may not be missing or null. Anything else is a ConfigError naming
+    the file, the field, the value and what was expected."""
+
+    def __init__(self, d: dict[str, Any], source: str):
+        self.d, self.source = d, source
+
+    def _value(self, name: str, default):
+        value = self.d.get(name, _MISSING)
+        if value is _MISSING or value is None and default is not _MISSING:
+            if default is _MISSING:
+                raise ConfigError(f"{self.source}: missing required field {name!r}")
+            return default
+        return value
+
+    def _wrong(self, name: str, value, expected: str):
+        shown = "null" if value is None else json.dumps(value)
+        return ConfigError(f"{self.source}: {name} is {shown} ({_json_type(value)}); expected {expected}")
+
+    def int(self, name: str, default=_MISSING, minimum: int | None = None) -> int:
+        value = self._value(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(name, value, "an integer")
+        if minimum is not None and value < minimum:
+            raise self._wrong(name, value, f"an integer >= {minimum}")
+        return value
+
+    def float(self, name: str, default=_MISSING) -> float:
+        value = self._value(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._wrong(name, value, "a number")
+        return float(value)
+
+    def bool(self, name: str, default=_MISSING) -> bool:
+        value = self._value(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, bool):
+            raise self._wrong(name, value, "true or false")
+        return value
+
+    def ints(self, name: str) -> tuple[int, ...]:
+        value = self._value(name, [])
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise self._wrong(name, value, "a list of integers")
+        return tuple(value)
+
+
+def _json_type(value) -> str:
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _require(cond: bool, source: str, message: str) -> None:
@@ -185,32 +239,27 @@ class Qwen3MoeConfig:
         _check_hf(cls, d, source)
         act = d.get("hidden_act", "silu")
         _require(act == "silu", source, f"hidden_act={act!r} is not supported (Qwen3-MoE uses 'silu')")
-        _require(not d.get("use_sliding_window", False), source,
+        _require(not _Fields(d, source).bool("use_sliding_window", False), source,
                  "use_sliding_window=true is not supported (no published Qwen3-MoE uses it)")
-        num_experts = d.get("num_experts", d.get("num_local_experts"))
-        _require(num_experts is not None, source, "missing num_experts")
-        try:
-            return cls(
-                vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=int(d["num_attention_heads"]),
-                num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
-                intermediate_size=int(d["intermediate_size"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]),
-                num_experts=int(num_experts), num_experts_per_tok=int(d["num_experts_per_tok"]),
-                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-                mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope=RopeConfig.from_hf(d, source),
-                max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
-                router_aux_loss_coef=_optional_float(d, "router_aux_loss_coef", source),
-            )
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        f = _Fields(d, source)
+        experts_field = "num_experts" if "num_experts" in d else "num_local_experts"
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
+        return cls(
+            vocab_size=f.int("vocab_size", minimum=1), hidden_size=hidden,
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1), num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            head_dim=f.int("head_dim", hidden // heads, minimum=1),
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            moe_intermediate_size=f.int("moe_intermediate_size", minimum=1),
+            num_experts=f.int(experts_field, minimum=0), num_experts_per_tok=f.int("num_experts_per_tok", minimum=1),
+            norm_topk_prob=f.bool("norm_topk_prob", False), decoder_sparse_step=f.int("decoder_sparse_step", 1),
+            mlp_only_layers=f.ints("mlp_only_layers"), tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=f.bool("attention_bias", False), rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(d, source),
+            max_position_embeddings=f.int("max_position_embeddings", 40960, minimum=1),
+            router_aux_loss_coef=f.float("router_aux_loss_coef", None),
+        )
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads for this model."""
@@ -299,7 +348,11 @@ NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", 
 def _float_pair(value, source: str, name: str) -> tuple[float, float]:
     """A [low, high] pair; transformers 5 writes infinity as {"__float__": "Infinity"}."""
     def one(v):
-        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+        if isinstance(v, dict) and "__float__" in v:
+            return float(v["__float__"])
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise TypeError(v)
+        return float(v)
 
     try:
         low, high = (one(v) for v in value)
@@ -405,43 +458,42 @@ class NemotronHConfig:
             _require(not unknown, source, f"hybrid_override_pattern has unknown symbols {unknown}; "
                                           f"expected {sorted(NEMOTRON_PATTERN)}")
             kinds = tuple(NEMOTRON_PATTERN[c] for c in pattern)
-        layers = d.get("num_hidden_layers")
+        f = _Fields(d, source)
+        layers = f.int("num_hidden_layers", None)
         _require(layers is None or layers == len(kinds), source,
                  f"num_hidden_layers={layers} but the layer pattern has {len(kinds)} layers")
         for field, supported in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
             _require(d.get(field, supported) == supported, source,
                      f"{field}={d.get(field)!r} is not supported (Nemotron-H uses {supported!r})")
         for field in ("mlp_bias", "use_bias", "mamba_proj_bias", "tie_word_embeddings"):
-            _require(not d.get(field, False), source, f"{field}=true is not supported (no Nemotron-H uses it)")
+            _require(not f.bool(field, False), source, f"{field}=true is not supported (no Nemotron-H uses it)")
         _require(d.get("sliding_window") is None, source, "sliding_window attention is not supported")
-        _require(d.get("n_shared_experts", 1) == 1, source,
+        _require(f.int("n_shared_experts", 1) == 1, source,
                  f"n_shared_experts={d.get('n_shared_experts')} is not supported: transformers builds exactly one "
                  "shared expert of moe_shared_expert_intermediate_size")
-        try:
-            return cls(
-                vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]), layer_kinds=kinds,
-                num_attention_heads=int(d["num_attention_heads"]),
-                num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
-                intermediate_size=int(d["intermediate_size"]), mamba_num_heads=int(d["mamba_num_heads"]),
-                mamba_head_dim=int(d["mamba_head_dim"]), ssm_state_size=int(d["ssm_state_size"]),
-                n_groups=int(d.get("n_groups", 1)), conv_kernel=int(d.get("conv_kernel", 4)),
-                chunk_size=int(d.get("chunk_size", 128)),
-                n_routed_experts=int(d.get("n_routed_experts", d.get("num_local_experts", 0))),
-                num_experts_per_tok=int(d["num_experts_per_tok"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]),
-                moe_shared_expert_intermediate_size=int(d["moe_shared_expert_intermediate_size"]),
-                moe_latent_size=None if d.get("moe_latent_size") is None else int(d["moe_latent_size"]),
-                n_group=int(d.get("n_group", 1)), topk_group=int(d.get("topk_group", 1)),
-                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-                norm_topk_prob=bool(d.get("norm_topk_prob", True)), use_conv_bias=bool(d.get("use_conv_bias", True)),
-                time_step_limit=_float_pair(d.get("time_step_limit", (0.0, math.inf)), source, "time_step_limit"),
-                time_step_min=float(d.get("time_step_min", 0.001)),
-                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
-                router_aux_loss_coef=_optional_float(d, "router_aux_loss_coef", source),
-            )
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
+        experts_field = "n_routed_experts" if "n_routed_experts" in d else "num_local_experts"
+        return cls(
+            vocab_size=f.int("vocab_size", minimum=1), hidden_size=hidden, layer_kinds=kinds,
+            num_attention_heads=heads, num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            head_dim=f.int("head_dim", hidden // heads, minimum=1),
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            mamba_num_heads=f.int("mamba_num_heads", minimum=1), mamba_head_dim=f.int("mamba_head_dim", minimum=1),
+            ssm_state_size=f.int("ssm_state_size", minimum=1),
+            n_groups=f.int("n_groups", 1, minimum=1), conv_kernel=f.int("conv_kernel", 4, minimum=1),
+            chunk_size=f.int("chunk_size", 128, minimum=1), n_routed_experts=f.int(experts_field, 0, minimum=0),
+            num_experts_per_tok=f.int("num_experts_per_tok", minimum=1),
+            moe_intermediate_size=f.int("moe_intermediate_size", minimum=1),
+            moe_shared_expert_intermediate_size=f.int("moe_shared_expert_intermediate_size", minimum=1),
+            moe_latent_size=f.int("moe_latent_size", None, minimum=1),
+            n_group=f.int("n_group", 1, minimum=1), topk_group=f.int("topk_group", 1, minimum=1),
+            routed_scaling_factor=f.float("routed_scaling_factor", 1.0), norm_topk_prob=f.bool("norm_topk_prob", True),
+            use_conv_bias=f.bool("use_conv_bias", True),
+            time_step_limit=_float_pair(d.get("time_step_limit", (0.0, math.inf)), source, "time_step_limit"),
+            time_step_min=f.float("time_step_min", 0.001), layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5),
+            router_aux_loss_coef=f.float("router_aux_loss_coef", None),
+        )
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads for this model."""

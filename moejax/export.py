@@ -20,7 +20,7 @@ from converters.keymap import KeyMap, Rule, keys_of
 from converters.safetensors_io import INDEX_NAME, write_safetensors
 from moejax.checkpoint import COPIED
 from moejax.errors import CheckpointError
-from moejax.io import atomic_directory
+from moejax.io import output_directory
 from moejax.layers.stack import layer_position
 
 
@@ -64,7 +64,7 @@ def export_pretrained(model, out: str | Path, *, tokenizer_from: str | Path | No
     (atomically), in the parameters' dtype; tokenizer files are copied from `tokenizer_from` if given."""
     cfg = model.config
     keymap = keymap_of(cfg)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "export", [tokenizer_from], flag="OUT_DIR") as tmp:
         shard_keys, current, size, total, dtype = [], {}, 0, 0, None
 
         def flush():

@@ -1,14 +1,25 @@
-"""Writing a command's output directory: CSV tables, and all-or-nothing replacement of OUT."""
+"""Writing what a command outputs without losing anything it did not write: checks of OUT, temporary
+directories replaced atomically into place, markers naming the writing command, and CSV tables."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import json
+import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from moejax.errors import OutputError
 
 
 def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
@@ -20,29 +31,194 @@ def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | None = No
         writer.writerows(rows)
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yields a temporary directory beside `out`; it replaces `out` when the block completes and is
-    removed when it raises, so a failed run leaves nothing half-written in OUT."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+MARKER = ".moejax-output.json"  # in every output directory: which command wrote it
+PARTIAL = ".moejax-partial.json"  # in a temporary directory while it is being written: which process writes it
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def refuse_unsafe(out: str | Path, inputs=(), flag: str = "--out") -> Path:
+    """OUT, resolved, unless it is the root, the home or the working directory, or is, contains or lies inside one
+    of `inputs` (a model, a corpus, a checkpoint): then an OutputError saying what and what to do."""
+    resolved = _resolved(out)
+    for place, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory"),
+                        (Path.cwd(), "the working directory")):
+        if resolved == place.resolve():
+            raise OutputError(f"{flag} {out} is {what}; moejax writes a directory of its own and will not replace it "
+                              f"there: give a new path, e.g. {Path(out) / 'moejax-output'}")
+    for given in inputs:
+        if given is None:
+            continue
+        source = _resolved(given)
+        if resolved == source:
+            raise OutputError(f"{flag} {out} is the input {given}; give another path for what moejax writes")
+        if source.is_relative_to(resolved):
+            raise OutputError(f"{flag} {out} contains the input {given}; give a path outside it")
+        if resolved.is_relative_to(source):
+            raise OutputError(f"{flag} {out} lies inside the input {given}; give a path outside it")
+    return resolved
+
+
+def check_output(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Path:
+    """Whether `moejax COMMAND` may write (or replace) OUT; raises OutputError naming what is there otherwise.
+
+    OUT may be absent, an empty directory, or a directory this same command wrote earlier (its marker says so). It
+    may not be a file, another command's output, a directory of anything else, or an unsafe place (refuse_unsafe).
+    Unfinished temporaries that a killed run of any command left beside OUT are removed first."""
+    resolved = refuse_unsafe(out, inputs, flag)
+    remove_stale_temporaries(resolved)
+    if not resolved.exists():
+        return resolved
+    if not resolved.is_dir():
+        raise OutputError(f"{flag} {out} is a file; moejax writes a directory there: give another path or move the "
+                          "file away yourself")
+    marker = resolved / MARKER
+    if marker.is_file():
+        try:
+            writer = json.loads(marker.read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            writer = None
+        if writer == command:
+            return resolved
+        raise OutputError(f"{flag} {out} holds the output of `moejax {writer}`, not of `moejax {command}`; give "
+                          "another path (moejax replaces only what the same command wrote)")
+    entries = sorted(p.name for p in resolved.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise OutputError(f"{flag} {out} is a directory moejax did not write ({len(entries)} entries: {shown}); give "
+                          "a new path, or empty or remove it yourself if it can go")
+    return resolved
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Removes the temporary directories beside OUT that a killed moejax process left: named for OUT, the command
+    and the writing process (which is gone), holding an unfinished output or the old output it replaced."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.moejax-[a-z]+-(\d+)-")
+    for tmp in out.parent.iterdir() if out.parent.is_dir() else ():
+        found = pattern.match(tmp.name)
+        if not found or not tmp.is_dir() or not ((tmp / PARTIAL).is_file() or (tmp / MARKER).is_file()):
+            continue
+        pid = int(found.group(1))
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        print(f"moejax: removed {len(removed)} unfinished output(s) a killed run left beside {out}: "
+              + ", ".join(p.name for p in removed), file=sys.stderr)
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_directory(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Iterator[Path]:
+    """Yields a temporary directory beside OUT (check_output decides whether OUT may be written) that replaces OUT
+    when the block completes: OUT holds its old complete contents or the new ones at every instant (the two are
+    exchanged in one rename), and gets a marker naming `command`. The temporary directory is removed when the block
+    raises or the process gets SIGINT or SIGTERM; one left by SIGKILL is removed by the next run beside OUT."""
+    out = check_output(out, command, inputs, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moejax-{command}-{os.getpid()}-", dir=out.parent))
+    try:
+        with _terminate_as_exit():
+            (tmp / PARTIAL).write_text(json.dumps({"pid": os.getpid(), "command": command}))
+            yield tmp
+            (tmp / PARTIAL).unlink()
+            (tmp / MARKER).write_text(json.dumps({"command": command, "moejax": _version("moejax"),
+                                                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+            _normal_permissions(tmp)
+            _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM raises SystemExit (exit status 143) in the main thread, so cleanup runs as for SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _normal_permissions(tmp: Path) -> None:
+    """The temporary directory was created private (0700); the output gets the user's usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """tmp becomes OUT; an existing OUT is exchanged with tmp in one rename (Linux renameat2), then removed."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)  # the old contents, now at tmp's path; OUT is already complete
+        return
+    aside = tmp.with_name(tmp.name + "old")
+    os.rename(out, aside)  # without renameat2, OUT is absent between these two renames
+    os.rename(tmp, out)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def write_file(path: str | Path, text: str, command: str, flag: str) -> Path:
+    """Writes a one-file output (e.g. `moejax plan --json`) atomically; an existing file is replaced only when
+    moejax wrote it (its JSON names the writing command)."""
+    path = refuse_unsafe(path, (), flag)
+    if path.exists():
+        try:
+            writer = json.loads(path.read_text()).get("written_by")
+        except (OSError, ValueError, AttributeError):
+            writer = None
+        if writer != f"moejax {command}":
+            raise OutputError(f"{flag} {path} exists and was not written by `moejax {command}`; give another path")
+    tmp = path.with_name(f".{path.name}.moejax-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def versions(*packages: str) -> dict[str, str]:
     """Versions of moejax, jax, flax, numpy and the named extra packages, for a run's settings."""
-    found = {}
-    for name in ("moejax", "jax", "jaxlib", "flax", "numpy", *packages):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {name: _version(name) for name in ("moejax", "jax", "jaxlib", "flax", "numpy", *packages)}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from converters import keymap
 from converters.keymap import load_params
 from converters.safetensors_io import SafetensorsCheckpoint
 from moejax.checkpoint import is_orbax_dir, restore_params
 from moejax.config import read_config_json
-from moejax.errors import ConfigError
+from moejax.errors import CheckpointError, ConfigError
 from moejax.models import abstract_model, config_class
 
 
@@ -23,7 +26,8 @@ def load_config(path: str | Path):
     return config_class(hf.get("model_type"), str(source)).from_hf(hf, str(source))
 
 
-def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_overrides):
+def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, allow_nonfinite: bool = False,
+                    **config_overrides):
     """Loads a Hugging Face checkpoint directory (config.json + safetensors), or an Orbax directory written
     by `moejax convert`, into its moejax model.
 
@@ -31,8 +35,9 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_ove
     the model is never materialised twice. With `mesh` (a jax Mesh over moejax.parallel.mesh.MESH_AXES,
     e.g. from make_mesh("data=2,expert=4")), each parameter is created already split by the logical-axis
     rules, every device's shard reading only its slice; calls then run on the mesh, MoE blocks
-    expert-parallel. `config_overrides` replace fields of the moejax config (e.g. Nemotron-H's
-    dt_floor="time_step_min" or chunk_size=64).
+    expert-parallel. A tensor holding NaN or infinite values is an error naming it, unless allow_nonfinite.
+    `config_overrides` replace fields of the moejax config (e.g. Nemotron-H's dt_floor="time_step_min" or
+    chunk_size=64).
     """
     path = Path(path)
     cfg = load_config(path)
@@ -44,6 +49,41 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, **config_ove
         cfg = dataclasses.replace(cfg, **config_overrides)
     model = abstract_model(cfg, dtype)
     if is_orbax_dir(path):
-        return restore_params(model, path, mesh)
-    load_params(model, keymap(cfg), SafetensorsCheckpoint(path), mesh=mesh)
+        restore_params(model, path, mesh)
+        sources = None
+    else:
+        checkpoint = SafetensorsCheckpoint(path)
+        sources = load_params(model, keymap(cfg), checkpoint, mesh=mesh)
+    if not allow_nonfinite:
+        check_finite(model, path, sources, None if sources is None else checkpoint)
     return model
+
+
+@jax.jit
+def _nonfinite_flags(leaves: list[jax.Array]) -> jax.Array:
+    """Per array, whether its float32 sum is not finite: true for every array holding a NaN or an infinity (and,
+    rarely, for one whose finite values overflow the sum, which the count below then clears)."""
+    return jnp.stack([~jnp.isfinite(jnp.sum(x, dtype=jnp.float32)) for x in leaves])
+
+
+def check_finite(model, path: Path, sources: dict | None = None, checkpoint: SafetensorsCheckpoint | None = None):
+    """A CheckpointError naming the first tensor holding NaN or infinite values, if any. One jitted reduction over
+    the loaded parameters, on their devices (~35 GB/s on a CPU, far more on an accelerator); only a flagged
+    parameter is examined further, to name the checkpoint tensor (per layer and expert) that holds them."""
+    flat = [(key, var) for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if jnp.issubdtype(var.dtype, jnp.floating)]
+    flags = np.asarray(_nonfinite_flags([var[...] for _, var in flat]))
+    for (key, var), flagged in zip(flat, flags, strict=True):
+        if not flagged:
+            continue
+        keys = None if sources is None else sources.get(tuple(key))
+        lead = () if keys is None else keys.shape
+        bad = np.asarray(jnp.sum(~jnp.isfinite(var[...]).reshape(*lead, -1), axis=-1))
+        if not bad.any():
+            continue  # a large but finite sum
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = (f"{checkpoint.where(keys[first])}: tensor {str(keys[first])!r}" if keys is not None
+                 else f"{path}: parameter {'.'.join(map(str, key))}")
+        raise CheckpointError(f"{where} holds {int(bad[first])} NaN or infinite value(s) (as {var.dtype}); the "
+                              "checkpoint is broken. To load it anyway (e.g. to study it), pass allow_nonfinite=True, "
+                              "or --allow-nonfinite on the command line")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from tqdm import tqdm
 from moejax.commands.options import MESH_HELP, check_options, option
 from moejax.data.corpus import FLORES_CODES, chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
-from moejax.errors import DataError
-from moejax.io import atomic_directory, versions, write_csv
+from moejax.errors import DataError, SettingsError
+from moejax.io import check_output, output_directory, versions, write_csv
 from moejax.loading import from_pretrained
 from moejax.models.builtin import NAME, builtin_model
 from moejax.parallel.mesh import make_mesh, shard_model
@@ -50,6 +51,10 @@ class AnalyzeSettings:
     exclude_ids: tuple[int, ...] = option(
         (), "extra token ids to exclude from every metric (e.g. chat-template tokens), comma-separated; the "
         "tokenizer's special tokens are always excluded", kind=list, element=int, minimum=0)
+    skip_incomplete: bool = option(False, "drop the corpus rows where a language's cell is empty (reported per "
+                                   "language) instead of stopping at the first", kind=bool)
+    allow_nonfinite: bool = option(False, "load checkpoints holding NaN or infinite weights (to study broken "
+                                   "checkpoints) instead of refusing them", kind=bool)
     seed: int = option(0, "seed for same-language splits and token-pair sampling", kind=int, minimum=0)
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
     quiet: bool = option(False, "no progress bars", kind=bool)
@@ -58,7 +63,7 @@ class AnalyzeSettings:
         check_options(self)
 
 
-def load_model(spec: str | None, mesh=None):
+def load_model(spec: str | None, mesh=None, allow_nonfinite: bool = False):
     """(label, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
     if spec is None:
         model = builtin_model()
@@ -66,8 +71,8 @@ def load_model(spec: str | None, mesh=None):
     label, sep, path = spec.partition("=")
     if not sep or not label or Path(spec).exists():
         label, path = Path(spec).name, spec
+    model = from_pretrained(path, mesh=mesh, allow_nonfinite=allow_nonfinite)
     tokenizer = HFTokenizer(path)
-    model = from_pretrained(path, mesh=mesh)
     if not model.config.moe_layers:
         raise DataError(f"{path}: the model has no MoE layers; there is no routing to analyse")
     return label, str(path), model, tokenizer
@@ -77,28 +82,38 @@ def analyze(settings: AnalyzeSettings) -> Path:
     """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with a mesh, each
     model is loaded onto it and runs sharded (MoE blocks expert-parallel). Returns OUT."""
     s = settings
-    out = Path(s.out)
+    inputs = [s.data, *(spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec
+                        for spec in s.model)]
+    out = check_output(s.out, "analyze", inputs)  # before any work: nothing of the user's is replaced
     langs = list(s.langs)
     mesh = make_mesh(s.mesh) if s.mesh else None
-    corpus = chunk(read_corpus(s.data, langs), s.chunk_words, s.chunk_mode)
+    sentences = read_corpus(s.data, langs, skip_incomplete=s.skip_incomplete)
+    if any(sentences.skipped.values()):
+        print("moejax analyze: skipped incomplete corpus rows, by language whose text was empty: "
+              + ", ".join(f"{lang} {n}" for lang, n in sentences.skipped.items()), file=sys.stderr)
+    corpus = chunk(sentences, s.chunk_words, s.chunk_mode)
     runs = []
     started = time.perf_counter()
     for spec in s.model or (None,):
-        name, where, model, tokenizer = load_model(spec, mesh)
+        name, where, model, tokenizer = load_model(spec, mesh, s.allow_nonfinite)
+        outside = [i for i in s.exclude_ids if i >= model.config.vocab_size]
+        if outside:
+            raise SettingsError(f"--exclude-ids {outside[0]} is outside {name}'s vocabulary of "
+                                f"{model.config.vocab_size} tokens")
         excluded = sorted(set(tokenizer.special_ids) | set(s.exclude_ids))
         lang_runs = {}
         for lang in langs:
-            bar = tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=s.quiet)
-            tokens_done, t0 = [0], time.perf_counter()
+            with tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=s.quiet) as bar:
+                tokens_done, t0 = [0], time.perf_counter()
 
-            def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
-                tokens_done[0] += n_tokens
-                bar.update(n_chunks)
-                bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
+                def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
+                    tokens_done[0] += n_tokens
+                    bar.update(n_chunks)
+                    bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-            lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded, batch_size=s.batch_size,
-                                      probabilities=s.probabilities, seed=s.seed, progress=progress)
-            bar.close()
+                lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded,
+                                          batch_size=s.batch_size, probabilities=s.probabilities, seed=s.seed,
+                                          progress=progress)
         cfg = model.config
         runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
                              k=cfg.num_experts_per_tok, experts=cfg.num_routed_experts, excluded_ids=excluded,
@@ -110,7 +125,7 @@ def analyze(settings: AnalyzeSettings) -> Path:
     tables = build_tables(runs, langs, s.seed)
     if jax.process_index() != 0:  # multi-host: every host computed the same tables; the first writes them
         return out
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "analyze", inputs) as tmp:
         for table in ("layers", "experts", "pairs", "lsi"):
             write_csv(tmp / f"{table}.csv", tables[table])
         recorded = {
@@ -119,6 +134,7 @@ def analyze(settings: AnalyzeSettings) -> Path:
                                 "tokens": {lang: int(lr.tokens.sum()) for lang, lr in r.langs.items()},
                                 "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
             "langs": langs, "reference": tables["reference"], "data": s.data or "builtin sample corpus",
+            "skipped_incomplete_rows": sentences.skipped,
             "chunking": {"mode": s.chunk_mode, "words": s.chunk_words}, "probabilities": s.probabilities,
             "seed": s.seed,
             "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",

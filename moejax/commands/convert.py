@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from moejax.checkpoint import save_params
 from moejax.commands.options import MESH_HELP, check_options, option
 from moejax.errors import SettingsError
+from moejax.io import check_output
 from moejax.loading import from_pretrained
 from moejax.parallel.mesh import make_mesh
 
@@ -19,6 +20,8 @@ class ConvertSettings:
     hf_dir: Path | None = option(None, "Hugging Face checkpoint directory", kind=Path, positional=True)
     out_dir: Path | None = option(None, "where to write the Orbax checkpoint", kind=Path, positional=True)
     dtype: str = option("bfloat16", "dtype of the stored parameters", choices=("float32", "bfloat16"))
+    allow_nonfinite: bool = option(False, "convert a checkpoint holding NaN or infinite weights instead of refusing "
+                                   "it", kind=bool)
     mesh: str | None = option(None, "load (and write) sharded over this mesh, for models larger than one device; "
                               + MESH_HELP.split(": ", 1)[1], metavar="AXIS=N,...")
 
@@ -31,6 +34,8 @@ class ConvertSettings:
 def convert(settings: ConvertSettings) -> Path:
     """Writes OUT_DIR: params/ (one TensorStore array per parameter), config.json, the tokenizer files and
     moejax.json; returns OUT_DIR."""
+    check_output(settings.out_dir, "convert", [settings.hf_dir], flag="OUT_DIR")  # before the load
     model = from_pretrained(settings.hf_dir, dtype=jnp.dtype(settings.dtype),
-                            mesh=make_mesh(settings.mesh) if settings.mesh else None)
+                            mesh=make_mesh(settings.mesh) if settings.mesh else None,
+                            allow_nonfinite=settings.allow_nonfinite)
     return save_params(model, settings.hf_dir, settings.out_dir)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from moejax.commands.options import check_options, option
 from moejax.errors import SettingsError
 from moejax.export import export_pretrained
+from moejax.io import check_output
 from moejax.loading import from_pretrained
-from moejax.training.run import is_run_checkpoint, restore_model
+from moejax.training.run import is_run_checkpoint, restore_model, run_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ExportSettings:
     out_dir: Path | None = option(None, "where to write the Hugging Face checkpoint", kind=Path, positional=True)
     dtype: str = option("bfloat16", "dtype of the written tensors", choices=("float32", "bfloat16"))
     max_shard_gb: float = option(2.0, "largest safetensors shard, GiB", kind=float, above=0)
+    allow_nonfinite: bool = option(False, "export a checkpoint holding NaN or infinite weights instead of refusing "
+                                   "it", kind=bool)
 
     def __post_init__(self):
         check_options(self)
@@ -34,9 +37,11 @@ def export(settings: ExportSettings) -> Path:
     """Writes OUT_DIR: config.json, model-XXXXX-of-YYYYY.safetensors with their index, per-expert tensor names,
     and SRC's tokenizer files; returns OUT_DIR."""
     dtype = jnp.dtype(settings.dtype)
+    check_output(settings.out_dir, "export", [run_directory(settings.src) or settings.src], flag="OUT_DIR")
     if is_run_checkpoint(settings.src):
         model, tokenizer_from = restore_model(settings.src, dtype)
     else:
-        model, tokenizer_from = from_pretrained(settings.src, dtype=dtype), settings.src
+        model = from_pretrained(settings.src, dtype=dtype, allow_nonfinite=settings.allow_nonfinite)
+        tokenizer_from = settings.src
     return export_pretrained(model, settings.out_dir, tokenizer_from=tokenizer_from,
                              max_shard_bytes=int(settings.max_shard_gb * 1024 ** 3))

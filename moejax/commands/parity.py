@@ -41,7 +41,7 @@ from moejax.config import read_config_json
 from moejax.data.corpus import chunk, read_corpus
 from moejax.data.tokenize import HFTokenizer
 from moejax.errors import CheckpointError, ConfigError, DataError, SettingsError
-from moejax.io import atomic_directory, versions, write_csv
+from moejax.io import check_output, output_directory, versions, write_csv
 from moejax.loading import from_pretrained, load_config
 from moejax.models.common import ForcedRouting
 from moejax.parallel.mesh import describe, make_mesh
@@ -130,11 +130,11 @@ def text_sequences(path: str | Path, tokenizer, seq_len: int, max_tokens: int) -
     return _cut("text", paragraphs, tokenizer, seq_len, max_tokens)
 
 
-def corpus_sequences(data: str | None, langs: list[str], tokenizer, seq_len: int,
-                     max_tokens: int) -> list[Sequence]:
+def corpus_sequences(data: str | None, langs: list[str], tokenizer, seq_len: int, max_tokens: int,
+                     skip_incomplete: bool = False) -> list[Sequence]:
     """Each language's paragraph chunks of a parallel corpus, joined and cut into seq_len-token sequences,
     max_tokens / len(langs) tokens per language (from the same sentences in every language)."""
-    corpus = chunk(read_corpus(data, langs), 300, "paragraph")
+    corpus = chunk(read_corpus(data, langs, skip_incomplete=skip_incomplete), 300, "paragraph")
     budget = max_tokens // len(langs)
     if budget < 1:
         raise SettingsError(f"--max-tokens {max_tokens} leaves no tokens for {len(langs)} languages")
@@ -219,13 +219,13 @@ class BlockTally:
         sq_diff_n, sq_ref_n = (diff ** 2).sum(-1), (ref_nd ** 2).sum(-1)
         self.sq_diff += float(sq_diff_n.sum())
         self.sq_ref += float(sq_ref_n.sum())
-        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
+        self.max_abs = _max_nan(self.max_abs, float(np.abs(diff).max(initial=0.0)))
         self.token_relative.append(np.sqrt(sq_diff_n / np.maximum(sq_ref_n, 1e-300)))
 
     @property
     def relative(self) -> float:
         """||h - h_ref|| / ||h_ref|| over all the tokens' entries."""
-        return (self.sq_diff / self.sq_ref) ** 0.5 if self.sq_ref > 0 else 0.0
+        return _relative(self.sq_diff, self.sq_ref)
 
     def quantile(self, q: float) -> float:
         """A quantile of the tokens' own relative differences."""
@@ -261,7 +261,7 @@ class RouterTally:
     def add(self, groups_n: np.ndarray, logits_ref_ne, ids_ref_nk, logits_got_ne, ids_got_nk, flips=None) -> None:
         """Adds n content tokens; `flips` (moejax.routing.ties.Flips) classifies those whose sets differ."""
         diff_ne = np.abs(logits_got_ne.astype(np.float64) - logits_ref_ne)
-        self.max_abs = max(self.max_abs, float(diff_ne.max(initial=0.0)))
+        self.max_abs = _max_nan(self.max_abs, float(diff_ne.max(initial=0.0)))
         self.sum_abs += float(diff_ne.sum())
         self.entries += diff_ne.size
         self.sq_diff += float((diff_ne ** 2).sum())
@@ -308,6 +308,26 @@ class RouterTally:
         return (self.ties - self.exact_ties) / max(self.total, 1)
 
 
+def _relative(sq_diff: float, sq_ref: float) -> float:
+    """sqrt(sq_diff / sq_ref): 0 only for two zero signals, NaN whenever either sum is."""
+    if math.isnan(sq_diff) or math.isnan(sq_ref):
+        return float("nan")
+    return (sq_diff / sq_ref) ** 0.5 if sq_ref > 0 else (0.0 if sq_diff == 0 else float("inf"))
+
+
+def _max_nan(a: float, b: float) -> float:
+    """The larger of two figures, NaN if either is (a NaN difference must never read as 0)."""
+    return float("nan") if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _worst(rows: list[dict], column: str, lowest: bool = False) -> dict:
+    """The row with the worst value of `column` (the highest, or the lowest), a NaN being the worst of all."""
+    def badness(row):
+        value = row[column]
+        return math.inf if math.isnan(value) else (-value if lowest else value)
+    return max(rows, key=badness)
+
+
 def _membership(ids_nk: np.ndarray, experts: int) -> np.ndarray:
     member = np.zeros((len(ids_nk), experts), bool)
     np.put_along_axis(member, np.asarray(ids_nk, np.int64), True, axis=-1)
@@ -325,7 +345,8 @@ class SideTally:
 
     def add_tokens(self, groups_n: np.ndarray, ref: Outputs, got: Outputs) -> None:
         self.kl_n.append(token_kl(ref.logits, got.logits))
-        self.top1_n.append(ref.logits.argmax(-1) == got.logits.argmax(-1))
+        finite = np.isfinite(ref.logits).all(-1) & np.isfinite(got.logits).all(-1)
+        self.top1_n.append((ref.logits.argmax(-1) == got.logits.argmax(-1)) & finite)
         self.group_n.append(groups_n)
 
     def per_token(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -472,6 +493,10 @@ class ParitySettings:
     dt_floor: str = option("time_step_min", "Nemotron-H only: where moejax floors the Mamba-2 dt; time_step_min is "
                            "what transformers' PyTorch path does (moejax's own default is time_step_limit)",
                            choices=("time_step_min", "time_step_limit"))
+    skip_incomplete: bool = option(False, "with --data: drop the corpus rows where a language's cell is empty "
+                                   "instead of stopping at the first", kind=bool)
+    allow_nonfinite: bool = option(False, "load a checkpoint holding NaN or infinite weights (the comparison then "
+                                   "reports NaN and fails) instead of refusing it", kind=bool)
     mesh: str | None = option(None, MESH_HELP + "; the reference stays on the CPU", metavar="AXIS=N,...")
     out: Path | None = option(Path("moejax-parity"), "output directory (replaced only when the run succeeds); None "
                               "from Python: write nothing", kind=Path)
@@ -522,6 +547,9 @@ def parity(settings: ParitySettings) -> ParityResult:
     s = settings
     started = time.perf_counter()
     model_dir, out, text, data = Path(s.model), s.out, s.text, s.data
+    inputs = [model_dir, text, data]
+    if out is not None:
+        check_output(out, "parity", inputs)  # before any work: nothing of the user's is replaced
     seq_len, batch_size, show_progress = s.seq_len, s.batch_size, not s.quiet
     mesh = make_mesh(s.mesh) if s.mesh else None
     if jax.process_count() > 1:
@@ -545,13 +573,14 @@ def parity(settings: ParitySettings) -> ParityResult:
     tokenizer = HFTokenizer(model_dir)
     langs = list(s.langs)
     sequences = (text_sequences(text, tokenizer, seq_len, s.max_tokens) if text is not None
-                 else corpus_sequences(data, langs, tokenizer, seq_len, s.max_tokens))
+                 else corpus_sequences(data, langs, tokenizer, seq_len, s.max_tokens, s.skip_incomplete))
     if not sequences:
         raise DataError(f"{text or data or 'the sample corpus'}: no tokens to compare")
     too_big = [i for seq in sequences for i in seq.ids if not 0 <= i < cfg.vocab_size]
     if too_big:
         raise DataError(f"the tokenizer in {model_dir} gives token id {too_big[0]}, outside the model's vocabulary "
-                        f"of {cfg.vocab_size}")
+                        f"of {cfg.vocab_size} ({model_dir / 'config.json'}): the tokenizer does not belong to the "
+                        "model")
     all_batches = [_Batch(np.repeat(np.array(groups), mask.sum(-1)), ids, mask, i * batch_size)
                    for i, (groups, ids, mask) in enumerate(batches(sequences, batch_size, tokenizer.pad_id))]
 
@@ -566,7 +595,7 @@ def parity(settings: ParitySettings) -> ParityResult:
     say(f"loading {model_dir} in moejax ({dtype}, JAX backend {jax.default_backend()}, {where})")
     t0 = time.perf_counter()
     overrides = {"dt_floor": s.dt_floor} if "dt_floor" in {f.name for f in dataclasses.fields(cfg)} else {}
-    model = from_pretrained(model_dir, dtype=DTYPES[dtype], mesh=mesh, **overrides)
+    model = from_pretrained(model_dir, dtype=DTYPES[dtype], mesh=mesh, allow_nonfinite=s.allow_nonfinite, **overrides)
     timings["moejax_load_s"] = time.perf_counter() - t0
     width = all_batches[0].ids.shape[1]
     no_forcing = ForcedRouting.none(len(cfg.moe_layers), batch_size, width, cfg.num_experts_per_tok)
@@ -677,7 +706,7 @@ def parity(settings: ParitySettings) -> ParityResult:
         "timings": timings,
     }
     if out is not None:
-        out = _write(out, summary, layer_rows, group_rows, flip_rows)
+        out = _write(out, inputs, summary, layer_rows, group_rows, flip_rows)
     return ParityResult(passed=passed, summary=summary, layers=layer_rows, out=None if out is None else Path(out))
 
 
@@ -781,7 +810,7 @@ def _layer_rows(cfg, side: SideTally, reference: SideTally | None, bounds: Toler
             f_ref, f_got = M.usage_fractions(r.counts_ref, k), M.usage_fractions(r.counts_got, k)
             row |= {"moe_layer": j, "router_logit_max_abs_diff": r.max_abs,
                     "router_logit_mean_abs_diff": r.sum_abs / max(r.entries, 1),
-                    "router_logit_relative_diff": (r.sq_diff / r.sq_ref) ** 0.5 if r.sq_ref > 0 else 0.0,
+                    "router_logit_relative_diff": _relative(r.sq_diff, r.sq_ref),
                     "router_logit_median_relative": r.median_relative(),
                     "expert_set_agreement": r.agreement(), "expert_jaccard_mean": r.jaccard_sum / max(r.total, 1)}
             if reference is None:
@@ -858,7 +887,7 @@ def _checks_float32(bounds: Tolerances, overall: dict, rows: list[dict]) -> list
               _check("kl_max", overall["kl_max"], "<=", bounds.kl_max, "largest per-token KL, nats"),
               _check("top1_agreement", overall["top1_agreement"], ">=", bounds.top1_agreement,
                      "tokens with the same argmax")]
-    worst = max(rows, key=lambda r: r["hidden_relative_diff"])
+    worst = _worst(rows, "hidden_relative_diff")
     checks.append(_check("hidden_relative", worst["hidden_relative_diff"], "<=", bounds.hidden_relative,
                          "relative hidden-state difference, worst block" + _where(worst)))
     if moe:
@@ -867,7 +896,7 @@ def _checks_float32(bounds: Tolerances, overall: dict, rows: list[dict]) -> list
                 ("router_logit_relative", "router_logit_relative_diff", "<=", "relative router-logit difference"),
                 ("expert_set_agreement", "expert_set_agreement", ">=",
                  "tokens with identical expert sets (ties count as different)")):
-            row = (min if op == ">=" else max)(moe, key=lambda r, column=column: r[column])
+            row = _worst(moe, column, lowest=op == ">=")
             checks.append(_check(name, row[column], op, getattr(bounds, name),
                                  f"{what}, worst MoE layer{_where(row)}"))
         first = next((r for r in moe if r["other_flips"]), None)
@@ -875,7 +904,7 @@ def _checks_float32(bounds: Tolerances, overall: dict, rows: list[dict]) -> list
                              "routing flips that are not proven near ties, all MoE layers"
                              + ("" if first is None else f"; the first in{_where(first)}: {first['other_flips']}")))
         # A single near tie in a short run is not a rate: a layer fails with two or more beyond the bound.
-        worst = max(moe, key=lambda r: r["near_tie_rate"])
+        worst = _worst(moe, "near_tie_rate")
         allowed = None if bounds.tie_rate is None else max(bounds.tie_rate, 1 / max(tokens, 1))
         checks.append(_check("tie_rate", worst["near_tie_rate"], "<=", allowed,
                              f"near ties per token (not exact ties), worst MoE layer{_where(worst)}; "
@@ -917,7 +946,7 @@ def _checks_calibrated(bounds: Tolerances, unit: float, overall: dict, rows: lis
                              None if m is None else worst["router_logit_median_relative_bound"],
                              "median per-token relative router-logit difference, worst MoE layer" + _where(worst)
                              + f" (16-bit reference: {worst['router_logit_median_relative_reference']:.3g})"))
-        worst = min(moe, key=lambda r: r["expert_set_agreement"] - r["expert_set_agreement_bound"])
+        worst = max(moe, key=lambda r: _ratio(1 - r["expert_set_agreement"], 1 - r["expert_set_agreement_bound"]))
         checks.append(_check("expert_set_agreement", worst["expert_set_agreement"], ">=",
                              None if m is None else worst["expert_set_agreement_bound"],
                              f"tokens with the float32 reference's expert set, worst MoE layer{_where(worst)} "
@@ -943,9 +972,9 @@ def _json_safe(value):
     return value
 
 
-def _write(out, summary, layer_rows, group_rows, flip_rows) -> Path:
+def _write(out, inputs, summary, layer_rows, group_rows, flip_rows) -> Path:
     summary = summary | {"versions": versions("torch", "transformers")}
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "parity", inputs) as tmp:
         write_csv(tmp / "layers.csv", layer_rows)
         write_csv(tmp / "groups.csv", group_rows)
         write_csv(tmp / "flips.csv", flip_rows, columns=FLIP_COLUMNS)

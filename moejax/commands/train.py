@@ -73,6 +73,8 @@ class TrainSettings:
     seed: int = option(0, "data order and mixture draws", kind=int, minimum=0, maximum=2**32 - 1)
     save_every: int = option(100, "checkpoint interval, steps (the last step is always saved)", kind=int, minimum=1)
     keep: int = option(3, "checkpoints kept", kind=int, minimum=1)
+    allow_nonfinite: bool = option(False, "start from a checkpoint holding NaN or infinite weights instead of "
+                                   "refusing it", kind=bool)
     quiet: bool = option(False, "no progress bar", kind=bool)
 
     def __post_init__(self):
@@ -112,4 +114,5 @@ class TrainSettings:
 
 def train(settings: TrainSettings) -> Path:
     """Runs (or resumes) the run in settings.out; returns it."""
-    return run_training(settings.run_settings(), settings.out, show_progress=not settings.quiet)
+    return run_training(settings.run_settings(), settings.out, show_progress=not settings.quiet,
+                        allow_nonfinite=settings.allow_nonfinite)

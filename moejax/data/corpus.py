@@ -7,6 +7,7 @@ or raises DataError naming the file, the language and what is wrong.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -31,14 +32,29 @@ def check_langs(langs: list[str]) -> list[str]:
     return langs
 
 
+class ParallelCorpus(dict):
+    """{lang: [aligned sentence, ...]}; `skipped` counts, per language, the rows dropped because that language's
+    cell was empty (read_corpus(skip_incomplete=True))."""
+
+    def __init__(self, texts: dict[str, list[str]], skipped: dict[str, int] | None = None):
+        super().__init__(texts)
+        self.skipped = skipped or {}
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # a leading BOM is dropped
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}; {what}); re-encode it as "
+                        "UTF-8") from None
+
+
 def _lines(path: Path, lang: str) -> list[str]:
+    """The lines of one language's file, stripped, in order (empty ones kept: `_complete` judges them)."""
     if not path.is_file():
         raise DataError(f"{path}: missing file for language {lang!r}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    empty = [i + 1 for i, line in enumerate(lines) if not line]
-    if empty:
-        raise DataError(f"{path}: empty line(s) {empty[:5]} (language {lang!r}); every line must be a sentence")
-    if not lines:
+    lines = [line.strip() for line in _read_text(path, f"language {lang!r}").splitlines()]
+    if not any(lines):
         raise DataError(f"{path}: no text (language {lang!r})")
     return lines
 
@@ -51,15 +67,38 @@ def _aligned(corpus: dict[str, list[str]], where: dict[str, str]) -> dict[str, l
     return corpus
 
 
-def read_corpus(path: str | Path | None, langs: list[str]) -> dict[str, list[str]]:
-    """Aligned sentences per language from a FLORES-200 directory, a TSV/JSONL file, or {lang}.txt files.
+def _complete(corpus: dict[str, list[str]], where: dict[str, str], row_name, skip_incomplete: bool
+              ) -> ParallelCorpus:
+    """Aligned rows with text in every language. A row with an empty cell is an error naming it, or, with
+    skip_incomplete, dropped and counted per language whose cell was empty."""
+    langs = list(corpus)
+    rows = len(corpus[langs[0]])
+    empty = {lang: [i for i, text in enumerate(corpus[lang]) if not text] for lang in langs}
+    incomplete = sorted(set().union(*(set(e) for e in empty.values())))
+    if incomplete and not skip_incomplete:
+        first = incomplete[0]
+        lang = next(lang for lang in langs if first in empty[lang])
+        label, _, line = row_name(first).partition(" (")
+        more = f"; {len(incomplete)} such rows in all" if len(incomplete) > 1 else ""
+        raise DataError(f"{where[lang]}: {label} has no {lang!r} text{' (' + line if line else ''}{more}; every row "
+                        "of a parallel corpus needs every language, or pass --skip-incomplete to drop such rows")
+    kept = [i for i in range(rows) if i not in set(incomplete)]
+    if not kept:
+        raise DataError(f"{', '.join(sorted(set(where.values())))}: no row has text in every language {langs}")
+    return ParallelCorpus({lang: [corpus[lang][i] for i in kept] for lang in langs},
+                          {lang: len(empty[lang]) for lang in langs})
 
-    None reads the built-in sample corpus (English, Hebrew, Japanese).
+
+def read_corpus(path: str | Path | None, langs: list[str], skip_incomplete: bool = False) -> ParallelCorpus:
+    """Aligned sentences per language from a FLORES-200 directory, a TSV/CSV/JSONL file, or {lang}.txt files.
+
+    None reads the built-in sample corpus (English, Hebrew, Japanese). An empty cell (or line) is an error naming
+    its row, unless skip_incomplete: then every row missing any language is dropped and counted (`.skipped`).
     """
     check_langs(langs)
     path = SAMPLE_DIR if path is None else Path(path)
     if path.is_file():
-        return _read_table(path, langs)
+        return _read_table(path, langs, skip_incomplete)
     if not path.is_dir():
         raise DataError(f"{path}: no such corpus file or directory")
     flores = {lang: sorted(path.glob(f"{FLORES_CODES[lang]}.dev*")) + sorted(path.glob(f"*/{FLORES_CODES[lang]}.dev*"))
@@ -71,39 +110,51 @@ def read_corpus(path: str | Path | None, langs: list[str]) -> dict[str, list[str
                 raise DataError(f"{path}: no FLORES-200 file {FLORES_CODES[lang]}.dev/.devtest for language {lang!r}")
             corpus[lang] = [line for f in files for line in _lines(f, lang)]
             where[lang] = ", ".join(str(f) for f in files)
-        return _aligned(corpus, where)
-    files = {lang: path / f"{lang}.txt" for lang in langs}
-    return _aligned({lang: _lines(f, lang) for lang, f in files.items()}, {k: str(v) for k, v in files.items()})
+    else:
+        files = {lang: path / f"{lang}.txt" for lang in langs}
+        corpus, where = {lang: _lines(f, lang) for lang, f in files.items()}, {k: str(v) for k, v in files.items()}
+    return _complete(_aligned(corpus, where), where, lambda i: f"line {i + 1}", skip_incomplete)
 
 
-def _read_table(path: Path, langs: list[str]) -> dict[str, list[str]]:
-    rows: list[dict]
+def _read_table(path: Path, langs: list[str], skip_incomplete: bool) -> ParallelCorpus:
+    """A JSONL file (an object per line), or a TSV (.tsv, .txt) or CSV (.csv) file as spreadsheets and Python's csv
+    module write them: a header row of language codes, quoted cells (with tabs, commas, newlines inside), CRLF
+    line ends, an optional UTF-8 BOM."""
+    rows, lines = [], []
     if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_text(path, "a JSONL corpus").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not a JSON object ({e})") from None
-    elif path.suffix in (".tsv", ".txt"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object with a key per language")
+                rows.append({k: v if isinstance(v, str) else "" for k, v in row.items()})
+                lines.append(i)
+        row_name = lambda i: f"row {i + 1} (line {lines[i]})"  # noqa: E731
+    elif path.suffix in (".tsv", ".txt", ".csv"):
+        reader = csv.reader(io.StringIO(_read_text(path, "a parallel corpus table"), newline=""),
+                            delimiter="," if path.suffix == ".csv" else "\t")
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            for values in reader:
+                if any(v.strip() for v in values):
+                    rows.append(dict(zip(header, values, strict=False)))
+                    lines.append(reader.line_num)
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: not a valid table ({e})") from None
+        row_name = lambda i: f"row {i + 2} (line {lines[i]})"  # noqa: E731
     else:
-        raise DataError(f"{path}: expected a .tsv (header row of language codes) or .jsonl file")
+        raise DataError(f"{path}: expected a .tsv or .csv file (a header row of language codes) or a .jsonl file")
     if not rows:
         raise DataError(f"{path}: no rows")
-    missing = [lang for lang in langs if lang not in rows[0]]
+    columns = set().union(*rows) if path.suffix == ".jsonl" else set(header)
+    missing = [lang for lang in langs if lang not in columns]
     if missing:
-        raise DataError(f"{path}: no column for language(s) {missing}; columns: {sorted(rows[0])}")
-    corpus = {lang: [] for lang in langs}
-    for i, row in enumerate(rows, 2 if path.suffix == ".tsv" else 1):
-        for lang in langs:
-            text = (row.get(lang) or "").strip()
-            if not text:
-                raise DataError(f"{path}: row {i} has no {lang!r} text; a parallel row needs every language")
-            corpus[lang].append(text)
-    return corpus
+        raise DataError(f"{path}: no column for language(s) {missing}; columns: {sorted(columns)}")
+    corpus = {lang: [(row.get(lang) or "").strip() for row in rows] for lang in langs}
+    return _complete(corpus, dict.fromkeys(langs, str(path)), row_name, skip_incomplete)
 
 
 def chunk(corpus: dict[str, list[str]], words: int = 300, mode: str = "paragraph",

@@ -30,7 +30,11 @@ class HFTokenizer:
         if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise DataError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
                               "model's tokenizer files into the checkpoint directory")
-        self._tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        try:
+            self._tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else e!r})") from None
         self.special_ids = frozenset(self._tok.all_special_ids)
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.eos_id = self._tok.eos_token_id  # ends each training document (None: no end-of-text token)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from moejax.errors import DataError
 from moejax.layers.moe import RouterControl
 from moejax.parallel.mesh import on_mesh
 
@@ -48,13 +49,27 @@ class ForcedRouting:
                              force_mask=jnp.asarray(self.mask, bool).reshape(layers, batch * seq))
 
 
+def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
+    """A DataError naming the first token id of `ids` outside [0, vocab_size), with its position."""
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        where = tuple(int(i) for i in bad[0])
+        raise DataError(f"{source} holds token id {int(ids[where])} at position {where}, outside the model's "
+                        f"vocabulary of {vocab_size} tokens: the tokenizer and the model do not belong together")
+
+
 class CausalLM(nnx.Module):
     """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`."""
 
     def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
                  return_router_logits: bool = False, return_hidden_states: bool = False,
-                 forced_routing: ForcedRouting | None = None) -> CausalLMOutput:
-        """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding)."""
+                 forced_routing: ForcedRouting | None = None, check_token_ids: bool = False) -> CausalLMOutput:
+        """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding). check_token_ids: an id
+        outside the vocabulary is a DataError naming it (the commands check; without it the embedding lookup
+        clamps silently, as jax indexing does)."""
+        if check_token_ids:
+            check_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")

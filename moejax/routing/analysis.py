@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from moejax.errors import DataError
-from moejax.models.common import ForcedRouting
+from moejax.models.common import ForcedRouting, check_ids
 from moejax.routing import metrics as M
 from moejax.routing.stats import chunk_stats
 
@@ -87,6 +87,8 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
     if any(len(e) == 0 for e in encoded):
         raise DataError("a chunk tokenised to no tokens")
     cfg = model.config
+    for i, ids in enumerate(encoded):
+        check_ids(ids, cfg.vocab_size, f"chunk {i} as tokenised by {tokenizer.name}")
     layers, k = len(cfg.moe_layers), cfg.num_experts_per_tok
     excluded = np.array(sorted(exclude_ids), np.int64)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

@@ -35,11 +35,12 @@ from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from moejax.checkpoint import COPIED
+from moejax.checkpoint import COPIED, orbax_errors
 from moejax.data.corpus import SAMPLE_DIR
 from moejax.data.mixture import Mixture, load_documents, parse_mixture
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import RunError
+from moejax.io import refuse_unsafe
 from moejax.loading import from_pretrained, load_config
 from moejax.models import abstract_model, model_class
 from moejax.models.builtin import builtin_config, builtin_model
@@ -84,13 +85,13 @@ def sample_mixture() -> str:
     return f"he={SAMPLE_DIR / 'he.txt'}:0.6,en={SAMPLE_DIR / 'en.txt'}:0.4"
 
 
-def _load_model(settings: RunSettings):
+def _load_model(settings: RunSettings, allow_nonfinite: bool = False):
     """(model, on the mesh if one is set; its tokenizer)."""
     mesh = make_mesh(settings.mesh) if settings.mesh else None
     if settings.model is None:
         model = builtin_model()
         return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer()
-    return from_pretrained(settings.model, mesh=mesh), HFTokenizer(settings.model)
+    return from_pretrained(settings.model, mesh=mesh, allow_nonfinite=allow_nonfinite), HFTokenizer(settings.model)
 
 
 def _check_run_dir(out: Path, settings: RunSettings) -> bool:
@@ -104,7 +105,11 @@ def _check_run_dir(out: Path, settings: RunSettings) -> bool:
         if any(out.iterdir()):
             raise RunError(f"{out} is not empty and holds no {RUN_FILE}: it is not a moejax run; choose another --out")
         return False
-    theirs = json.loads(marker.read_text())
+    try:
+        theirs = json.loads(marker.read_text())
+    except ValueError:
+        raise RunError(f"{marker} is not valid JSON: {out} is no moejax run this version can resume; choose another "
+                       "--out") from None
     ours = json.loads(json.dumps(settings.to_json()))
     if theirs != ours:
         diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
@@ -147,20 +152,23 @@ def _restore(manager, step: int, state: TrainState):
 
 
 def _save(manager, step: int, state: TrainState, mixture: Mixture) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(mixture.state_dict())))
+    with orbax_errors(manager.directory):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(mixture.state_dict())))
 
 
-def prepare(settings: RunSettings, out: Path):
+def prepare(settings: RunSettings, out: Path, allow_nonfinite: bool = False):
     """Checks everything a run needs before anything is written: returns (model, mixture, held-out batches per
     language, resume?)."""
+    sources = parse_mixture(settings.data or sample_mixture())
+    held_out = parse_mixture(settings.eval_data, with_ratios=False) if settings.eval_data else []
+    refuse_unsafe(out, [settings.model, *(s.path for s in sources + held_out)])
     resume = _check_run_dir(out, settings)
-    model, tokenizer = _load_model(settings)
+    model, tokenizer = _load_model(settings, allow_nonfinite)
     limit = model.config.max_positions
     if limit is not None and settings.seq_len > limit:
         raise RunError(f"--seq-len {settings.seq_len} is above the model's maximum of {limit} positions "
                        "(max_position_embeddings in its config.json)")
-    sources = parse_mixture(settings.data or sample_mixture())
     documents = {s.lang: load_documents(s, tokenizer, model.config.vocab_size) for s in sources}
     mixture = Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size,
                       seed=settings.seed)
@@ -193,10 +201,11 @@ def _evaluate(evaluate, params, batches: dict[str, list]) -> dict[str, float]:
     return losses
 
 
-def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool = True) -> Path:
+def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool = True,
+                 allow_nonfinite: bool = False) -> Path:
     """Runs (or resumes) the CPT run in OUT; returns OUT."""
     out = Path(out)
-    model, mixture, eval_batches, resume = prepare(settings, out)
+    model, mixture, eval_batches, resume = prepare(settings, out, allow_nonfinite)
     cfg = settings.train
     graphdef, state, tx = init_state(model, cfg)
     step_fn = make_train_step(graphdef, tx, cfg, model.config, num_langs=len(mixture.langs))
@@ -245,7 +254,8 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
                 progress.update(1)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", aux=f"{row['aux_loss']:.3f}",
                                      tok_s=f"{row['tokens_per_s']:.0f}")
-        manager.wait_until_finished()
+        with orbax_errors(manager.directory):
+            manager.wait_until_finished()
     finally:
         progress.close()
         manager.close()
@@ -332,6 +342,12 @@ def _locate(path: Path) -> tuple[Path, int | None] | None:
 
 def is_run_checkpoint(path: str | Path) -> bool:
     return _locate(Path(path)) is not None
+
+
+def run_directory(path: str | Path) -> Path | None:
+    """The run directory of a run, its checkpoint directory or one of its steps; None for anything else."""
+    located = _locate(Path(path))
+    return None if located is None else located[0]
 
 
 def restore_model(path: str | Path, dtype=jnp.float32):

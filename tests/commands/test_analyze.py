@@ -195,7 +195,7 @@ def test_content_mask_excludes_added_specials(checkpoint, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ({"en": TEXT["en"]}, "missing file for language 'he'"),
     ({"en": TEXT["en"], "he": TEXT["he"][:4]}, "not aligned: line counts differ"),
-    ({"en": TEXT["en"], "he": [*TEXT["he"][:2], "", *TEXT["he"][3:]]}, "empty line(s) [3]"),
+    ({"en": TEXT["en"], "he": [*TEXT["he"][:2], "", *TEXT["he"][3:]]}, "line 3 has no 'he' text"),
 ])
 def test_bad_corpora(tmp_path, text, message):
     corpus = write_corpus(tmp_path / "corpus", text)
