@@ -45,7 +45,9 @@ class AnalyzeSettings:
     chunk_mode: str = option("paragraph", "paragraph: consecutive sentences up to ~--chunk-words words; sentence: "
                              "one sentence each", choices=("paragraph", "sentence"))
     chunk_words: int = option(300, "target words per paragraph chunk", kind=int, minimum=1)
-    batch_size: int = option(8, "chunks per forward pass", kind=int, minimum=1)
+    batch_size: int = option(8, "rows per forward pass (each row packs as many chunks as fit)", kind=int, minimum=1)
+    no_packing: bool = option(False, "one chunk per row, padded to its length bucket (as before packing: more "
+                              "compilations, emptier rows; the tables are the same)", kind=bool)
     probabilities: str = option("softmax", "P_t for the probability metrics: softmax of the raw logits (paper a), "
                                 "or the model's native scores (sigmoid for Nemotron-H)", choices=PROBABILITIES)
     exclude_ids: tuple[int, ...] = option(
@@ -92,7 +94,7 @@ def analyze(settings: AnalyzeSettings) -> Path:
         print("moejax analyze: skipped incomplete corpus rows, by language whose text was empty: "
               + ", ".join(f"{lang} {n}" for lang, n in sentences.skipped.items()), file=sys.stderr)
     corpus = chunk(sentences, s.chunk_words, s.chunk_mode)
-    runs = []
+    runs, layouts = [], {}
     started = time.perf_counter()
     for spec in s.model or (None,):
         name, where, model, tokenizer = load_model(spec, mesh, s.allow_nonfinite)
@@ -111,9 +113,14 @@ def analyze(settings: AnalyzeSettings) -> Path:
                     bar.update(n_chunks)
                     bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
 
+                report = {}
                 lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded,
                                           batch_size=s.batch_size, probabilities=s.probabilities, seed=s.seed,
-                                          progress=progress)
+                                          progress=progress, packed=not s.no_packing, report=report)
+            layouts[f"{name}/{lang}"] = report
+            if not s.quiet:
+                print(f"{name} {lang}: rows of {', '.join(sorted({str(w) for _, w in report['shapes']}))} tokens, "
+                      f"{report['fill']:.0%} full, {report['compilations']} compilation(s)", file=sys.stderr)
         cfg = model.config
         runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
                              k=cfg.num_experts_per_tok, experts=cfg.num_routed_experts, excluded_ids=excluded,
@@ -135,6 +142,10 @@ def analyze(settings: AnalyzeSettings) -> Path:
                                 "chunks": {lang: len(lr.tokens) for lang, lr in r.langs.items()}} for r in runs},
             "langs": langs, "reference": tables["reference"], "data": s.data or "builtin sample corpus",
             "skipped_incomplete_rows": sentences.skipped,
+            "packing": {"packed": not s.no_packing, "batch_rows": s.batch_size,
+                        "layouts": {key: {"fill": r["fill"], "compilations": r["compilations"],
+                                          "row_shapes": [list(shape) for shape in r["shapes"]]}
+                                    for key, r in layouts.items()}},
             "chunking": {"mode": s.chunk_mode, "words": s.chunk_words}, "probabilities": s.probabilities,
             "seed": s.seed,
             "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",

@@ -1,10 +1,11 @@
-"""Grouped-query attention with optional QK-norm (before RoPE), optional RoPE, causal + padding mask."""
+"""Grouped-query attention with optional QK-norm (before RoPE), optional RoPE, causal + padding mask, and a
+key/value cache for generation."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
@@ -21,24 +22,45 @@ def attention_mask(segment_ids_bs: jax.Array, seq_len: int) -> jax.Array:
     return causal_ts[None] & (key_b1s != 0) & same_bts
 
 
-def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+@struct.dataclass
+class KVCache:
+    """One attention layer's keys and values at every cache slot, [batch, cache length, kv heads, head_dim]."""
+
+    k_bskh: jax.Array
+    v_bskh: jax.Array
+
+
+def cache_attention_mask(valid_bs: jax.Array, first_slot, seq_len: int) -> jax.Array:
+    """[batch, seq, cache length] boolean for `seq_len` new tokens written at slots first_slot, first_slot + 1, ...:
+    query t may attend the slots up to its own that hold a token (valid_bs, the new ones included)."""
+    slot_s = jnp.arange(valid_bs.shape[1])
+    query_t = first_slot + jnp.arange(seq_len)
+    return (slot_s[None, None, :] <= query_t[None, :, None]) & valid_bs[:, None, :]
+
+
+def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,
+                     first_key: int | None = 0) -> jax.Array:
     """softmax(q k^T / sqrt(h)) v over allowed keys, for g query heads per kv head -> [b, t, k, g, h].
 
-    Queries go in blocks, each against the keys up to its own end: under a causal mask the keys
-    after it carry zero weight, so skipping them is exact and saves about half the work.
+    first_key: the key index of the first query (0 when the keys are the queries' own tokens, a static cache slot
+    when they were written into a cache there), or None (a position known only at run time: every key is scored,
+    the mask alone decides). Queries go in blocks, each, when first_key is known, against the keys up to its own
+    end: under a causal mask the keys after it carry zero weight, so skipping them is exact and saves about half
+    the work.
     """
     t, h = q_btkgh.shape[1], q_btkgh.shape[-1]
     block = max(64, -(-t // 16))
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh[:, start:end], k_bskh[:, :end],
+        keys = k_bskh.shape[1] if first_key is None else first_key + end
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh[:, start:end], k_bskh[:, :keys],
                                   preferred_element_type=jnp.float32) * h**-0.5
         # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN.
-        allowed = mask_bts[:, None, None, start:end, :end]
+        allowed = mask_bts[:, None, None, start:end, :keys]
         scores_bkgts = jnp.where(allowed, scores_bkgts, jnp.finfo(jnp.float32).min)
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh[:, :end]))
+        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh[:, :keys]))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -64,9 +86,17 @@ class Attention(nnx.Module):
         self.qk_norm = qk_norm_eps is not None
         self.groups = n // k
 
+    def cache(self, batch: int, length: int, dtype) -> KVCache:
+        """An empty cache of `length` slots (also called on a stack's layers, whose weights lead with the layers)."""
+        k, h = self.k_dkh.shape[-2:]
+        return KVCache(jnp.zeros((batch, length, k, h), dtype), jnp.zeros((batch, length, k, h), dtype))
+
     def __call__(self, x_btd: jax.Array, mask_bts: jax.Array,
-                 rope_cos_sin: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """[batch, seq, hidden] -> [batch, seq, hidden]."""
+                 rope_cos_sin: tuple[jax.Array, jax.Array] | None = None, cache: KVCache | None = None,
+                 cache_slot=0) -> jax.Array | tuple[jax.Array, KVCache]:
+        """[batch, seq, hidden] -> [batch, seq, hidden]. With a cache: the new tokens' keys and values are written
+        at slots cache_slot, cache_slot + 1, ... (a static int, or a traced scalar while decoding), the queries
+        attend the cache's slots (mask_bts [batch, seq, cache length]), and the updated cache comes back too."""
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_dnh[...])
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_dkh[...])
         v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_dkh[...])
@@ -78,7 +108,15 @@ class Attention(nnx.Module):
         if rope_cos_sin is not None:
             q_btnh, k_btkh = apply_rope(q_btnh, *rope_cos_sin), apply_rope(k_btkh, *rope_cos_sin)
         b, t, n, h = q_btnh.shape
+        first_key = 0
+        if cache is not None:
+            at = (0, cache_slot, 0, 0)
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k_bskh, k_btkh.astype(cache.k_bskh.dtype), at),
+                            jax.lax.dynamic_update_slice(cache.v_bskh, v_btkh.astype(cache.v_bskh.dtype), at))
+            k_btkh, v_btkh = cache.k_bskh, cache.v_bskh
+            first_key = cache_slot if isinstance(cache_slot, int) else None
         out_btnh = causal_attention(q_btnh.reshape(b, t, n // self.groups, self.groups, h), k_btkh, v_btkh,
-                                    mask_bts).reshape(b, t, n, h)
+                                    mask_bts, first_key).reshape(b, t, n, h)
         y_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_nhd[...])
-        return y_btd + self.o_bias_d[...] if self.bias else y_btd
+        y_btd = y_btd + self.o_bias_d[...] if self.bias else y_btd
+        return y_btd if cache is None else (y_btd, cache)

@@ -4,26 +4,55 @@ in_proj splits into [z | x | B | C | dt]; a depthwise causal conv1d over xBC, th
 dt = clamp(softplus(dt + dt_bias)); A = -exp(A_log); the chunked SSD (B/C shared within groups);
 the D skip; a gated RMSNorm per group (y * silu(z), normalised over d_inner / n_groups channels);
 out_proj. Padding tokens are zeroed before the projection and again before the scan, so they
-neither feed the convolution nor write to the state.
+neither feed the convolution nor write to the state. In a packed row (segment ids 1, 2, ... per document) neither
+the convolution nor the state crosses from one document into the next: each document reads only its own tokens,
+as if it were alone. For generation, a cache keeps the last K - 1 convolution inputs and the SSM state (float32).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moejax.layers.norms import rms_normalize
 from moejax.layers.params import param
-from moejax.layers.ssd import ssd_chunked
+from moejax.layers.ssd import ssd_chunked, ssd_step
 
 
-def causal_depthwise_conv(x_btc: jax.Array, w_ck: jax.Array, bias_c: jax.Array | None) -> jax.Array:
-    """out[t, c] = sum_k w[c, k] * x[t - K + 1 + k, c] (+ bias), zeros before the start -> [b, t, c]."""
+@struct.dataclass
+class MambaCache:
+    """One Mamba-2 layer's state after the tokens seen so far: the last K - 1 inputs of the convolution
+    [batch, K - 1, conv channels] and the SSM state [batch, heads, head_dim, state] (float32)."""
+
+    conv_bkc: jax.Array
+    ssm_bhpn: jax.Array
+
+
+def segment_runs(segments_bt: jax.Array) -> jax.Array:
+    """[b, t] int32: a run id that changes exactly where the segment id does (a new document, or padding)."""
+    changes_bt = jnp.concatenate([jnp.zeros_like(segments_bt[:, :1], dtype=bool),
+                                  segments_bt[:, 1:] != segments_bt[:, :-1]], axis=1)
+    return jnp.cumsum(changes_bt, axis=1, dtype=jnp.int32)
+
+
+def causal_depthwise_conv(x_btc: jax.Array, w_ck: jax.Array, bias_c: jax.Array | None,
+                          runs_bt: jax.Array | None = None, history_bkc: jax.Array | None = None) -> jax.Array:
+    """out[t, c] = sum_k w[c, k] * x[t - K + 1 + k, c] (+ bias) -> [b, t, c], over earlier tokens of t's own run
+    only (zeros before the start of the row or of the run); history_bkc: the K - 1 inputs before the row (a
+    generation cache) in place of those zeros, read by every token (no runs)."""
     kernel = w_ck.shape[-1]
-    x_pad = jnp.pad(x_btc, ((0, 0), (kernel - 1, 0), (0, 0)))
     t = x_btc.shape[1]
-    out_btc = sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel))
+    if history_bkc is not None:
+        x_pad = jnp.concatenate([history_bkc.astype(x_btc.dtype), x_btc], axis=1)
+        return sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel)) + (0 if bias_c is None else bias_c)
+    x_pad = jnp.pad(x_btc, ((0, 0), (kernel - 1, 0), (0, 0)))
+    if runs_bt is None:
+        out_btc = sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel))
+    else:
+        runs_pad = jnp.pad(runs_bt, ((0, 0), (kernel - 1, 0)), constant_values=-1)
+        out_btc = sum(jnp.where((runs_pad[:, k:k + t] == runs_bt)[..., None], x_pad[:, k:k + t], 0) * w_ck[:, k]
+                      for k in range(kernel))
     return out_btc if bias_c is None else out_btc + bias_c
 
 
@@ -50,24 +79,48 @@ class Mamba2Mixer(nnx.Module):
         self.norm_i = param(rngs, (inner,), ("mamba_inner",), dtype, init="ones")
         self.out_proj_id = param(rngs, (inner, hidden), ("mamba_inner", "embed"), dtype)
 
-    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> jax.Array:
+    def cache(self, batch: int, length: int, dtype) -> MambaCache:
+        """The state before any token (`length`, the attention layers' cache length, is not needed here)."""
+        conv_channels, kernel = self.conv_ck.shape[-2:]
+        return MambaCache(jnp.zeros((batch, kernel - 1, conv_channels), dtype),
+                          jnp.zeros((batch, self.num_heads, self.head_dim, self.state), jnp.float32))
+
+    def __call__(self, x_btd: jax.Array, segments_bt: jax.Array,
+                 cache: MambaCache | None = None) -> jax.Array | tuple[jax.Array, MambaCache]:
+        """[batch, seq, hidden] -> [batch, seq, hidden]; segments_bt [batch, seq]: 0 padding, else the document.
+        With a cache (one sequence per row, left padding allowed): the tokens continue from it, and the updated
+        cache comes back too; a single token takes the recurrence's one-step form."""
         b, t, _ = x_btd.shape
         h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state
         inner = h * p
-        keep_bt1 = valid_bt[..., None].astype(x_btd.dtype)
+        keep_bt1 = (segments_bt != 0)[..., None].astype(x_btd.dtype)
+        runs_bt = segment_runs(segments_bt)
         proj_btp = (x_btd * keep_bt1) @ self.in_proj_dp[...]
         z_bti, xbc_btc, dt_bth = jnp.split(proj_btp, [inner, proj_btp.shape[-1] - h], axis=-1)
         conv_bias = self.conv_bias_c[...] if self.conv_bias else None
-        xbc_btc = jax.nn.silu(causal_depthwise_conv(xbc_btc, self.conv_ck[...], conv_bias)) * keep_bt1
+        history_bkc = None if cache is None else cache.conv_bkc
+        conv_btc = causal_depthwise_conv(xbc_btc, self.conv_ck[...], conv_bias, runs_bt, history_bkc)
+        if cache is not None:
+            kept = self.conv_ck.shape[-1] - 1
+            window_bkc = jnp.concatenate([cache.conv_bkc, xbc_btc.astype(cache.conv_bkc.dtype)], axis=1)
+            cache = cache.replace(conv_bkc=window_bkc[:, window_bkc.shape[1] - kept:])
+        xbc_btc = jax.nn.silu(conv_btc) * keep_bt1
         xs_bti, b_btm, c_btm = jnp.split(xbc_btc, [inner, inner + g * n], axis=-1)
         dt_bth = jax.nn.softplus(dt_bth.astype(jnp.float32) + self.dt_bias_h[...].astype(jnp.float32))
         dt_bth = jnp.clip(dt_bth, *self.dt_limits)
         a_h = -jnp.exp(self.a_log_h[...].astype(jnp.float32))
         xs_bthp = xs_bti.reshape(b, t, h, p).astype(jnp.float32)
-        y_bthp, _ = ssd_chunked(xs_bthp, dt_bth, a_h, b_btm.reshape(b, t, g, n), c_btm.reshape(b, t, g, n),
-                                self.chunk_size)
+        b_btgn, c_btgn = b_btm.reshape(b, t, g, n), c_btm.reshape(b, t, g, n)
+        if cache is not None and t == 1:
+            y_bhp, state_bhpn = ssd_step(xs_bthp[:, 0], dt_bth[:, 0], a_h, b_btgn[:, 0], c_btgn[:, 0],
+                                         cache.ssm_bhpn)
+            y_bthp = y_bhp[:, None]
+        else:
+            y_bthp, state_bhpn = ssd_chunked(xs_bthp, dt_bth, a_h, b_btgn, c_btgn, self.chunk_size,
+                                             None if cache is None else cache.ssm_bhpn, runs_bt=runs_bt)
         y_bthp = y_bthp + self.d_h[...].astype(jnp.float32)[:, None] * xs_bthp
         gated_bti = y_bthp.reshape(b, t, inner) * jax.nn.silu(z_bti.astype(jnp.float32))
         normed_bti = rms_normalize(gated_bti.reshape(b, t, g, inner // g), self.eps).reshape(b, t, inner)
         normed_bti = self.norm_i[...].astype(jnp.float32) * normed_bti
-        return normed_bti.astype(x_btd.dtype) @ self.out_proj_id[...]
+        y_btd = normed_bti.astype(x_btd.dtype) @ self.out_proj_id[...]
+        return y_btd if cache is None else (y_btd, cache.replace(ssm_bhpn=state_bhpn))

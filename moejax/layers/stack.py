@@ -1,4 +1,5 @@
-"""A stack of decoder layers, scanned wherever a unit of layers repeats, so compile time stays flat in depth.
+"""A stack of decoder layers, scanned wherever a unit of layers repeats, so compile time stays flat in depth (and,
+for generation, their caches with them).
 
 The layer kinds (e.g. "moe"/"mlp", or Nemotron-H's mamba/attention/moe) are split into segments: a
 unit of 1-4 consecutive kinds repeated R times. Each unit's parameters are stacked along a leading
@@ -85,34 +86,50 @@ class LayerStack(nnx.Module):
         self.layer_ids = segment_layer_ids(kinds)
         self.remat = "none"  # a REMAT_POLICIES key; set by training
 
-    def __call__(self, x: jax.Array, *, keep_hidden: bool = False, moe_inputs=None,
-                 **context) -> tuple[jax.Array, list]:
-        """Runs every layer: each returns (x, aux); gives x and the per-layer aux in layer order.
+    def cache(self, batch: int, length: int, dtype) -> tuple:
+        """Empty generation caches: per segment, per position in its unit, the kind's `layer.cache(batch, length,
+        dtype)` (None for a kind without one) stacked over the repeats: the layout `__call__` takes as caches."""
+        def stacked(layer, repeats: int):
+            return jax.tree.map(lambda a: jnp.zeros((repeats, *a.shape), a.dtype), layer.cache(batch, length, dtype))
+
+        return tuple(tuple(stacked(layer, len(repeats)) for layer, repeats in zip(unit, ids, strict=True))
+                     for unit, ids in zip(self.units, self.layer_ids, strict=True))
+
+    def __call__(self, x: jax.Array, *, keep_hidden: bool = False, moe_inputs=None, caches: tuple | None = None,
+                 **context) -> tuple[jax.Array, list, tuple | None]:
+        """Runs every layer: each returns (x, aux, cache); gives x, the per-layer aux in layer order and the updated
+        caches (None without caches).
 
         With keep_hidden, each layer's aux is (aux, the x it returned). `moe_inputs`: a pytree whose arrays
-        have a leading axis over the MoE layers (in order); each "moe" layer gets its row as `control`.
+        have a leading axis over the MoE layers (in order); each "moe" layer gets its row as `control`. `caches`
+        (generation, laid out as `cache` makes them): each layer gets its own as `cache`.
         """
         aux_by_layer: list = [None] * len(self.kinds)
+        new_caches = []
         moe_row = {layer: row for row, layer in enumerate(i for i, kind in enumerate(self.kinds) if kind == "moe")}
-        for unit, ids in zip(self.units, self.layer_ids, strict=True):
+        for s, (unit, ids) in enumerate(zip(self.units, self.layer_ids, strict=True)):
             graphdef, state = nnx.split(unit)
             rows = [None if moe_inputs is None or self.kinds[repeats[0]] != "moe"
                     else jax.tree.map(lambda a, repeats=repeats: a[jnp.asarray([moe_row[i] for i in repeats])],
                                       moe_inputs)
                     for repeats in ids]
+            unit_caches = (None,) * len(ids) if caches is None else caches[s]
 
             def body(x, xs, graphdef=graphdef):
-                state_r, rows_r = xs
-                aux = []
-                for layer, row in zip(nnx.merge(graphdef, state_r), rows_r, strict=True):
-                    x, a = layer(x, **context) if row is None else layer(x, control=row, **context)
+                state_r, rows_r, caches_r = xs
+                aux, updated = [], []
+                for layer, row, cache in zip(nnx.merge(graphdef, state_r), rows_r, caches_r, strict=True):
+                    kwargs = ({} if row is None else {"control": row}) | ({} if caches is None else {"cache": cache})
+                    x, a, cache = layer(x, **kwargs, **context)
                     aux.append((a, x) if keep_hidden else a)
-                return x, aux
+                    updated.append(cache)
+                return x, (aux, tuple(updated))
 
             if self.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x, aux_u = jax.lax.scan(body, x, (state, rows))
+            x, (aux_u, caches_u) = jax.lax.scan(body, x, (state, rows, unit_caches))
+            new_caches.append(caches_u)
             for u, repeats in enumerate(ids):
                 for r, layer_index in enumerate(repeats):
                     aux_by_layer[layer_index] = jax.tree.map(lambda a, r=r: a[r], aux_u[u])
-        return x, aux_by_layer
+        return x, aux_by_layer, None if caches is None else tuple(new_caches)

@@ -1,4 +1,5 @@
-"""What every causal-LM architecture shares: its output type and a jitted __call__."""
+"""What every causal-LM architecture shares: its output type, a jitted __call__, the generation cache and
+`generate`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import numpy as np
 from flax import nnx, struct
 
 from moejax.errors import DataError
+from moejax.layers.attention import attention_mask, cache_attention_mask
 from moejax.layers.moe import RouterControl
 from moejax.parallel.mesh import on_mesh
+
+
+@struct.dataclass
+class DecodeCache:
+    """Generation state after the tokens seen so far: every layer's cache (LayerStack.cache's layout: K/V for
+    attention, convolution window and SSM state for Mamba-2), which of the cache's slots hold a token (valid_bs
+    [batch, length]: left padding does not) and the next slot to write (`slot`)."""
+
+    layers: tuple
+    valid_bs: jax.Array
+    slot: jax.Array | int
 
 
 @struct.dataclass
@@ -26,6 +39,7 @@ class CausalLMOutput:
     router_expert_ids: tuple[jax.Array, ...] | None = None
     router_weights: tuple[jax.Array, ...] | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
+    cache: DecodeCache | None = None  # after the tokens, when the forward pass continued from a cache
 
 
 @struct.dataclass
@@ -49,6 +63,16 @@ class ForcedRouting:
                              force_mask=jnp.asarray(self.mask, bool).reshape(layers, batch * seq))
 
 
+def segment_positions(segments_bt: np.ndarray) -> np.ndarray:
+    """[b, t] int32: each token's position within its segment (a run of equal segment ids), from 0."""
+    segments_bt = np.asarray(segments_bt)
+    columns_t = np.arange(segments_bt.shape[1])
+    starts_bt = np.ones(segments_bt.shape, bool)
+    starts_bt[:, 1:] = segments_bt[:, 1:] != segments_bt[:, :-1]
+    first_bt = np.maximum.accumulate(np.where(starts_bt, columns_t, 0), axis=1)
+    return (columns_t - first_bt).astype(np.int32)
+
+
 def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
     """A DataError naming the first token id of `ids` outside [0, vocab_size), with its position."""
     ids = np.asarray(ids)
@@ -60,30 +84,63 @@ def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
 
 
 class CausalLM(nnx.Module):
-    """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`."""
+    """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`; `model.generate(...)`
+    decodes with caches. An architecture has `config`, `layers` (a LayerStack) and `forward`."""
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
+    def init_cache(self, batch: int, length: int) -> DecodeCache:
+        """An empty generation cache of `length` slots (prompt plus new tokens), in the parameters' dtype."""
+        dtype = self.embed_vd.get_value().dtype
+        return DecodeCache(self.layers.cache(batch, length, dtype), jnp.zeros((batch, length), bool), 0)
+
+    def run_layers(self, x_btd, segment_ids_bt, cache: DecodeCache | None, **context):
+        """The layer stack with the attention mask these tokens need: causal within each document, or, continuing
+        from a cache, over its slots (these tokens written at cache.slot onwards) -> (x, aux, the cache after
+        them or None)."""
+        t = segment_ids_bt.shape[1]
+        if cache is None:
+            x_btd, aux, _ = self.layers(x_btd, mask_bts=attention_mask(segment_ids_bt, t), **context)
+            return x_btd, aux, None
+        valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, segment_ids_bt != 0, (0, cache.slot))
+        x_btd, aux, layers = self.layers(x_btd, mask_bts=cache_attention_mask(valid_bs, cache.slot, t),
+                                         caches=cache.layers, cache_slot=cache.slot, **context)
+        return x_btd, aux, DecodeCache(layers, valid_bs, cache.slot + t)
+
+    def generate(self, input_ids, attention_mask=None, **options):
+        """Continues each prompt (greedy by default); see moejax.models.generation.generate for the options."""
+        from moejax.models.generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, position_ids=None,
                  return_router_logits: bool = False, return_hidden_states: bool = False,
                  forced_routing: ForcedRouting | None = None, check_token_ids: bool = False) -> CausalLMOutput:
-        """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding). check_token_ids: an id
-        outside the vocabulary is a DataError naming it (the commands check; without it the embedding lookup
-        clamps silently, as jax indexing does)."""
+        """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding); or, for packed rows,
+        segment_ids [batch, seq] (0 = padding, 1, 2, ... = the documents of a row): a token interacts only with
+        earlier tokens of its own document, in every block, and positions restart at each document unless
+        position_ids [batch, seq] are given (default with an attention mask: 0, 1, ... along the row, as
+        transformers' forward numbers them). check_token_ids: an id outside the vocabulary is a DataError naming it
+        (the commands check; unchecked, the embedding lookup clamps it, as JAX indexing does)."""
         if check_token_ids:
             check_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        attention_mask = jnp.asarray(attention_mask, jnp.int32)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+            raise DataError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        segments = segment_ids if segment_ids is not None else attention_mask
+        if segments is None:
+            segments = np.ones(input_ids.shape, np.int32)
+        segments = np.asarray(segments, np.int32)
+        if segment_ids is not None and attention_mask is not None:
+            segments = np.where(np.asarray(attention_mask) != 0, segments, 0)
+        if segments.shape != input_ids.shape:
+            raise DataError(f"attention_mask / segment_ids shape {segments.shape} != input_ids shape {input_ids.shape}")
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            position_ids = (segment_positions(segments) if segment_ids is not None
+                            else np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int32), input_ids.shape))
+        attention_mask = jnp.asarray(segments)
         if forced_routing is not None:
             want = (len(self.config.moe_layers), *input_ids.shape, self.config.num_experts_per_tok)
             if tuple(np.shape(forced_routing.expert_ids)) != want or np.shape(forced_routing.mask) != want[:-1]:
-                raise ValueError(f"forced_routing: expert_ids must be [moe layers, batch, seq, k] = {want} and mask "
+                raise DataError(f"forced_routing: expert_ids must be [moe layers, batch, seq, k] = {want} and mask "
                                  f"{want[:-1]}, got {np.shape(forced_routing.expert_ids)} and "
                                  f"{np.shape(forced_routing.mask)}")
         graphdef, state = nnx.split(self)
@@ -106,7 +163,7 @@ def jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, ret
 
 
 def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,
-                     return_hidden_states: bool) -> CausalLMOutput:
+                     return_hidden_states: bool, cache: DecodeCache | None = None) -> CausalLMOutput:
     """The output of a forward pass from its logits and LayerStack's per-layer aux (each a RouterOutput
     or None, paired with the layer's output when return_hidden_states)."""
     batch, seq = logits_btv.shape[:2]
@@ -121,4 +178,4 @@ def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,
             "router_expert_ids": tuple(r.expert_ids.reshape(batch, seq, -1) for r in routing),
             "router_weights": tuple(r.weights.reshape(batch, seq, -1) for r in routing),
         }
-    return CausalLMOutput(logits=logits_btv, hidden_states=hidden, **fields)
+    return CausalLMOutput(logits=logits_btv, hidden_states=hidden, cache=cache, **fields)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import NemotronHConfig
-from moejax.layers.attention import Attention, attention_mask
+from moejax.layers.attention import Attention
 from moejax.layers.mamba2 import Mamba2Mixer
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import SigmoidMoE
@@ -43,16 +43,24 @@ class Block(nnx.Module):
                             dtype=dtype, rngs=rngs)
         self.mixer = make_mixer(cfg, kind, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd, *, mask_bts, valid_bt, control=None):
+    def cache(self, batch: int, length: int, dtype):
+        """The generation cache of a Mamba-2 or attention block; None for the others."""
+        return self.mixer.cache(batch, length, dtype) if self.kind in ("mamba", "attention") else None
+
+    def __call__(self, x_btd, *, mask_bts, segments_bt, control=None, cache=None, cache_slot=0):
+        """-> (x, the MoE routing or None, the updated cache or None)."""
         h_btd = self.norm(x_btd)
-        if self.kind == "mamba":
-            return x_btd + self.mixer(h_btd, valid_bt), None
-        if self.kind == "attention":
-            return x_btd + self.mixer(h_btd, mask_bts), None
         if self.kind == "moe":
             y_btd, routing = self.mixer(h_btd, control)
-            return x_btd + y_btd, routing
-        return x_btd + self.mixer(h_btd), None
+            return x_btd + y_btd, routing, None
+        if self.kind == "mlp":
+            return x_btd + self.mixer(h_btd), None, None
+        if self.kind == "mamba":
+            out = self.mixer(h_btd, segments_bt, cache)
+        else:
+            out = self.mixer(h_btd, mask_bts, None, cache, cache_slot)
+        y_btd, cache = (out, None) if cache is None else out
+        return x_btd + y_btd, None, cache
 
 
 class NemotronHForCausalLM(CausalLM):
@@ -68,11 +76,11 @@ class NemotronHForCausalLM(CausalLM):
         self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False, control=None):
-        """Token ids [batch, seq] -> CausalLMOutput. There is no RoPE: positions are implicit in the scan."""
+                return_hidden_states: bool = False, control=None, cache=None):
+        """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given). There is no RoPE:
+        positions are implicit in the scan."""
         x_btd = self.embed_vd[...][input_ids_bt]
-        mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states, moe_inputs=control,
-                                 mask_bts=mask_bts, valid_bt=attention_mask_bt != 0)
+        x_btd, aux, cache = self.run_layers(x_btd, attention_mask_bt, cache, keep_hidden=return_hidden_states,
+                                            moe_inputs=control, segments_bt=attention_mask_bt)
         logits_btv = self.norm_f(x_btd) @ self.lm_head_dv[...]
-        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)
+        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states, cache)

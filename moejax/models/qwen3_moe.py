@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import Qwen3MoeConfig
-from moejax.layers.attention import Attention, attention_mask
+from moejax.layers.attention import Attention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import SoftmaxMoE
 from moejax.layers.norms import RMSNorm
@@ -32,12 +32,21 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
         self.kind = kind
 
-    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None):
-        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bts, rope_cos_sin)
+    def cache(self, batch: int, length: int, dtype):
+        return self.self_attn.cache(batch, length, dtype)
+
+    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None, cache=None, cache_slot=0):
+        """-> (x, the MoE routing or None, the updated KV cache or None)."""
+        h_btd = self.input_layernorm(x_btd)
+        if cache is None:
+            x_btd = x_btd + self.self_attn(h_btd, mask_bts, rope_cos_sin)
+        else:
+            y_btd, cache = self.self_attn(h_btd, mask_bts, rope_cos_sin, cache, cache_slot)
+            x_btd = x_btd + y_btd
         if self.kind == "moe":
             y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control)
-            return x_btd + y_btd, routing
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None
+            return x_btd + y_btd, routing, cache
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None, cache
 
 
 class Qwen3MoeForCausalLM(CausalLM):
@@ -53,16 +62,15 @@ class Qwen3MoeForCausalLM(CausalLM):
             self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False, control=None):
-        """Token ids [batch, seq] -> CausalLMOutput."""
+                return_hidden_states: bool = False, control=None, cache=None):
+        """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given)."""
         cfg = self.config
         x_btd = self.embed_vd[...][input_ids_bt]
         inv_freq_h = inverse_frequencies(cfg.rope, cfg.head_dim)
         rope_cos_sin = rope_tables(position_ids_bt, inv_freq_h, cfg.rope.mscale, x_btd.dtype)
-        mask_bts = attention_mask(attention_mask_bt, input_ids_bt.shape[1])
-        x_btd, aux = self.layers(x_btd, keep_hidden=return_hidden_states, moe_inputs=control,
-                                 mask_bts=mask_bts, rope_cos_sin=rope_cos_sin)
+        x_btd, aux, cache = self.run_layers(x_btd, attention_mask_bt, cache, keep_hidden=return_hidden_states,
+                                            moe_inputs=control, rope_cos_sin=rope_cos_sin)
         x_btd = self.norm(x_btd)
         head_dv = self.embed_vd[...].T if cfg.tie_word_embeddings else self.lm_head_dv[...]
         logits_btv = x_btd @ head_dv
-        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states)
+        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states, cache)

@@ -1,8 +1,9 @@
 """Routing analysis of a parallel corpus: per-chunk statistics of each language (`collect`) and the METRICS.md
 tables built from them (`build_tables`), for `moejax analyze`.
 
-Each language's chunks run in their own forward passes (never mixed with another language), padded
-into a few length buckets and fixed-size batches so a long corpus compiles a handful of programs.
+Each language's chunks run in their own forward passes (never mixed with another language), packed into rows of
+one width, each chunk a segment of its own that sees only itself (as if alone), so a corpus compiles one program
+and its rows come out nearly full.
 Statistics are reduced in the jitted forward (moejax.routing.stats); only per-chunk [layers, experts]
 arrays reach the host, unless every token's routing is asked for.
 """
@@ -15,14 +16,12 @@ import itertools
 import jax
 import numpy as np
 
+from moejax.data.packing import one_per_row, pack, passes
 from moejax.errors import DataError
 from moejax.models.common import ForcedRouting, check_ids
 from moejax.routing import metrics as M
-from moejax.routing.stats import chunk_stats
+from moejax.routing.stats import segment_stats, stats_cache_size
 
-# Powers of two and 1.5x powers of two: padding stays under a third of a sequence (~15% on average)
-# while a corpus compiles at most a dozen shapes.
-BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 PAIRS_PER_CHUNK = 64
 
 
@@ -59,13 +58,6 @@ class ModelRun:
     langs: dict[str, LangRun]
 
 
-def _bucket(length: int) -> int:
-    for size in BUCKETS:
-        if length <= size:
-            return size
-    return -(-length // BUCKETS[-1]) * BUCKETS[-1]
-
-
 @dataclasses.dataclass
 class ChunkRouting:
     """One chunk's routing at every MoE layer, over all its n tokens (special ones included): the experts
@@ -76,12 +68,15 @@ class ChunkRouting:
 
 
 def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
-            progress=None, forced: dict[int, ChunkRouting | tuple] | None = None,
-            keep_routing: bool = False) -> LangRun:
+            progress=None, forced: dict[int, ChunkRouting | tuple] | None = None, keep_routing: bool = False,
+            packed: bool = True, report: dict | None = None) -> LangRun:
     """Runs every chunk of one language through the model; returns its per-chunk statistics.
 
-    forced: per chunk index, (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers
-    (moejax.models.common.ForcedRouting). keep_routing: LangRun.routing holds each chunk's ChunkRouting.
+    packed: chunks share rows of one width, each a segment of its own (it sees only itself, as if alone), batch_size
+    rows per forward pass; else each chunk has a row of its own, padded to its length bucket. forced: per chunk index,
+    (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers (ForcedRouting). keep_routing:
+    LangRun.routing holds each chunk's ChunkRouting. report: filled with the rows' fill ratio, the row shapes run
+    and the compilations this call caused.
     """
     encoded = [tokenizer.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
@@ -90,36 +85,59 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
     for i, ids in enumerate(encoded):
         check_ids(ids, cfg.vocab_size, f"chunk {i} as tokenised by {tokenizer.name}")
     layers, k = len(cfg.moe_layers), cfg.num_experts_per_tok
+    lengths = [len(e) for e in encoded]
+    layouts = [pack(lengths)] if packed else one_per_row(lengths)
     excluded = np.array(sorted(exclude_ids), np.int64)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: dict[int, dict] = {}
-    for bucket, members in itertools.groupby(order, key=lambda i: _bucket(len(encoded[i]))):
-        members = list(members)
-        for start in range(0, len(members), batch_size):
-            rows = members[start:start + batch_size]
-            ids = np.full((batch_size, bucket), tokenizer.pad_id, np.int64)
-            mask = np.zeros((batch_size, bucket), np.int64)
-            pairs = np.zeros((batch_size, PAIRS_PER_CHUNK, 2), np.int64)
-            imposed = None if forced is None else ForcedRouting.none(layers, batch_size, bucket, k)
-            for r, i in enumerate(rows):
-                n = len(encoded[i])
-                ids[r, :n], mask[r, :n] = encoded[i], 1
-                pairs[r] = np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
-                if imposed is not None and i in forced:
-                    where, experts = forced[i]
-                    imposed.mask[:, r, :n], imposed.expert_ids[:, r, :n] = where, experts
-            content = mask.astype(bool) & ~np.isin(ids, excluded)
-            stats = jax.device_get(chunk_stats(model, ids, mask, content, pairs, probabilities, forced=imposed,
-                                               keep_routing=keep_routing))
-            for r, i in enumerate(rows):
-                results[i] = {f.name: np.asarray(getattr(stats, f.name))[r] for f in dataclasses.fields(stats)
-                              if getattr(stats, f.name) is not None}
+    compiled = stats_cache_size()
+    shapes = set()
+
+    def batches():
+        for layout in layouts:
+            for rows, size in passes(layout, batch_size):
+                shapes.add((size, layout.width))
+                ids = np.full((size, layout.width), tokenizer.pad_id, np.int64)
+                segments = np.zeros((size, layout.width), np.int32)
+                pairs = np.zeros((size, layout.slots, PAIRS_PER_CHUNK, 2), np.int64)
+                imposed = None if forced is None else ForcedRouting.none(layers, size, layout.width, k)
+                for r, row in enumerate(rows):
+                    for slot, (i, at) in enumerate(row):
+                        n = lengths[i]
+                        ids[r, at:at + n], segments[r, at:at + n] = encoded[i], slot + 1
+                        pairs[r, slot] = at + np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
+                        if imposed is not None and i in forced:
+                            where, experts = forced[i]
+                            imposed.mask[:, r, at:at + n], imposed.expert_ids[:, r, at:at + n] = where, experts
+                content = (segments != 0) & ~np.isin(ids, excluded)
+                yield rows, segment_stats(model, ids, segments, content, pairs, probabilities, forced=imposed,
+                                          keep_routing=keep_routing)
+
+    def unpack(rows, stats):
+        stats = jax.device_get(stats)
+        for r, row in enumerate(rows):
+            for slot, (i, at) in enumerate(row):
+                results[i] = {f.name: np.asarray(getattr(stats, f.name))[r, slot]
+                              for f in dataclasses.fields(stats) if f.name not in ("expert_ids", "router_logits")}
                 if keep_routing:
-                    n = len(encoded[i])
-                    results[i]["routing"] = ChunkRouting(results[i].pop("expert_ids")[:, :n],
-                                                         results[i].pop("router_logits")[:, :n])
-            if progress is not None:
-                progress(len(rows), int(mask.sum()))
+                    span = slice(at, at + lengths[i])
+                    results[i]["routing"] = ChunkRouting(np.asarray(stats.expert_ids)[r, :, span],
+                                                         np.asarray(stats.router_logits)[r, :, span])
+        if progress is not None:
+            progress(sum(len(row) for row in rows), sum(lengths[i] for row in rows for i, _ in row))
+
+    # One pass in flight while the host reads the previous one's statistics and builds the next batch.
+    pending = None
+    for dispatched in batches():
+        if pending is not None:
+            unpack(*pending)
+        pending = dispatched
+    if pending is not None:
+        unpack(*pending)
+    if report is not None:
+        tokens = sum(lengths)
+        report["fill"] = tokens / sum(len(layout.rows) * layout.width for layout in layouts)
+        report["compilations"] = stats_cache_size() - compiled
+        report["shapes"] = sorted(shapes)
     routing = [results[i].pop("routing") for i in range(len(texts))] if keep_routing else None
     stacked = {name: np.stack([results[i][name] for i in range(len(texts))]) for name in results[0]}
     return LangRun(**stacked, tokenization=M.tokenization_stats(texts, stacked["tokens"].tolist()),

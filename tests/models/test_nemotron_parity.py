@@ -93,8 +93,8 @@ def test_mixer_chunked_scan_matches_sequential_oracle(tmp_path, monkeypatch):
     ids, mask = padded_batch(np.random.default_rng(3), 97, [28, 17], 28, "left")
     chunked = np.asarray(moejax.from_pretrained(path)(ids, mask).logits)
 
-    def sequential(x, dt, a, b, c, chunk_size, initial_state_bhpn=None):
-        return ssd_sequential(x, dt, a, b, c, initial_state_bhpn)
+    def sequential(x, dt, a, b, c, chunk_size, initial_state_bhpn=None, runs_bt=None):
+        return ssd_sequential(x, dt, a, b, c, initial_state_bhpn, runs_bt)
 
     monkeypatch.setattr(mamba2, "ssd_chunked", sequential)
     oracle = np.asarray(moejax.from_pretrained(path)(ids, mask).logits)
@@ -119,8 +119,8 @@ def test_mixer_output_matches_sequential_oracle(monkeypatch):
     valid_bt = jnp.ones((2, 28), jnp.int32).at[1, :5].set(0)
     chunked = np.asarray(mixer(x_btd, valid_bt))
 
-    def sequential(x, dt, a, b, c, chunk_size, initial_state_bhpn=None):
-        return ssd_sequential(x, dt, a, b, c, initial_state_bhpn)
+    def sequential(x, dt, a, b, c, chunk_size, initial_state_bhpn=None, runs_bt=None):
+        return ssd_sequential(x, dt, a, b, c, initial_state_bhpn, runs_bt)
 
     monkeypatch.setattr(mamba2, "ssd_chunked", sequential)
     oracle = np.asarray(mixer(x_btd, valid_bt))
