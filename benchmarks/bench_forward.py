@@ -128,6 +128,28 @@ def bench(arch: str, args) -> None:
           f"{compile_s:.1f} s)")
     print(f"  speed-up: {ref_s / ours_s:.2f}x (target >= 1.5x)")
     print(f"  {extra}")
+    if args.steering:
+        print(f"  {steering_row(model, ids, args.repeats)}")
+
+
+def steering_row(model, ids, repeats: int) -> str:
+    """A steered forward against the unsteered one, same model and tokens, alternating, best of each."""
+    experts, layers = model.config.num_routed_experts, len(model.config.moe_layers)
+    steering = moejax.Steering(mode="soft", lam=0.5, layers={
+        layer: (tuple(range(0, experts, 4)), (experts - 1,)) for layer in range(layers)})
+
+    def run(steer):
+        jax.block_until_ready(model(ids, return_router_logits=True, steering=steer).logits)
+
+    run(steering)
+    plain, steered = [], []
+    for _ in range(repeats):
+        for steer, times in ((None, plain), (steering, steered)):
+            time.sleep(0.5)
+            times.append(best_time(lambda steer=steer: run(steer), 1))
+    return (f"steered forward (soft, {layers} MoE layers, {len(steering.layers[0][0]) + 1} experts each): "
+            f"{min(steered):.3f} s vs {min(plain):.3f} s unsteered = {100 * (min(steered) / min(plain) - 1):+.1f}% "
+            "(target <= +3%)")
 
 
 def main() -> None:
@@ -137,6 +159,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
+    parser.add_argument("--steering", action="store_true",
+                        help="also time a soft-steered forward (a quarter of each MoE layer's experts promoted, one "
+                        "suppressed) against the unsteered one, alternating; target <= 3%% more")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for arch in CONFIGS if args.arch == "all" else [args.arch]:

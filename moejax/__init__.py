@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "from_pretrained": "moejax.loading", "load_config": "moejax.loading", "export_pretrained": "moejax.export",
     "CausalLMOutput": "moejax.models.common", "ForcedRouting": "moejax.models.common",
+    "Steering": "moejax.models.steering",
     "Qwen3MoeForCausalLM": "moejax.models.qwen3_moe", "NemotronHForCausalLM": "moejax.models.nemotron_h",
     "Qwen3MoeConfig": "moejax.config", "NemotronHConfig": "moejax.config", "RopeConfig": "moejax.config",
     "MoejaxError": "moejax.errors", "ConfigError": "moejax.errors",

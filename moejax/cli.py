@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from moejax.commands import analyze, convert, export, parity, plan, train
+from moejax.commands import analyze, convert, evaluate, experts, export, generate, parity, plan, train
 from moejax.commands.options import add_options, from_mapping
 from moejax.errors import MoejaxError
 from moejax.io import write_file
@@ -69,15 +69,43 @@ DESCRIPTIONS = {
               "command line win. Export the result with `moejax export OUT/checkpoint HF_DIR`. On Linux the "
               "command restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages "
               "for malloc: ~20% faster steps on a CPU); MOEJAX_HUGE_PAGES=0 turns that off."),
+    "generate": ("continue prompts with a checkpoint (greedy or sampled), with KV and Mamba-2 caches",
+                 "Loads MODEL (or the built-in model) and its tokenizer, continues each prompt (--prompt TEXT, or "
+                 "--prompts FILE with one per line) by up to --max-new-tokens tokens, stopping at the checkpoint's "
+                 "end-of-sequence ids (generation_config.json, else config.json), and prints the continuations "
+                 "(--out FILE also writes them as JSON). Greedy by default; --sample draws with --temperature, "
+                 "--top-k and --top-p, reproducibly from --seed. --chat wraps each prompt in the model's own chat "
+                 "template. Prompts of a batch are left-padded as transformers' generate pads them; the prompt is "
+                 "run once (prefill) and each new token is one compiled step over the caches."),
+    "eval": ("downstream scores through lm-evaluation-harness, offline, with moejax underneath",
+             "Scores MODEL (or the built-in model) on lm-eval tasks with moejax as the model (the same backend as "
+             "`lm_eval --model moejax`): loglikelihood requests packed into rows (identical inputs run once), "
+             "rolling loglikelihoods in lm-eval's windows, generation with caches. Writes OUT: lm-eval's results "
+             "and per-sample files (as `lm_eval --output_path` writes them), scores.csv (one row per task, language "
+             "and metric) and scores.png. Nothing reaches the network: tasks must read local files (the bundled "
+             "moejax_* tasks, or your YAML under --include-path with dataset_path: json and local data_files). "
+             "With no arguments: the built-in model on the bundled suite (multiple choice and short generation in "
+             "en/he/ja, tag moejax_demo), about a minute on a CPU. Needs the eval extra: pip install -e '.[eval]'."),
+    "experts": ("find the experts a corpus uses more than a baseline (to steer or train them)",
+                "Runs --target and --baseline corpora through MODEL (or the built-in model) with the in-jit routing "
+                "statistics (per-sequence top-K counts) and selects experts: delta (activation frequency difference "
+                "above --tau in a --layers window), risk-diff (SteerMoE's pooled risk difference, top --top-n), or "
+                "gap (the usage lead over the next language, plus shared experts). Writes OUT: experts.json (per MoE "
+                "layer: selected ids and scores, with the settings; `--steering` takes it once a mode, lambda and "
+                "direction are added), experts.csv (every expert's score), experts_scores.png, experts_selected.png "
+                "and report.md. With no arguments: Hebrew against English on the built-in corpus and model."),
 }
 SETTINGS = {"analyze": analyze.AnalyzeSettings, "parity": parity.ParitySettings, "convert": convert.ConvertSettings,
-            "export": export.ExportSettings, "plan": plan.PlanSettings, "train": train.TrainSettings}
+            "export": export.ExportSettings, "plan": plan.PlanSettings, "train": train.TrainSettings,
+            "generate": generate.GenerateSettings, "eval": evaluate.EvalSettings,
+            "experts": experts.ExpertsSettings}
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="moejax", description="MoE routing research in JAX: analysis of how "
                                   "Mixture-of-Experts routers spread each language's tokens over experts, parity "
-                                  "checks against the PyTorch reference, scale-out and continual pre-training.")
+                                  "checks against the PyTorch reference, scale-out, continual pre-training, generation "
+                                  "and downstream evaluation.")
     sub = top.add_subparsers(dest="command", required=True)
     for name, settings_cls in SETTINGS.items():
         short, long = DESCRIPTIONS[name]
@@ -121,6 +149,19 @@ def run(command: str, settings) -> int:
         if settings.json:
             write_file(settings.json, json.dumps({"written_by": "moejax plan", **result}, indent=2), "plan", "--json")
         return 0 if result["fits"] is not False else 1
+    elif command == "generate":
+        for i, result in enumerate(generate.generate(settings), 1):
+            print(f"[{i}] {result['prompt']}\n{result['continuation']}\n")
+        if settings.out:
+            print(f"wrote {settings.out}")
+    elif command == "experts":
+        print(experts.main_summary(experts.find_experts(settings)))
+    elif command == "eval":
+        from lm_eval.utils import make_table
+
+        out, results = evaluate.evaluate(settings)
+        print(make_table(results))
+        print(f"wrote {out} (scores.csv, scores.png, lm-eval's results and samples)")
     else:
         out = train.train(settings)
         print(f"wrote {out} (metrics.csv, tensorboard/, training.png; export: moejax export {out}/checkpoint HF_DIR)")

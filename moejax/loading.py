@@ -19,6 +19,26 @@ from moejax.errors import CheckpointError, ConfigError
 from moejax.models import abstract_model, config_class
 
 
+def token_ids(value, where: str) -> list[int]:
+    """A config's token id field (one id, a list of them, or null) as a list."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ConfigError(f"{where}: token ids must be non-negative integers, got {value!r}")
+    return values
+
+
+def generation_defaults(path: str | Path) -> list[int]:
+    """The end-of-sequence ids transformers' `generate` stops at for this checkpoint: generation_config.json's
+    eos_token_id when it has one, else config.json's (what transformers derives a generation config from)."""
+    path = Path(path)
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        declared = read_config_json(generation)
+        if declared.get("eos_token_id") is not None:
+            return token_ids(declared["eos_token_id"], str(generation))
+    return token_ids(read_config_json(path / "config.json").get("eos_token_id"), str(path / "config.json"))
+
+
 def load_config(path: str | Path):
     """The moejax config of a checkpoint directory (validated; see moejax.config)."""
     source = Path(path) / "config.json"

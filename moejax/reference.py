@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from moejax.data.tokenize import byte_level_tokenizer
 
 
 def tiny_qwen3_config(**overrides) -> transformers.Qwen3MoeConfig:
@@ -88,12 +89,78 @@ def make_qwen3(tmp: Path, seed: int = 0, **kwargs):
     return make_checkpoint("qwen3_moe", tmp, seed, **kwargs)
 
 
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """transformers' router modules in MoE-layer order (Qwen3MoeTopKRouter, NemotronHTopkRouter)."""
+    return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
+
+
+def steer_logits(z: torch.Tensor, shift_e, promote_e, suppress_e, eps_e) -> torch.Tensor:
+    """INTERVENTIONS.md section 2 in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
+    promoted experts at max(z) + eps and suppressed ones at min(z) - eps, computed in float32."""
+    zf = z.float()
+    out = zf + torch.as_tensor(shift_e) * zf.std(dim=-1, keepdim=True, unbiased=False)
+    out = torch.where(torch.as_tensor(promote_e), zf.max(dim=-1, keepdim=True).values + torch.as_tensor(eps_e), out)
+    out = torch.where(torch.as_tensor(suppress_e), zf.min(dim=-1, keepdim=True).values - torch.as_tensor(eps_e), out)
+    return out.to(z.dtype)
+
+
+class steered:
+    """A context in which transformers' model routes with steered logits: hooks on each steered router (forward
+    pre-hook and hook) make the `F.linear` that computes its raw logits return them steered by `arrays` (shift_e,
+    promote_e, suppress_e, eps_e, each [moe layers, E], as moejax.Steering.arrays gives them), so the router's own
+    code (softmax top-k; sigmoid, correction bias and group limit) chooses from the steered logits. The reference
+    implementation of router steering, written for moejax's parity tests (the papers patched vLLM instead)."""
+
+    def __init__(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]):
+        self.model, self.arrays, self.hooks, self.restore = model, arrays, [], []
+
+    def __enter__(self):
+        import importlib
+
+        for layer, router in enumerate(routers(self.model)):
+            row = {name: a[layer] for name, a in self.arrays.items()}
+            if not (row["shift_e"].any() or row["promote_e"].any() or row["suppress_e"].any()):
+                continue
+            namespace = importlib.import_module(type(router).__module__)
+            functional = namespace.F
+
+            steered_f = _SteeredFunctional(functional, row)
+
+            def before(_module, _inputs, namespace=namespace, steered_f=steered_f):
+                namespace.F = steered_f
+
+            def after(_module, _inputs, _output, namespace=namespace, functional=functional):
+                namespace.F = functional
+
+            self.restore.append((namespace, functional))
+            self.hooks += [router.register_forward_pre_hook(before), router.register_forward_hook(after)]
+        return self.model
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        for namespace, functional in self.restore:  # also after an exception inside a router
+            namespace.F = functional
+
+
+class _SteeredFunctional:
+    """torch.nn.functional with `linear` returning steered logits (steered's row of arrays)."""
+
+    def __init__(self, functional, row: dict):
+        self.functional, self.row = functional, row
+
+    def __getattr__(self, name):
+        return getattr(self.functional, name)
+
+    def linear(self, *args, **kwargs):
+        return steer_logits(self.functional.linear(*args, **kwargs), **self.row)
+
+
 def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
     """logits [b, t, V], router logits per MoE layer [b, t, E] (float64 numpy) and the experts the
     reference chose per MoE layer [b, t, k] (sorted: transformers' Nemotron-H top-k is unordered)."""
     chosen = []
-    routers = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
-    hooks = [r.register_forward_hook(lambda _m, _i, out: chosen.append(out[2])) for r in routers]
+    hooks = [r.register_forward_hook(lambda _m, _i, out: chosen.append(out[2])) for r in routers(model)]
     try:
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids).long(),
@@ -109,16 +176,7 @@ def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
 
 
 def save_byte_tokenizer(directory: Path) -> None:
-    """A byte-level transformers tokenizer (259 ids: <pad> 0, <s> 1, </s> 2, then the 256 bytes) that prefixes <s>.
-
-    Tiny test checkpoints carry it so the analysis reads a real tokenizer from the model directory.
-    """
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                         pad_token="<pad>").save_pretrained(directory)
+    """A byte-level transformers tokenizer (259 ids: <pad> 0, <s> 1, </s> 2, then byte b as b + 3, as
+    moejax.data.tokenize.ByteTokenizer) that prefixes <s>: tiny test checkpoints carry it so the analysis, generation
+    and evaluation read a real tokenizer from the model directory."""
+    byte_level_tokenizer().save_pretrained(directory)

@@ -12,13 +12,14 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from moejax.commands.options import MESH_HELP, check_options, option
+from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
 from moejax.data.corpus import FLORES_CODES, chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
 from moejax.loading import from_pretrained
 from moejax.models.builtin import NAME, builtin_model
+from moejax.models.steering import Steering
 from moejax.parallel.mesh import make_mesh, shard_model
 from moejax.report.figures import write_figures
 from moejax.report.markdown import write_report
@@ -58,6 +59,9 @@ class AnalyzeSettings:
     allow_nonfinite: bool = option(False, "load checkpoints holding NaN or infinite weights (to study broken "
                                    "checkpoints) instead of refusing them", kind=bool)
     seed: int = option(0, "seed for same-language splits and token-pair sampling", kind=int, minimum=0)
+    steering: Path | None = option(
+        None, STEERING_HELP + "; each model also runs steered, as LABEL+steered beside LABEL, so the tables compare "
+        "the routing with and without steering", kind=Path, metavar="FILE")
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
     quiet: bool = option(False, "no progress bars", kind=bool)
 
@@ -80,13 +84,42 @@ def load_model(spec: str | None, mesh=None, allow_nonfinite: bool = False):
     return label, str(path), model, tokenizer
 
 
+def _run_model(s: AnalyzeSettings, name: str, where: str, model, tokenizer, corpus, excluded, steering,
+               layouts: dict) -> ModelRun:
+    """One model's statistics over every language (steered when `steering` is given); fills layouts."""
+    langs = list(s.langs)
+    lang_runs = {}
+    for lang in langs:
+        with tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=s.quiet) as bar:
+            tokens_done, t0 = [0], time.perf_counter()
+
+            def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
+                tokens_done[0] += n_tokens
+                bar.update(n_chunks)
+                bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+            report = {}
+            lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded,
+                                      batch_size=s.batch_size, probabilities=s.probabilities, seed=s.seed,
+                                      progress=progress, packed=not s.no_packing, report=report,
+                                      steering=steering)
+        layouts[f"{name}/{lang}"] = report
+        if not s.quiet:
+            print(f"{name} {lang}: rows of {', '.join(sorted({str(w) for _, w in report['shapes']}))} tokens, "
+                  f"{report['fill']:.0%} full, {report['compilations']} compilation(s)", file=sys.stderr)
+    cfg = model.config
+    return ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
+                    k=cfg.num_experts_per_tok, experts=cfg.num_routed_experts, excluded_ids=excluded, langs=lang_runs)
+
+
 def analyze(settings: AnalyzeSettings) -> Path:
     """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with a mesh, each
     model is loaded onto it and runs sharded (MoE blocks expert-parallel). Returns OUT."""
     s = settings
-    inputs = [s.data, *(spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec
-                        for spec in s.model)]
+    inputs = [s.data, s.steering, *(spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec
+                                    for spec in s.model)]
     out = check_output(s.out, "analyze", inputs)  # before any work: nothing of the user's is replaced
+    steering = None if s.steering is None else Steering.from_json(s.steering)
     langs = list(s.langs)
     mesh = make_mesh(s.mesh) if s.mesh else None
     sentences = read_corpus(s.data, langs, skip_incomplete=s.skip_incomplete)
@@ -97,34 +130,16 @@ def analyze(settings: AnalyzeSettings) -> Path:
     runs, layouts = [], {}
     started = time.perf_counter()
     for spec in s.model or (None,):
-        name, where, model, tokenizer = load_model(spec, mesh, s.allow_nonfinite)
+        base_name, where, model, tokenizer = load_model(spec, mesh, s.allow_nonfinite)
         outside = [i for i in s.exclude_ids if i >= model.config.vocab_size]
         if outside:
-            raise SettingsError(f"--exclude-ids {outside[0]} is outside {name}'s vocabulary of "
+            raise SettingsError(f"--exclude-ids {outside[0]} is outside {base_name}'s vocabulary of "
                                 f"{model.config.vocab_size} tokens")
+        if steering is not None:
+            steering.check(model.config)
         excluded = sorted(set(tokenizer.special_ids) | set(s.exclude_ids))
-        lang_runs = {}
-        for lang in langs:
-            with tqdm(total=len(corpus[lang]), desc=f"{name} {lang}", unit="chunk", disable=s.quiet) as bar:
-                tokens_done, t0 = [0], time.perf_counter()
-
-                def progress(n_chunks, n_tokens, bar=bar, tokens_done=tokens_done, t0=t0):
-                    tokens_done[0] += n_tokens
-                    bar.update(n_chunks)
-                    bar.set_postfix(tok_s=f"{tokens_done[0] / max(time.perf_counter() - t0, 1e-9):.0f}")
-
-                report = {}
-                lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded,
-                                          batch_size=s.batch_size, probabilities=s.probabilities, seed=s.seed,
-                                          progress=progress, packed=not s.no_packing, report=report)
-            layouts[f"{name}/{lang}"] = report
-            if not s.quiet:
-                print(f"{name} {lang}: rows of {', '.join(sorted({str(w) for _, w in report['shapes']}))} tokens, "
-                      f"{report['fill']:.0%} full, {report['compilations']} compilation(s)", file=sys.stderr)
-        cfg = model.config
-        runs.append(ModelRun(name=name, path=where, model_type=cfg.model_type, moe_blocks=cfg.moe_layers,
-                             k=cfg.num_experts_per_tok, experts=cfg.num_routed_experts, excluded_ids=excluded,
-                             langs=lang_runs))
+        for name, steer in [(base_name, None)] + ([] if steering is None else [(f"{base_name}+steered", steering)]):
+            runs.append(_run_model(s, name, where, model, tokenizer, corpus, excluded, steer, layouts))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         for i, run in enumerate(runs):
@@ -147,6 +162,7 @@ def analyze(settings: AnalyzeSettings) -> Path:
                                           "row_shapes": [list(shape) for shape in r["shapes"]]}
                                     for key, r in layouts.items()}},
             "chunking": {"mode": s.chunk_mode, "words": s.chunk_words}, "probabilities": s.probabilities,
+            "steering": None if steering is None else steering.to_dict(),
             "seed": s.seed,
             "variants": {"usage": "top-K counts (f)", "gini": "top-K counts (gini_top1: top-1 counts)",
                          "active_experts": "theta 0 (active_experts_0.001: theta 0.001)",

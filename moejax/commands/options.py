@@ -20,6 +20,9 @@ from moejax.errors import SettingsError
 
 MESH_HELP = ("run sharded over a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; the product "
              "must not exceed the devices): parameters split by logical-axis rules, MoE blocks expert-parallel")
+STEERING_HELP = ("steer the router with this spec: JSON {\"mode\": \"soft\"|\"hard\", \"lambda\": 0.5, \"seed\": 0, "
+                 "\"layers\": {\"10\": {\"promote\": [3], \"suppress\": [5]}}} (MoE-layer indices as in layers.csv), "
+                 "or an experts.json from `moejax experts` with mode, lambda and direction added")
 
 
 def option(default: Any, help: str, *, kind: type = str, element: type = str, metavar: str | None = None,

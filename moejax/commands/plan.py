@@ -193,6 +193,7 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
     train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps).resolved(cfg)
     abstract = sharded_abstract(cfg, model, mesh)
     abstract.layers.remat = remat
+    abstract.layers.index_experts = False
     graphdef, params = nnx.split(abstract)
     state = jax.eval_shape(lambda params: init_state(nnx.merge(graphdef, params), train_cfg)[1], params)
     state = with_param_shardings(state, params, mesh)

@@ -23,11 +23,11 @@ FLORES_CODES = {
 }
 
 
-def check_langs(langs: list[str]) -> list[str]:
+def check_langs(langs: list[str], least: int = 2) -> list[str]:
     unknown = [lang for lang in langs if lang not in FLORES_CODES]
     if unknown:
         raise DataError(f"unknown language code(s) {unknown}; known: {sorted(FLORES_CODES)}")
-    if len(set(langs)) != len(langs) or len(langs) < 2:
+    if len(set(langs)) != len(langs) or len(langs) < least:
         raise DataError(f"--langs needs at least two different languages, got {langs}")
     return langs
 
@@ -89,13 +89,15 @@ def _complete(corpus: dict[str, list[str]], where: dict[str, str], row_name, ski
                           {lang: len(empty[lang]) for lang in langs})
 
 
-def read_corpus(path: str | Path | None, langs: list[str], skip_incomplete: bool = False) -> ParallelCorpus:
+def read_corpus(path: str | Path | None, langs: list[str], skip_incomplete: bool = False,
+                least: int = 2) -> ParallelCorpus:
     """Aligned sentences per language from a FLORES-200 directory, a TSV/CSV/JSONL file, or {lang}.txt files.
 
     None reads the built-in sample corpus (English, Hebrew, Japanese). An empty cell (or line) is an error naming
     its row, unless skip_incomplete: then every row missing any language is dropped and counted (`.skipped`).
+    least: the fewest languages asked for (one language's column alone: 1).
     """
-    check_langs(langs)
+    check_langs(langs, least)
     path = SAMPLE_DIR if path is None else Path(path)
     if path.is_file():
         return _read_table(path, langs, skip_incomplete)

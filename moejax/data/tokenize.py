@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from moejax.data.corpus import DataError
 
@@ -22,19 +23,46 @@ class ByteTokenizer:
         return [1, *(b + 3 for b in text.encode("utf-8"))]
 
 
+def _byte_characters() -> list[str]:
+    """The printable character byte-level BPE tokenizers (GPT-2's scheme) write for each byte 0..255: printable
+    Latin-1 bytes stand for themselves, the others take the code points from 256 on, in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def byte_level_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """ByteTokenizer as a transformers tokenizer (the same ids: <pad> 0, <s> 1, </s> 2, byte b -> b + 3; each text
+    starts with <s>; decoding gives the text back), for what needs a transformers tokenizer (generation's decoding,
+    lm-eval) with the built-in model, and for tiny test checkpoints."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: b + 3 for b, ch in enumerate(_byte_characters())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
+def transformers_tokenizer(model_dir: str | Path, **kwargs) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer files of a model directory (local files only), or a DataError naming the directory."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise DataError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
+                        "model's tokenizer files into the checkpoint directory")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
 class HFTokenizer:
     """A transformers tokenizer from the model directory; its special tokens are excluded from metrics."""
 
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
-        if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise DataError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
-                              "model's tokenizer files into the checkpoint directory")
-        try:
-            self._tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise DataError(f"{model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else e!r})") from None
+        self._tok = transformers_tokenizer(model_dir)
         self.special_ids = frozenset(self._tok.all_special_ids)
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.eos_id = self._tok.eos_token_id  # ends each training document (None: no end-of-text token)

@@ -37,12 +37,30 @@ class RouterOutput:
 
 @struct.dataclass
 class RouterControl:
-    """Changes to one MoE layer's routing, given as arrays so that new values never recompile: the tokens
-    where `force_mask` [tokens] is set get the experts `force_ids` [tokens, k] instead of their top-k (their
-    combine weights are still the router's own scores of those experts, normalised as usual)."""
+    """Changes to one MoE layer's routing, given as arrays so that new values never recompile.
+
+    Forcing: the tokens where `force_mask` [tokens] is set get the experts `force_ids` [tokens, k] instead of their
+    top-k (their combine weights are still the router's own scores of those experts, normalised as usual).
+    Steering (INTERVENTIONS.md section 2), on every token's raw router logits z [E] before the softmax or sigmoid:
+    z + shift_e * std(z) (soft; std over the E logits, population), then experts in promote_e set to
+    max(z) + eps_e and experts in suppress_e to min(z) - eps_e (hard; max and min of the unsteered z).
+    """
 
     force_ids: jax.Array | None = None
     force_mask: jax.Array | None = None
+    shift_e: jax.Array | None = None
+    promote_e: jax.Array | None = None
+    suppress_e: jax.Array | None = None
+    eps_e: jax.Array | None = None
+
+    def steer(self, logits_te: jax.Array) -> jax.Array:
+        """The logits the router chooses with: steered when this control steers, else as they are."""
+        if self.shift_e is None:
+            return logits_te
+        z_te = logits_te.astype(jnp.float32)
+        steered_te = z_te + self.shift_e * jnp.std(z_te, axis=-1, keepdims=True)
+        steered_te = jnp.where(self.promote_e, jnp.max(z_te, axis=-1, keepdims=True) + self.eps_e, steered_te)
+        return jnp.where(self.suppress_e, jnp.min(z_te, axis=-1, keepdims=True) - self.eps_e, steered_te)
 
     def select(self, ids_tk: jax.Array) -> jax.Array:
         """The experts each token uses: its top-k, or the forced ones."""
@@ -130,16 +148,17 @@ def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
 
 def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
                 activation: str, tiles: tuple[int, ...] | None = None,
-                first_expert: jax.Array | None = None) -> jax.Array:
+                first_expert: jax.Array | None = None, repeat: jax.Array | None = None) -> jax.Array:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, d], dropless.
 
     `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf". `tiles` defaults to the backend's
     choice (`dispatch_tiles`); () forces the ragged_dot path. With `first_expert`, `w` holds only the
     experts first_expert, first_expert + 1, ... (one device's share): pairs routed to any other expert
-    are grouped last and never computed, so they contribute nothing.
+    are grouped last and never computed, so they contribute nothing. With `repeat`, `w` holds a layer stack's
+    weights [repeats, E, ...] and the layer `repeat` is used: the tiles read its experts in place (forward only).
     """
     tokens, k = ids_tk.shape
-    num_experts = w["up_edf"].shape[0]
+    num_experts = w["up_edf"].shape[-3]
     tiles = dispatch_tiles(tokens * k, num_experts) if tiles is None else tuple(tiles)
     groups = num_experts
     if first_expert is not None:
@@ -152,7 +171,12 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     if tiles:
         weights_m = jnp.zeros(plan.source_token_m.shape, jnp.float32).at[plan.row_tk.reshape(-1)].set(
             weights_tk.reshape(-1).astype(jnp.float32))
+        if repeat is not None:
+            return _tiled_forward(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation,
+                                  keep=False, repeat=repeat)[0]
         return _tiled_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation)
+    if repeat is not None:
+        w = {name: value[repeat] for name, value in w.items()}
     x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
 
     def project(name, a):  # rows past the groups (other devices' experts) come out as zeros
@@ -203,15 +227,16 @@ def _with_zero_row(a_td):
     return jnp.concatenate([a_td, jnp.zeros_like(a_td[:1])])
 
 
-def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep: bool):
-    """-> output [tokens, d] and, with `keep`, each grouped row's float32 pre-activations (up_mf, gate_mf)."""
+def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep: bool, repeat=None):
+    """-> output [tokens, d] and, with `keep`, each grouped row's float32 pre-activations (up_mf, gate_mf); with
+    `repeat`, w's arrays lead with a layer stack's repeats and that layer's experts are read."""
     x_pad = _with_zero_row(x_td)
     rows, ffn = source_m.shape[0], w["up_edf"].shape[-1]
     kept = {name: jnp.zeros((rows, ffn) if keep else (0, 0), jnp.float32) for name in ("up_edf", "gate_edf")
             if name in w}
 
     def run_expert(e, over_tiles, carry):
-        w_e = {name: value[e] for name, value in w.items()}
+        w_e = {name: value[e] if repeat is None else value[repeat, e] for name, value in w.items()}
 
         def visit(row, size, carry):
             out_td, kept = carry
@@ -287,7 +312,7 @@ _tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)
 
 
 def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
-                    activation: str, mesh: jax.sharding.Mesh) -> jax.Array:
+                    activation: str, mesh: jax.sharding.Mesh, repeat: jax.Array | None = None) -> jax.Array:
     """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over
     "tensor"), the tokens over BATCH_AXES. Each device all-gathers the tokens of its expert group, runs
     its own experts on the pairs routed to them (dropless, as on one device), and a reduce-scatter over
@@ -297,18 +322,20 @@ def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w
     if pad:  # padded tokens route with weight 0 and are dropped after
         x_td, ids_tk, weights_tk = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_td, ids_tk, weights_tk))
     tok = P(BATCH_AXES, None)
-    specs = {"gate_edf": P("expert", None, "tensor"), "up_edf": P("expert", None, "tensor"),
-             "down_efd": P("expert", "tensor", None)}
+    specs = {"gate_edf": ("expert", None, "tensor"), "up_edf": ("expert", None, "tensor"),
+             "down_efd": ("expert", "tensor", None)}
+    stacked = () if repeat is None else (None,)  # a layer stack's repeats lead, unsplit
 
-    def local(x_td, ids_tk, weights_tk, w):
+    def local(x_td, ids_tk, weights_tk, w, repeat):
         x_td, ids_tk, weights_tk = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
                                     for a in (x_td, ids_tk, weights_tk))
-        first = jax.lax.axis_index("expert") * w["up_edf"].shape[0]
-        y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first), "tensor")
+        first = jax.lax.axis_index("expert") * w["up_edf"].shape[-3]
+        y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first, repeat=repeat),
+                            "tensor")
         return jax.lax.psum_scatter(y_td, "expert", scatter_dimension=0, tiled=True)
 
-    y_td = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, {n: specs[n] for n in w}), out_specs=tok,
-                         check_vma=False)(x_td, ids_tk, weights_tk, w)
+    y_td = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, {n: P(*stacked, *specs[n]) for n in w}, P()),
+                         out_specs=tok, check_vma=False)(x_td, ids_tk, weights_tk, w, repeat)
     return y_td[:tokens]
 
 
@@ -324,15 +351,17 @@ class Experts(nnx.Module):
         self.up_edf = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, fan_in=d)
         self.down_efd = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype, fan_in=f)
 
-    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
-        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, hidden]."""
+    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array,
+                 repeat: jax.Array | None = None) -> jax.Array:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, hidden]. repeat: the weights are a layer
+        stack's ([repeats, E, ...]; LayerStack.index_experts) and this is the layer's index among them."""
         w = {"up_edf": self.up_edf[...], "down_efd": self.down_efd[...]}
         if self.activation == "swiglu":
             w["gate_edf"] = self.gate_edf[...]
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.size > 1:
-            return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh)
-        return mix_experts(x_td, ids_tk, weights_tk, w, self.activation)
+            return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh, repeat)
+        return mix_experts(x_td, ids_tk, weights_tk, w, self.activation, repeat=repeat)
 
 
 class Router(nnx.Module):
@@ -355,13 +384,17 @@ class SoftmaxMoE(nnx.Module):
         self.router = Router(hidden, num_experts, dtype=dtype, rngs=rngs)
         self.experts = Experts(num_experts, hidden, ffn, activation="swiglu", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None) -> tuple[jax.Array, RouterOutput]:
-        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens."""
+    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None,
+                 repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
+        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens (repeat: see
+        Experts)."""
         b, s, d = x_btd.shape
         x_td = x_btd.reshape(b * s, d)
         logits_te = self.router(x_td)
+        if control is not None:
+            logits_te = control.steer(logits_te)
         weights_tk, ids_tk = softmax_topk(logits_te, self.top_k, self.normalize, control)
-        y_td = self.experts(x_td, ids_tk, weights_tk)
+        y_td = self.experts(x_td, ids_tk, weights_tk, repeat)
         return y_td.reshape(b, s, d), RouterOutput(logits_te, ids_tk, weights_tk)
 
 
@@ -384,15 +417,19 @@ class SigmoidMoE(nnx.Module):
         self.experts = Experts(num_experts, expert_dim, ffn, activation="relu2", dtype=dtype, rngs=rngs)
         self.shared = MLP(hidden, shared_ffn, activation="relu2", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None) -> tuple[jax.Array, RouterOutput]:
-        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens."""
+    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None,
+                 repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
+        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens (repeat: see
+        Experts)."""
         b, s, d = x_btd.shape
         x_td = x_btd.reshape(b * s, d)
         logits_te = self.router(x_td)
+        if control is not None:
+            logits_te = control.steer(logits_te)
         weights_tk, ids_tk = sigmoid_group_topk(logits_te, self.correction_e[...], self.top_k, self.n_group,
                                                 self.topk_group, self.normalize, self.scale, control)
         h_td = x_td if self.latent is None else x_td @ self.to_latent_dl[...]
-        y_td = self.experts(h_td, ids_tk, weights_tk)
+        y_td = self.experts(h_td, ids_tk, weights_tk, repeat)
         if self.latent is not None:
             y_td = y_td @ self.from_latent_ld[...]
         y_btd = y_td.reshape(b, s, d) + self.shared(x_btd)

@@ -13,6 +13,7 @@ from flax import nnx, struct
 from moejax.errors import DataError
 from moejax.layers.attention import attention_mask, cache_attention_mask
 from moejax.layers.moe import RouterControl
+from moejax.models.steering import as_steering, with_steering
 from moejax.parallel.mesh import on_mesh
 
 
@@ -106,20 +107,24 @@ class CausalLM(nnx.Module):
         return x_btd, aux, DecodeCache(layers, valid_bs, cache.slot + t)
 
     def generate(self, input_ids, attention_mask=None, **options):
-        """Continues each prompt (greedy by default); see moejax.models.generation.generate for the options."""
+        """Continues each prompt (greedy by default; steering= as in __call__); see moejax.models.generation.generate
+        for the options."""
         from moejax.models.generation import generate
 
         return generate(self, input_ids, attention_mask, **options)
 
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, position_ids=None,
                  return_router_logits: bool = False, return_hidden_states: bool = False,
-                 forced_routing: ForcedRouting | None = None, check_token_ids: bool = False) -> CausalLMOutput:
+                 forced_routing: ForcedRouting | None = None, steering=None,
+                 check_token_ids: bool = False) -> CausalLMOutput:
         """input_ids [batch, seq]; attention_mask [batch, seq] (1 = token, 0 = padding); or, for packed rows,
         segment_ids [batch, seq] (0 = padding, 1, 2, ... = the documents of a row): a token interacts only with
         earlier tokens of its own document, in every block, and positions restart at each document unless
         position_ids [batch, seq] are given (default with an attention mask: 0, 1, ... along the row, as
-        transformers' forward numbers them). check_token_ids: an id outside the vocabulary is a DataError naming it
-        (the commands check; unchecked, the embedding lookup clamps it, as JAX indexing does)."""
+        transformers' forward numbers them). steering: a moejax.Steering (or its dict, or a JSON path) applied to the
+        router logits, as data (router_logits then returns the steered logits the experts were chosen with).
+        check_token_ids: an id outside the vocabulary is a DataError naming it (the commands check; unchecked, the
+        embedding lookup clamps it, as JAX indexing does)."""
         if check_token_ids:
             check_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -148,7 +153,8 @@ class CausalLM(nnx.Module):
             return jitted_forward(graphdef, state, *place(input_ids, attention_mask,
                                                            jnp.asarray(position_ids, jnp.int32)),
                                    return_router_logits, return_hidden_states,
-                                   None if forced_routing is None else forced_routing.control())
+                                   with_steering(None if forced_routing is None else forced_routing.control(),
+                                                 as_steering(steering), self.config))
 
 
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured

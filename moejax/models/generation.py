@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from moejax.errors import DataError
 from moejax.models.common import check_ids
+from moejax.models.steering import as_steering, with_steering
 from moejax.parallel.mesh import on_mesh
 
 PROMPT_BUCKET = 64
@@ -94,9 +95,11 @@ def _finish(token_b, finished_b, pad_id, eos_ids):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _prefill(graphdef, state, ids_bt, mask_bt, positions_bt, length: int, sampler: Sampler, key, pad_id, eos_ids):
+def _prefill(graphdef, state, ids_bt, mask_bt, positions_bt, length: int, sampler: Sampler, key, pad_id, eos_ids,
+             control):
     model = nnx.merge(graphdef, state)
-    out = model.forward(ids_bt, mask_bt, positions_bt, False, cache=model.init_cache(ids_bt.shape[0], length))
+    out = model.forward(ids_bt, mask_bt, positions_bt, False, control=control,
+                        cache=model.init_cache(ids_bt.shape[0], length))
     logits_bv = out.logits[:, -1].astype(jnp.float32)
     token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, 0)),
                                   jnp.zeros(ids_bt.shape[0], bool), pad_id, eos_ids)
@@ -104,10 +107,11 @@ def _prefill(graphdef, state, ids_bt, mask_bt, positions_bt, length: int, sample
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _decode(graphdef, state, cache, token_b, position_b, finished_b, sampler: Sampler, key, step, pad_id, eos_ids):
+def _decode(graphdef, state, cache, token_b, position_b, finished_b, sampler: Sampler, key, step, pad_id, eos_ids,
+            control):
     model = nnx.merge(graphdef, state)
     ones_b1 = jnp.ones((token_b.shape[0], 1), jnp.int32)
-    out = model.forward(token_b[:, None], ones_b1, position_b[:, None], False, cache=cache)
+    out = model.forward(token_b[:, None], ones_b1, position_b[:, None], False, control=control, cache=cache)
     logits_bv = out.logits[:, 0].astype(jnp.float32)
     token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, step)), finished_b, pad_id, eos_ids)
     return token_b, finished_b, logits_bv, out.cache
@@ -122,14 +126,16 @@ def _eos_list(eos_token_id) -> list[int]:
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             stop: Callable[[np.ndarray], np.ndarray] | None = None, return_logits: bool = False) -> GenerateOutput:
+             stop: Callable[[np.ndarray], np.ndarray] | None = None, return_logits: bool = False,
+             steering=None) -> GenerateOutput:
     """Continues each prompt of input_ids [batch, prompt] (left-padded where attention_mask [batch, prompt] is 0)
     by up to max_new_tokens tokens; greedy unless do_sample. eos_token_id (one id or several): a row stops there
     and is padded with pad_token_id (default: the config's pad id, else the first end-of-sequence id, else 0).
     stop: a stopping criterion, as transformers' StoppingCriteria: given the new tokens so far [batch, n], the rows
     that are done; generation ends once every row is done or has ended, and, as transformers does, a done row is
-    padded from then on only when eos_token_id is set. Sampling is reproducible from `seed`. On a mesh when the
-    model's parameters are."""
+    padded from then on only when eos_token_id is set. Sampling is reproducible from `seed`. steering: a
+    moejax.Steering (or its dict, or a JSON path) applied at every MoE layer, prompt and new tokens alike. On a mesh
+    when the model's parameters are."""
     ids_bt = np.asarray(input_ids)
     if ids_bt.ndim != 2 or ids_bt.shape[1] == 0:
         raise DataError(f"input_ids must be [batch, prompt] with at least one token, got shape {ids_bt.shape}")
@@ -153,6 +159,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         raise DataError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                         f"{cfg.max_positions} positions (max_position_embeddings); shorten the prompt or ask for "
                         f"at most {max(cfg.max_positions - longest, 0)} new tokens")
+    control = with_steering(None, as_steering(steering), cfg)
     sampler = Sampler(do_sample, float(temperature), top_k, top_p).check() if do_sample else Sampler()
     eos = _eos_list(eos_token_id)
     if pad_token_id is None:
@@ -173,7 +180,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     tokens, logits = [], []
     with on_mesh(state) as place:
         token_b, finished_b, logits_bv, cache = _prefill(graphdef, state, *place(ids_in, mask_in, positions_in),
-                                                         length, sampler, key, pad_id, eos_ids)
+                                                         length, sampler, key, pad_id, eos_ids, control)
         position_b = jnp.asarray(mask_bt.sum(axis=1), jnp.int32)
         done_b = np.zeros(batch, bool)
         for step in range(1, max_new_tokens + 1):
@@ -189,7 +196,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
             if (eos or stop is not None) and (done_b | np.asarray(jax.device_get(finished_b))).all():
                 break
             token_b, finished_b, logits_bv, cache = _decode(graphdef, state, cache, token_b, position_b, finished_b,
-                                                            sampler, key, step, pad_id, eos_ids)
+                                                            sampler, key, step, pad_id, eos_ids, control)
             position_b = position_b + 1
     new_bn = np.stack(jax.device_get(tokens), axis=1).astype(ids_bt.dtype)
     return GenerateOutput(sequences=np.concatenate([ids_bt, new_bn], axis=1),

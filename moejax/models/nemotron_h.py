@@ -47,11 +47,11 @@ class Block(nnx.Module):
         """The generation cache of a Mamba-2 or attention block; None for the others."""
         return self.mixer.cache(batch, length, dtype) if self.kind in ("mamba", "attention") else None
 
-    def __call__(self, x_btd, *, mask_bts, segments_bt, control=None, cache=None, cache_slot=0):
-        """-> (x, the MoE routing or None, the updated cache or None)."""
+    def __call__(self, x_btd, *, mask_bts, segments_bt, control=None, cache=None, cache_slot=0, repeat=None):
+        """-> (x, the MoE routing or None, the updated cache or None); repeat: see LayerStack.index_experts."""
         h_btd = self.norm(x_btd)
         if self.kind == "moe":
-            y_btd, routing = self.mixer(h_btd, control)
+            y_btd, routing = self.mixer(h_btd, control, repeat)
             return x_btd + y_btd, routing, None
         if self.kind == "mlp":
             return x_btd + self.mixer(h_btd), None, None

@@ -35,8 +35,8 @@ class DecoderLayer(nnx.Module):
     def cache(self, batch: int, length: int, dtype):
         return self.self_attn.cache(batch, length, dtype)
 
-    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None, cache=None, cache_slot=0):
-        """-> (x, the MoE routing or None, the updated KV cache or None)."""
+    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None, cache=None, cache_slot=0, repeat=None):
+        """-> (x, the MoE routing or None, the updated KV cache or None); repeat: see LayerStack.index_experts."""
         h_btd = self.input_layernorm(x_btd)
         if cache is None:
             x_btd = x_btd + self.self_attn(h_btd, mask_bts, rope_cos_sin)
@@ -44,7 +44,7 @@ class DecoderLayer(nnx.Module):
             y_btd, cache = self.self_attn(h_btd, mask_bts, rope_cos_sin, cache, cache_slot)
             x_btd = x_btd + y_btd
         if self.kind == "moe":
-            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control)
+            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control, repeat)
             return x_btd + y_btd, routing, cache
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None, cache
 

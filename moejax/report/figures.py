@@ -199,3 +199,51 @@ def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
         axes[1, 1].legend(fontsize=8)
     fig.suptitle(title or f"training: {Path(metrics_path).parent.name}", fontsize=10)
     save_figure(fig, path.parent, path.name)
+
+
+def scores_figure(path: Path, rows: list[dict], title: str) -> None:
+    """Downstream scores: one panel per task family (the task name without its language), a bar per language, the
+    first metric of each task with its standard error."""
+    families = sorted({r["family"] for r in rows})
+    fig, axes = plt.subplots(1, len(families), figsize=(3.2 * len(families) + 1, 3.2), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        chosen = [r for r in rows if r["family"] == family and r["metric"] == _rows(rows, family=family)[0]["metric"]]
+        labels = [r["language"] or r["task"] for r in chosen]
+        errors = [r["stderr"] if isinstance(r["stderr"], float) else 0.0 for r in chosen]
+        ax.bar(labels, [r["value"] for r in chosen], yerr=errors, capsize=3,
+               color=[f"C{i}" for i in range(len(chosen))])
+        ax.set_title(f"{family}\n{chosen[0]['metric']}", fontsize=9)
+        ax.set_ylim(0, max(1.0, max(r["value"] for r in chosen) * 1.1))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def expert_score_figures(out: Path, score_le: np.ndarray, selected_le: np.ndarray, window_l: np.ndarray,
+                         method: str, threshold: float | None) -> list[str]:
+    """experts_scores.png: each MoE layer's distribution of expert scores (a box per layer, the selected experts as
+    dots, the threshold as a line); experts_selected.png: selected experts per layer, the layer window shaded."""
+    layers = np.arange(score_le.shape[0])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(layers) + 2), 3.6))
+    ax.boxplot(list(score_le), positions=layers, widths=0.6, showfliers=False)
+    rows, cols = np.nonzero(selected_le)
+    ax.scatter(rows, score_le[rows, cols], s=10, color="C3", zorder=3, label="selected")
+    if threshold is not None:
+        ax.axhline(threshold, color="C3", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel(method)
+    ax.set_xticks(layers[:: max(1, len(layers) // 16)])
+    ax.legend(fontsize=8)
+    ax.set_title(f"{method} of every expert, per MoE layer", fontsize=10)
+    names = [save_figure(fig, out, "experts_scores.png")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(layers) + 2), 3.0))
+    for layer in layers[window_l]:
+        ax.axvspan(layer - 0.5, layer + 0.5, color="0.92", zorder=0)
+    ax.bar(layers, selected_le.sum(axis=1), color="C0")
+    ax.set_xlabel("MoE layer (shaded: the layer window)")
+    ax.set_ylabel("selected experts")
+    ax.set_xticks(layers[:: max(1, len(layers) // 16)])
+    ax.set_title(f"experts selected per MoE layer ({int(selected_le.sum())} in all)", fontsize=10)
+    names.append(save_figure(fig, out, "experts_selected.png"))
+    return names

@@ -69,14 +69,14 @@ class ChunkRouting:
 
 def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
             progress=None, forced: dict[int, ChunkRouting | tuple] | None = None, keep_routing: bool = False,
-            packed: bool = True, report: dict | None = None) -> LangRun:
+            packed: bool = True, report: dict | None = None, steering=None) -> LangRun:
     """Runs every chunk of one language through the model; returns its per-chunk statistics.
 
     packed: chunks share rows of one width, each a segment of its own (it sees only itself, as if alone), batch_size
     rows per forward pass; else each chunk has a row of its own, padded to its length bucket. forced: per chunk index,
     (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers (ForcedRouting). keep_routing:
     LangRun.routing holds each chunk's ChunkRouting. report: filled with the rows' fill ratio, the row shapes run
-    and the compilations this call caused.
+    and the compilations this call caused. steering: the router steered (a moejax.Steering).
     """
     encoded = [tokenizer.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
@@ -110,7 +110,7 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
                             imposed.mask[:, r, at:at + n], imposed.expert_ids[:, r, at:at + n] = where, experts
                 content = (segments != 0) & ~np.isin(ids, excluded)
                 yield rows, segment_stats(model, ids, segments, content, pairs, probabilities, forced=imposed,
-                                          keep_routing=keep_routing)
+                                          steering=steering, keep_routing=keep_routing)
 
     def unpack(rows, stats):
         stats = jax.device_get(stats)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from moejax.errors import DataError
 from moejax.models.common import ForcedRouting, segment_positions
+from moejax.models.steering import Steering, with_steering
 from moejax.parallel.mesh import on_mesh
 
 PROBABILITIES = ("softmax", "native")
@@ -100,7 +101,8 @@ def _native(model, probabilities: str) -> str:
 
 
 def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pairs_bmp2, probabilities: str = "softmax",
-                  *, forced: ForcedRouting | None = None, keep_routing: bool = False) -> ChunkStats:
+                  *, forced: ForcedRouting | None = None, steering: Steering | None = None,
+                  keep_routing: bool = False) -> ChunkStats:
     """Routing statistics of rows that pack chunks, one segment each, reduced per segment in the same jitted call
     as the forward pass (each chunk sees only itself, as if alone: positions restart, attention and the Mamba
     state stop at its boundaries).
@@ -109,8 +111,9 @@ def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pair
     excluded); pairs_bmp2 [b, m, P, 2]: token-position pairs of each slot's chunk for routing consistency, in row
     positions (pairs leaving the chunk, touching a non-content token, or a position with itself are ignored).
     probabilities: "softmax" of the raw logits (paper a's protocol, for both architectures) or "native" (sigmoid
-    scores for Nemotron-H). forced: experts imposed on some tokens (as in model(...)); keep_routing: every
-    token's experts and raw router logits come back too.
+    scores for Nemotron-H). forced: experts imposed on some tokens (as in model(...)); steering: the router steered
+    (as in model(...); the statistics are the steered routing's); keep_routing: every token's experts and router
+    logits come back too.
     """
     probabilities = _native(model, probabilities)
     segments_bt = np.asarray(segments_bt, np.int32)
@@ -119,7 +122,8 @@ def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pair
         stats = _stats(graphdef, state, *place(np.asarray(input_ids_bt, np.int32), segments_bt,
                                                segment_positions(segments_bt), np.asarray(content_bt, bool),
                                                np.asarray(pairs_bmp2, np.int32)), probabilities,
-                       None if forced is None else forced.control(), keep_routing, np.shape(pairs_bmp2)[1])
+                       with_steering(None if forced is None else forced.control(), steering, model.config),
+                       keep_routing, np.shape(pairs_bmp2)[1])
     if jax.process_count() > 1:  # every host gets the whole batch's statistics
         stats = multihost_utils.process_allgather(stats, tiled=True)
     return stats

@@ -133,6 +133,7 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     """(graphdef, state, optimizer) with float32 master weights, keeping the parameters' shardings (cfg resolved)."""
     cfg = cfg.resolved(model.config)
     model.layers.remat = cfg.remat
+    model.layers.index_experts = False  # gradients flow through sliced layer weights
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     tx = optimizer(cfg, params)

@@ -2,7 +2,7 @@
 
 Layers, low to high (../shared/DESIGN.md): errors, config, data, report, io, process -> parallel -> layers -> models ->
 converters (key maps and readers) -> loading, checkpoints, export, the PyTorch reference helpers -> routing,
-training -> commands -> cli. A module may import its own layer or lower ones, never higher; module-level
+training, evaluation -> commands -> cli. A module may import its own layer or lower ones, never higher; module-level
 imports form no cycle; `moejax/__init__.py` imports nothing of the package at module level (its public names
 load on first use). Checked on the source with `ast`, no third-party tool; the checkers are tested on code
 written to break them.
@@ -21,7 +21,7 @@ LAYERS = [
     ("moejax.models",),
     ("converters",),
     ("moejax.loading", "moejax.checkpoint", "moejax.export", "moejax.reference"),
-    ("moejax.routing", "moejax.training"),
+    ("moejax.routing", "moejax.training", "moejax.evaluation"),
     ("moejax.commands",),
     ("moejax.cli",),
 ]

@@ -1,0 +1,124 @@
+"""`moejax generate`: continuations of prompts from a checkpoint (or the built-in model), with model.generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
+from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
+from moejax.errors import DataError, SettingsError
+from moejax.io import refuse_unsafe, write_file
+from moejax.loading import from_pretrained, generation_defaults
+from moejax.models.builtin import NAME as BUILTIN
+from moejax.models.builtin import builtin_model
+from moejax.models.steering import Steering
+from moejax.parallel.mesh import make_mesh, shard_model
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    model: Path | None = option(None, "Hugging Face checkpoint directory (or an Orbax one from `moejax convert`) "
+                                "with its tokenizer files; default: the built-in demonstration model (byte-level, "
+                                "random weights: its text is noise)", kind=Path, metavar="DIR")
+    prompt: str | None = option(None, "the prompt to continue", metavar="TEXT")
+    prompts: Path | None = option(None, "a UTF-8 text file of prompts, one per line (blank lines skipped)",
+                                  kind=Path, metavar="FILE")
+    max_new_tokens: int = option(64, "tokens to generate at most per prompt", kind=int, minimum=1)
+    chat: bool = option(False, "wrap each prompt as a user turn in the model's chat template (from its own "
+                        "tokenizer files) before generating", kind=bool)
+    sample: bool = option(False, "sample instead of greedy decoding (temperature, then top-k, then top-p)",
+                          kind=bool)
+    temperature: float = option(1.0, "sampling temperature (with --sample)", kind=float, above=0)
+    top_k: int | None = option(None, "sample among the K most likely tokens only (with --sample)", kind=int,
+                               minimum=1, metavar="K")
+    top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches P (with "
+                                 "--sample)", kind=float, above=0, maximum=1, metavar="P")
+    seed: int = option(0, "sampling seed: the same seed gives the same text", kind=int, minimum=0)
+    batch_size: int = option(8, "prompts generated together", kind=int, minimum=1)
+    steering: Path | None = option(None, STEERING_HELP, kind=Path, metavar="FILE")
+    dtype: str = option("float32", "parameter dtype", choices=("float32", "bfloat16"))
+    mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
+    out: Path | None = option(None, "also write the prompts and continuations to this JSON file (replaced only if "
+                              "`moejax generate` wrote it)", kind=Path, metavar="FILE")
+    allow_nonfinite: bool = option(False, "load a checkpoint holding NaN or infinite weights instead of refusing it",
+                                   kind=bool)
+
+    def __post_init__(self):
+        check_options(self)
+        if (self.prompt is None) == (self.prompts is None):
+            raise SettingsError("give exactly one of --prompt TEXT and --prompts FILE")
+        if not self.sample and (self.top_k is not None or self.top_p is not None or self.temperature != 1.0):
+            raise SettingsError("--temperature, --top-k and --top-p apply to sampling: add --sample")
+
+
+def read_prompts(settings: GenerateSettings) -> list[str]:
+    if settings.prompt is not None:
+        if not settings.prompt:
+            raise DataError("--prompt is empty")
+        return [settings.prompt]
+    try:
+        lines = settings.prompts.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"--prompts {settings.prompts}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"--prompts {settings.prompts}: no prompts (one per line)")
+    return prompts
+
+
+def generate(settings: GenerateSettings) -> list[dict]:
+    """[{"prompt", "continuation"}] per prompt, in order."""
+    prompts = read_prompts(settings)
+    if settings.out is not None:
+        refuse_unsafe(settings.out, [p for p in (settings.model, settings.prompts, settings.steering)
+                                     if p is not None], "--out")
+    steering = None if settings.steering is None else Steering.from_json(settings.steering)
+    mesh = make_mesh(settings.mesh) if settings.mesh else None
+    if settings.model is None:
+        model = builtin_model()
+        model = model if mesh is None else shard_model(model, mesh)
+        tokenizer, eos = byte_level_tokenizer(), [byte_level_tokenizer().eos_token_id]
+    else:
+        tokenizer = transformers_tokenizer(settings.model)  # before the weights: a missing tokenizer fails fast
+        eos = generation_defaults(settings.model)
+        model = from_pretrained(settings.model, jnp.dtype(settings.dtype), mesh, settings.allow_nonfinite)
+    if steering is not None:
+        steering.check(model.config)
+    texts = [_chat(tokenizer, p, settings.model) for p in prompts] if settings.chat else prompts
+    # A chat template writes its own special tokens.
+    encoded = [tokenizer.encode(t, add_special_tokens=not settings.chat) for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    sampling = (dict(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                     seed=settings.seed) if settings.sample else {})
+    results = []
+    for start in range(0, len(encoded), settings.batch_size):
+        batch = encoded[start:start + settings.batch_size]
+        width = max(len(e) for e in batch)
+        ids = np.full((len(batch), width), pad, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, tokens in enumerate(batch):
+            ids[row, width - len(tokens):], mask[row, width - len(tokens):] = tokens, 1
+        out = model.generate(ids, mask, max_new_tokens=settings.max_new_tokens, eos_token_id=eos or None,
+                             pad_token_id=pad, steering=steering, **sampling)
+        for row, prompt in enumerate(prompts[start:start + len(batch)]):
+            results.append({"prompt": prompt,
+                            "continuation": tokenizer.decode(out.sequences[row, width:], skip_special_tokens=True)})
+    if settings.out is not None:
+        given = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
+        record = {"written_by": "moejax generate", "model": str(settings.model or BUILTIN), "settings": given,
+                  "generations": results}
+        write_file(settings.out, json.dumps(record, ensure_ascii=False, indent=2), "generate", "--out")
+    return results
+
+
+def _chat(tokenizer, prompt: str, model_dir: Path | None) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"--chat: the tokenizer of {model_dir or BUILTIN} has no chat template "
+                        "(chat_template in tokenizer_config.json or chat_template.jinja)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)

@@ -1,0 +1,1 @@
+"""Downstream evaluation: moejax models behind lm-evaluation-harness, and the bundled offline tasks."""

@@ -1,0 +1,338 @@
+"""moejax as an lm-evaluation-harness model: `lm_eval --model moejax --model_args pretrained=DIR,dtype=bfloat16` and
+`moejax eval`.
+
+It answers requests as lm-eval's Hugging Face backend (`--model hf`) does, with lm-eval's own helpers for the parts
+that decide the numbers: the same tokenization (BOS handling included), the same left truncation to max_length, the
+same rolling windows for loglikelihood_rolling, the same stop sequences and end-of-text handling for generate_until.
+Only the model underneath differs:
+- loglikelihood: each request's input is a segment of its own in packed rows of one width (moejax's segment ids: it
+  sees only itself, as if alone), identical inputs run once (a multiple-choice question whose answers are single
+  tokens runs once for all of them), and only per-token log-probabilities and greedy flags leave the device;
+- generate_until: model.generate with its caches, batch_size prompts at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    configure_pad_token,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
+from tqdm import tqdm
+
+from moejax.config import read_config_json
+from moejax.data.packing import pack, passes
+from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
+from moejax.errors import ConfigError, DataError
+from moejax.loading import from_pretrained, generation_defaults
+from moejax.models.builtin import NAME as BUILTIN
+from moejax.models.builtin import builtin_model
+from moejax.models.common import segment_positions
+from moejax.models.steering import as_steering, with_steering
+from moejax.parallel.mesh import make_mesh, on_mesh, shard_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_BATCH_SIZE = 8  # packed rows (or prompts, when generating) per forward pass
+DEFAULT_MAX_LENGTH = 2048  # as lm-eval's Hugging Face backend, when neither config nor tokenizer says
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score(graphdef, state, ids_bt, segments_bt, positions_bt, targets_bt, last_bt, extra_btx, control):
+    """Per position t: the log-probability of targets_bt[t] and whether it is the argmax; at the positions where
+    last_bt is set, the log-probabilities of the extra_btx tokens too (the last tokens of several continuations
+    sharing one input)."""
+    logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segments_bt, positions_bt, False, control=control).logits
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    target_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    greedy_bt = jnp.argmax(logp_btv, axis=-1)
+    extra_btx = jnp.where(last_bt[..., None], jnp.take_along_axis(logp_btv, extra_btx, axis=-1), 0.0)
+    return target_bt, greedy_bt, extra_btx
+
+
+def _dtype(name: str, declared: dict):
+    """The parameters' dtype: `name`, or with "auto" the one the checkpoint declares (float32 if none)."""
+    if name == "auto":
+        name = declared.get("dtype") or declared.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+@register_model("moejax")
+class MoejaxLM(TemplateLM):
+    """An lm-eval model over a moejax model.
+
+    pretrained: a Hugging Face checkpoint directory or an Orbax directory from `moejax convert` (with its tokenizer
+    files), or "builtin" (the built-in demonstration model, byte-level). dtype: float32, bfloat16, float16 or auto
+    (the checkpoint's). batch_size: packed rows of loglikelihood requests, or prompts being generated, per forward
+    pass. max_length: the context lm-eval truncates to (default: as lm-eval's Hugging Face backend resolves it).
+    mesh: e.g. "data=2,expert=4". steering: a steering spec (a JSON file path, a dict or a moejax.Steering) applied
+    to every request. add_bos_token / prefix_token_id: as lm-eval's Hugging Face backend. Other keyword arguments
+    are moejax config overrides (e.g. dt_floor=time_step_min for Nemotron-H, as transformers computes it).
+    """
+
+    def __init__(self, pretrained: str = BUILTIN, dtype: str = "float32", batch_size: int | str = DEFAULT_BATCH_SIZE,
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
+                 prefix_token_id: int | None = None, mesh: str | None = None, allow_nonfinite: bool = False,
+                 steering=None, device: str | None = None, max_batch_size: int | None = None, **config_overrides):
+        super().__init__()
+        del device, max_batch_size  # lm-eval passes them to every model; the mesh decides where moejax runs
+        builtin = str(pretrained) in (BUILTIN, "builtin")
+        model_dir = None if builtin else Path(pretrained)
+        mesh = make_mesh(mesh) if mesh else None
+        if builtin:
+            model = builtin_model()
+            self.model = model if mesh is None else shard_model(model, mesh)
+            self.tokenizer = byte_level_tokenizer()
+            declared = types.SimpleNamespace(max_position_embeddings=model.config.max_positions)
+        else:
+            config = read_config_json(model_dir / "config.json")
+            self.model = from_pretrained(model_dir, _dtype(str(dtype), config), mesh, allow_nonfinite,
+                                         **config_overrides)
+            self.tokenizer = transformers_tokenizer(model_dir, **({} if add_bos_token is None else
+                                                                  {"add_bos_token": add_bos_token}))
+            declared = types.SimpleNamespace(**config)
+        self.tokenizer = configure_pad_token(self.tokenizer, model_config=declared)
+        self.name = BUILTIN if builtin else str(model_dir)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._max_length = int(max_length) if max_length else resolve_max_length(declared, self.tokenizer,
+                                                                                 default=DEFAULT_MAX_LENGTH)
+        self._max_gen_toks = int(max_gen_toks)
+        self.batch_size = _batch_size(batch_size)
+        self.steering = as_steering(steering)
+        self._control = with_steering(None, self.steering, self.model.config)  # checks it against the model
+        # What transformers' generate stops at (and pads after), as lm-eval's Hugging Face backend runs it.
+        self.eos_ids = [self.tokenizer.eos_token_id] if builtin else generation_defaults(model_dir)
+        vocab = self.model.config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise DataError(f"{pretrained}: its tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
+                            f"only {vocab}: the tokenizer and the model do not belong together")
+
+    # -- what lm-eval asks of a model -----------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        if add_special_tokens is not None:
+            special = {"add_special_tokens": add_special_tokens}
+        elif has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        else:
+            special = {}
+        encoding = self.tokenizer.encode(string, **special)
+        return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), whether greedy decoding reproduces it) per request, from token ids."""
+        inputs: dict[tuple[int, ...], int] = {}  # each distinct model input, once
+        asked = []  # per request: (its input's index, the continuation's tokens)
+        for _, context_enc, continuation_enc in requests:
+            if not continuation_enc or not context_enc:
+                raise DataError("a loglikelihood request has an empty context or continuation after tokenizing")
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            index = inputs.setdefault(tuple(whole[:-1]), len(inputs))
+            asked.append((index, whole[len(whole) - len(continuation_enc):]))
+        finals = defaultdict(set)  # the tokens each input's last position is asked about
+        for index, continuation in asked:
+            finals[index].add(continuation[-1])
+        scored = self._score_inputs(list(inputs), {i: sorted(t) for i, t in finals.items()}, disable_tqdm)
+        results = []
+        for index, continuation in asked:
+            target_logp, greedy, final_logp, final_greedy = scored[index]
+            n = len(continuation)
+            # Position i predicts token i + 1 of the input; the input's last position predicts the continuation's
+            # last token.
+            logp = float(np.sum(target_logp[len(target_logp) - n:-1], dtype=np.float64) + final_logp[continuation[-1]])
+            is_greedy = bool(greedy[len(greedy) - n:-1].all() and final_greedy == continuation[-1])
+            results.append((logp, is_greedy))
+        return results
+
+    def _score_inputs(self, inputs: list[tuple[int, ...]], finals: dict[int, list[int]], disable_tqdm: bool):
+        """Per input: log-probabilities of its own next tokens [n] and greedy flags [n] (the last position's are
+        unused), {token: log-probability} at its last position and that position's argmax."""
+        layout = pack([len(i) for i in inputs])
+        extra = 1 << (max(len(t) for t in finals.values()) - 1).bit_length()
+        graphdef, state = nnx.split(self.model)
+        out = {}
+        bar = tqdm(total=len(inputs), desc="moejax loglikelihood", disable=disable_tqdm)
+        with on_mesh(state) as place:
+            for rows, size in passes(layout, self.batch_size):
+                ids = np.zeros((size, layout.width), np.int32)
+                segments = np.zeros((size, layout.width), np.int32)
+                targets = np.zeros((size, layout.width), np.int32)
+                last = np.zeros((size, layout.width), bool)
+                extras = np.zeros((size, layout.width, extra), np.int32)
+                for r, row in enumerate(rows):
+                    for slot, (i, at) in enumerate(row):
+                        tokens = inputs[i]
+                        n = len(tokens)
+                        ids[r, at:at + n], segments[r, at:at + n] = tokens, slot + 1
+                        targets[r, at:at + n - 1] = tokens[1:]
+                        last[r, at + n - 1] = True
+                        extras[r, at + n - 1, :len(finals[i])] = finals[i]
+                got = jax.device_get(_score(graphdef, state, *place(ids, segments, segment_positions(segments),
+                                                                     targets, last, extras), self._control))
+                target_logp, greedy, extra_logp = got
+                for r, row in enumerate(rows):
+                    for i, at in row:
+                        n = len(inputs[i])
+                        end = at + n - 1
+                        out[i] = (target_logp[r, at:at + n], greedy[r, at:at + n] == targets[r, at:at + n],
+                                  dict(zip(finals[i], extra_logp[r, end, :len(finals[i])].astype(np.float64),
+                                           strict=True)),
+                                  int(greedy[r, end]))
+                bar.update(sum(len(row) for row in rows))
+        bar.close()
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """lm-eval's rolling windows (as its Hugging Face backend cuts them), scored as loglikelihood requests."""
+        windows, owners = [], []
+        for owner, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(owner)
+        totals = np.zeros(len(requests))
+        for owner, (logp, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[owner] += logp
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, float(total))
+        return [float(t) for t in totals]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuations cut at the first stop sequence, prompts grouped by their generation
+        settings, batch_size at a time."""
+        results: list[str | None] = [None] * len(requests)
+        groups = defaultdict(list)
+        for index, (context, gen_kwargs) in enumerate(req.args for req in requests):
+            groups[json.dumps(gen_kwargs, sort_keys=True, default=str)].append((index, context, gen_kwargs))
+        eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        bar = tqdm(total=len(requests), desc="moejax generate_until", disable=disable_tqdm)
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(members[0][2], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            max_context = self.max_length - max_gen_toks
+            if max_context <= 0:
+                raise DataError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt within max_length="
+                                f"{self.max_length}")
+            sampling = _sampling(kwargs)
+            # Longest first, as lm-eval orders them.
+            members.sort(key=lambda m: -len(self.tok_encode(m[1])))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                texts = self._generate([m[1] for m in chunk], max_context, max_gen_toks, until, sampling)
+                for (index, context, gen_kwargs), text in zip(chunk, texts, strict=True):
+                    results[index] = text
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def _generate(self, contexts: list[str], max_context: int, max_new: int, until: list[str],
+                  sampling: dict) -> list[str]:
+        """One batch of prompts, encoded as lm-eval's Hugging Face backend encodes a batch (BOS rule of the first
+        prompt, left truncation), padded to batch_size rows so that batches share compiled programs."""
+        if has_bos_prefix(contexts[0], getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        else:
+            special = {}
+        encoded = [self.tokenizer.encode(c, **special)[-max_context:] for c in contexts]
+        rows = max(self.batch_size, len(encoded))
+        width = max(len(e) for e in encoded)
+        ids = np.full((rows, width), self.tokenizer.pad_token_id, np.int64)
+        mask = np.zeros((rows, width), np.int64)
+        for r in range(rows):
+            tokens = encoded[r] if r < len(encoded) else encoded[0]  # filler rows repeat the first prompt
+            ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
+
+        def stop(new_bn):
+            texts = self.tokenizer.batch_decode(new_bn, skip_special_tokens=False)
+            return np.array([any(s in text for s in until if s) for text in texts])
+
+        out = self.model.generate(ids, mask, max_new_tokens=max_new, eos_token_id=self.eos_ids or None,
+                                  pad_token_id=self.tokenizer.pad_token_id, stop=stop, steering=self.steering,
+                                  **sampling)
+        new = out.sequences[:len(contexts), width:]
+        return [postprocess_generated_text(self.tok_decode(row.tolist()), until, None) for row in new]
+
+
+def _sampling(kwargs: dict) -> dict:
+    """model.generate's sampling options from lm-eval's normalized generation kwargs (temperature 0 or do_sample
+    false: greedy)."""
+    do_sample = bool(kwargs.pop("do_sample", False))
+    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+    top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+    ignored = sorted(set(kwargs) - {"seed"})
+    if ignored:
+        log.warning("moejax generate_until ignores the generation settings %s", ignored)
+    if not do_sample or temperature == 0.0:
+        return {}
+    return {"do_sample": True, "temperature": temperature, "top_k": None if top_k is None else int(top_k),
+            "top_p": None if top_p is None else float(top_p), "seed": int(kwargs.get("seed", 0) or 0)}
+
+
+def _batch_size(value) -> int:
+    text = str(value)
+    if text.startswith("auto"):
+        log.warning("batch_size=%s: moejax does not search for a batch size; using %d", text, DEFAULT_BATCH_SIZE)
+        return DEFAULT_BATCH_SIZE
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {value!r}")
+    return int(text)

@@ -1,0 +1,190 @@
+"""Router steering (INTERVENTIONS.md section 2): which experts of which MoE layers to promote or suppress, and how.
+
+A spec is data: `Steering.control(config)` turns it into per-layer arrays [moe layers, E] that the jitted forward
+takes as an argument (RouterControl), so a new spec, lambda or layer window runs the same compiled program.
+
+JSON (or a dict), layer keys being MoE-layer indices as in `moejax analyze`'s layers.csv:
+
+    {"mode": "soft", "lambda": 0.5, "seed": 0,
+     "layers": {"10": {"promote": [3, 17], "suppress": [5]}, "11": {"promote": [8]}}}
+
+or the experts.json that `moejax experts` writes, with a mode, a lambda and a direction (`from_experts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moejax.errors import ConfigError, DataError
+from moejax.layers.moe import RouterControl
+
+MODES = ("soft", "hard")
+DIRECTIONS = ("promote", "suppress")
+EPS_STD = 1e-6  # hard steering's tie-breaking noise: |N(0, 1e-6)| per layer and expert, seeded
+
+
+def _ids(value, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
+                                                      for v in value):
+        raise ConfigError(f"steering: {where} must be a list of expert ids (integers), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steering:
+    """mode "soft": z_k += lambda * std(z) for a promoted expert k (-lambda for a suppressed one); mode "hard":
+    z_k = max(z) + eps_k (promoted) or min(z) - eps_k (suppressed), eps_k = |N(0, 1e-6)| drawn from `seed` (its
+    absolute value, so a promoted expert ends above every expert that is not, and ties between promoted experts
+    are broken). `layers`: MoE-layer index -> (promoted ids, suppressed ids). Acts on the raw logits, before the
+    softmax (Qwen3-MoE) or the sigmoid (Nemotron-H, whose correction bias and group limit then apply as usual)."""
+
+    mode: str = "soft"
+    lam: float = 0.5
+    seed: int = 0
+    layers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"steering: mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, int | float) or not math.isfinite(self.lam):
+            raise ConfigError(f"steering: lambda must be a finite number, got {self.lam!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"steering: seed must be an integer, got {self.seed!r}")
+        for layer, (promote, suppress) in self.layers.items():
+            both = sorted(set(promote) & set(suppress))
+            if both:
+                raise ConfigError(f"steering: layer {layer} both promotes and suppresses expert(s) {both}")
+            negative = [e for e in (*promote, *suppress) if e < 0]
+            if negative:
+                raise ConfigError(f"steering: layer {layer} names negative expert id(s) {negative}")
+
+    @classmethod
+    def from_dict(cls, spec: dict, where: str = "the steering spec") -> Steering:
+        """A spec as in the module docstring; an experts.json (from `moejax experts`) is accepted as well when it
+        also has "mode", "lambda" and "direction"."""
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: a steering spec is a JSON object, got {type(spec).__name__}")
+        if "experts" in spec and "layers" not in spec:
+            return cls.from_experts(spec, spec.get("mode", "soft"), spec.get("lambda", 0.5),
+                                    spec.get("direction", "promote"), spec.get("seed", 0), where)
+        unknown = sorted(set(spec) - {"mode", "lambda", "seed", "layers"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; a spec has mode, lambda, seed and layers")
+        layers_spec = spec.get("layers", {})
+        if not isinstance(layers_spec, dict):
+            raise ConfigError(f"{where}: layers must map MoE-layer indices to {{'promote': [...], 'suppress': [...]}}")
+        layers = {}
+        for key, entry in layers_spec.items():
+            try:
+                layer = int(key)
+            except ValueError:
+                raise ConfigError(f"{where}: layer key {key!r} is not an MoE-layer index") from None
+            if not isinstance(entry, dict) or set(entry) - set(DIRECTIONS):
+                raise ConfigError(f"{where}: layer {key} must be {{'promote': [ids], 'suppress': [ids]}}, got "
+                                  f"{entry!r}")
+            layers[layer] = (_ids(entry.get("promote", []), f"layer {key} promote"),
+                             _ids(entry.get("suppress", []), f"layer {key} suppress"))
+        return cls(mode=spec.get("mode", "soft"), lam=spec.get("lambda", 0.5), seed=spec.get("seed", 0),
+                   layers=layers)
+
+    @classmethod
+    def from_experts(cls, experts: dict, mode: str = "soft", lam: float = 0.5, direction: str = "promote",
+                     seed: int = 0, where: str = "experts.json") -> Steering:
+        """Steer the experts that `moejax experts` selected (its experts.json) in the given direction."""
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"{where}: direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+        selected = experts.get("experts")
+        if not isinstance(selected, dict):
+            raise ConfigError(f"{where}: no 'experts' mapping of MoE layers to selected experts")
+        layers = {}
+        for key, entry in selected.items():
+            ids = _ids(entry.get("ids") if isinstance(entry, dict) else entry, f"layer {key} ids")
+            if ids:
+                layers[int(key)] = (ids, ()) if direction == "promote" else ((), ids)
+        return cls(mode=mode, lam=lam, seed=seed, layers=layers)
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> Steering:
+        """A spec from a JSON file (keyword arguments, e.g. mode= or lam=, override the file's)."""
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"cannot read the steering spec {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not a JSON steering spec: {exc}") from None
+        if isinstance(spec, dict):
+            spec = {**spec, **{("lambda" if k == "lam" else k): v for k, v in overrides.items() if v is not None}}
+        return cls.from_dict(spec, str(path))
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "lambda": self.lam, "seed": self.seed,
+                "layers": {str(layer): {"promote": list(p), "suppress": list(s)}
+                           for layer, (p, s) in sorted(self.layers.items())}}
+
+    @property
+    def changes_nothing(self) -> bool:
+        """No expert named, or soft steering with lambda 0: the model runs unsteered (bit for bit)."""
+        named = any(p or s for p, s in self.layers.values())
+        return not named or (self.mode == "soft" and self.lam == 0)
+
+    def check(self, config) -> None:
+        """A ConfigError naming the first layer that is not an MoE layer of `config`, or expert id >= E."""
+        moe_layers, experts = len(config.moe_layers), config.num_routed_experts
+        for layer, (promote, suppress) in sorted(self.layers.items()):
+            if not 0 <= layer < moe_layers:
+                raise ConfigError(f"steering: layer {layer} is not an MoE layer of this model (MoE layers 0-"
+                                  f"{moe_layers - 1}, numbered as in layers.csv)")
+            beyond = [e for e in (*promote, *suppress) if e >= experts]
+            if beyond:
+                raise ConfigError(f"steering: layer {layer} names expert id(s) {beyond}, but the model has "
+                                  f"{experts} experts (0-{experts - 1})")
+
+    def arrays(self, moe_layers: int, experts: int) -> dict[str, np.ndarray]:
+        """shift, promote, suppress and eps, each [moe layers, E] (RouterControl's steering fields)."""
+        shift = np.zeros((moe_layers, experts), np.float32)
+        promote = np.zeros((moe_layers, experts), bool)
+        suppress = np.zeros((moe_layers, experts), bool)
+        for layer, (up, down) in self.layers.items():
+            if self.mode == "soft":
+                shift[layer, list(up)] = self.lam
+                shift[layer, list(down)] = -self.lam
+            else:
+                promote[layer, list(up)] = True
+                suppress[layer, list(down)] = True
+        eps = np.abs(np.random.default_rng(self.seed).normal(0.0, EPS_STD, (moe_layers, experts))).astype(np.float32)
+        return {"shift_e": shift, "promote_e": promote, "suppress_e": suppress, "eps_e": eps}
+
+    def control(self, config) -> RouterControl | None:
+        """The steering as RouterControl arrays for every MoE layer of `config` (None when it changes nothing)."""
+        self.check(config)
+        if self.changes_nothing:
+            return None
+        return RouterControl(**self.arrays(len(config.moe_layers), config.num_routed_experts))
+
+
+def as_steering(value) -> Steering | None:
+    """A Steering from a Steering, a dict, or a JSON file path (None stays None)."""
+    if value is None or isinstance(value, Steering):
+        return value
+    if isinstance(value, dict):
+        return Steering.from_dict(value)
+    if isinstance(value, str | Path):
+        return Steering.from_json(value)
+    raise ConfigError(f"steering must be a Steering, a dict or a JSON file path, got {type(value).__name__}")
+
+
+def with_steering(control: RouterControl | None, steering: Steering | None, config) -> RouterControl | None:
+    """`control` (forcing, or None) with the steering's arrays added."""
+    steer = None if steering is None else steering.control(config)
+    if steer is None:
+        return control
+    if control is None:
+        return steer
+    return control.replace(shift_e=steer.shift_e, promote_e=steer.promote_e, suppress_e=steer.suppress_e,
+                           eps_e=steer.eps_e)
