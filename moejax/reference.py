@@ -94,20 +94,29 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
-def steer_logits(z: torch.Tensor, shift_e, promote_e, suppress_e, eps_e) -> torch.Tensor:
+def steer_logits(z: torch.Tensor, shift_e=None, promote_e=None, suppress_e=None, eps_e=None,
+                 allowed_e=None) -> torch.Tensor:
     """INTERVENTIONS.md section 2 in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
-    promoted experts at max(z) + eps and suppressed ones at min(z) - eps, computed in float32."""
-    zf = z.float()
-    out = zf + torch.as_tensor(shift_e) * zf.std(dim=-1, keepdim=True, unbiased=False)
-    out = torch.where(torch.as_tensor(promote_e), zf.max(dim=-1, keepdim=True).values + torch.as_tensor(eps_e), out)
-    out = torch.where(torch.as_tensor(suppress_e), zf.min(dim=-1, keepdim=True).values - torch.as_tensor(eps_e), out)
-    return out.to(z.dtype)
+    promoted experts at max(z) + eps and suppressed ones at min(z) - eps, computed in float32; then (section 3,
+    training only) the experts not in allowed_e at -1e9."""
+    out = z
+    if shift_e is not None:
+        zf = z.float()
+        out = zf + torch.as_tensor(shift_e) * zf.std(dim=-1, keepdim=True, unbiased=False)
+        out = torch.where(torch.as_tensor(promote_e), zf.max(dim=-1, keepdim=True).values + torch.as_tensor(eps_e),
+                          out)
+        out = torch.where(torch.as_tensor(suppress_e), zf.min(dim=-1, keepdim=True).values - torch.as_tensor(eps_e),
+                          out).to(z.dtype)
+    if allowed_e is not None:
+        out = torch.where(torch.as_tensor(allowed_e), out, torch.tensor(-1e9, dtype=out.dtype))
+    return out
 
 
 class steered:
     """A context in which transformers' model routes with steered logits: hooks on each steered router (forward
     pre-hook and hook) make the `F.linear` that computes its raw logits return them steered by `arrays` (shift_e,
-    promote_e, suppress_e, eps_e, each [moe layers, E], as moejax.Steering.arrays gives them), so the router's own
+    promote_e, suppress_e, eps_e, each [moe layers, E], as moejax.Steering.arrays gives them; or allowed_e alone,
+    the training-time restriction of expert-selective training), so the router's own
     code (softmax top-k; sigmoid, correction bias and group limit) chooses from the steered logits. The reference
     implementation of router steering, written for moejax's parity tests (the papers patched vLLM instead)."""
 
@@ -119,18 +128,28 @@ class steered:
 
         for layer, router in enumerate(routers(self.model)):
             row = {name: a[layer] for name, a in self.arrays.items()}
-            if not (row["shift_e"].any() or row["promote_e"].any() or row["suppress_e"].any()):
+            if not any(np.any(a if name != "allowed_e" else ~a) for name, a in row.items() if name != "eps_e"):
                 continue
             namespace = importlib.import_module(type(router).__module__)
             functional = namespace.F
 
             steered_f = _SteeredFunctional(functional, row)
+            bias = getattr(router, "e_score_correction_bias", None)
+            masked = None
+            if bias is not None and "allowed_e" in row:  # moejax's restriction removes them from the choice too
+                masked = torch.where(torch.as_tensor(row["allowed_e"]), bias.detach(), torch.tensor(-float("inf")))
 
-            def before(_module, _inputs, namespace=namespace, steered_f=steered_f):
+            def before(module, _inputs, namespace=namespace, steered_f=steered_f, masked=masked):
                 namespace.F = steered_f
+                if masked is not None:
+                    module._saved_bias = module.e_score_correction_bias.detach().clone()
+                    module.e_score_correction_bias.data.copy_(masked)
 
-            def after(_module, _inputs, _output, namespace=namespace, functional=functional):
+            def after(module, _inputs, _output, namespace=namespace, functional=functional):
                 namespace.F = functional
+                if hasattr(module, "_saved_bias"):
+                    module.e_score_correction_bias.data.copy_(module._saved_bias)
+                    del module._saved_bias
 
             self.restore.append((namespace, functional))
             self.hooks += [router.register_forward_pre_hook(before), router.register_forward_hook(after)]

@@ -40,12 +40,17 @@ class ExpertsSettings:
     model: str | None = option(None, "Hugging Face or `moejax convert` checkpoint directory with its tokenizer; "
                                "default: the built-in demonstration model", metavar="DIR")
     target: tuple[str, ...] = option(
-        ("he=builtin",), "LABEL=CORPUS whose experts to find (repeat for the gap method's languages; the first is the "
-        "one selected for). CORPUS: a text file (one sequence per line), a JSONL file of {\"text\": ...}, any "
-        "corpus `moejax analyze` reads (then LABEL is its language column), or 'builtin' (the sample corpus of "
-        "language LABEL)", metavar="LABEL=CORPUS", repeat=True)
-    baseline: str = option("en=builtin", "LABEL=CORPUS to compare with (the same forms as --target)",
-                           metavar="LABEL=CORPUS")
+        (), "LABEL=CORPUS whose experts to find (repeat for the gap method's languages; the first is the one selected "
+        "for). CORPUS: a text file (one sequence per line), a JSONL file of {\"text\": ...}, any corpus `moejax "
+        "analyze` reads (then LABEL is its language column), or 'builtin' (the sample corpus of language LABEL). "
+        "Default: he=builtin", metavar="LABEL=CORPUS", repeat=True)
+    baseline: str | None = option(None, "LABEL=CORPUS to compare with (the same forms as --target); default "
+                                  "en=builtin", metavar="LABEL=CORPUS")
+    langs: tuple[str, ...] = option((), "instead of --target/--baseline: languages of one parallel corpus (--data), "
+                                    "the first the target, the last the baseline; gap selects for every one and "
+                                    "writes selected_experts.json", kind=list, metavar="L1,L2,...")
+    data: str | None = option(None, "with --langs: the corpus (any format `moejax analyze` reads); default the "
+                              "built-in sample corpus", metavar="CORPUS")
     method: str = option("delta", "delta: per-sequence activation frequency difference above --tau (b); risk-diff: "
                          "pooled risk difference, top --top-n each sign over all layers (SteerMoE); gap: the usage "
                          "lead over the next language of at least --alpha (c)", choices=pick.METHODS)
@@ -59,6 +64,8 @@ class ExpertsSettings:
                           "per sequence", kind=bool)
     layers: str | None = option(None, "MoE-layer window, inclusive, as in layers.csv (e.g. 8-35 or 0-3,10-12); "
                                 "default: every MoE layer", metavar="RANGE")
+    last_layers: int | None = option(None, "the window is the last N MoE layers (instead of --layers), as (c) "
+                                     "selects in the final layers", kind=int, minimum=1, metavar="N")
     batch_size: int = option(8, "rows per forward pass (each row packs as many sequences as fit)", kind=int,
                              minimum=1)
     max_sequences: int | None = option(None, "use at most the first N sequences of each corpus", kind=int,
@@ -73,14 +80,32 @@ class ExpertsSettings:
         check_options(self)
         pick.check_threshold("tau", self.tau)
         pick.check_threshold("alpha", self.alpha)
-        labels = [corpus_spec(s)[0] for s in (*self.target, self.baseline)]
-        if not self.target:
-            raise SettingsError("give at least one --target LABEL=CORPUS")
+        if self.langs and (self.target or self.baseline):
+            raise SettingsError("give either --langs (with --data) or --target/--baseline, not both")
+        if self.data and not self.langs:
+            raise SettingsError("--data goes with --langs L1,L2,...; with --target give LABEL=CORPUS")
+        if self.langs and len(self.langs) < 2:
+            raise SettingsError(f"--langs needs at least two languages, got {','.join(self.langs)}")
+        if self.layers and self.last_layers:
+            raise SettingsError("give --layers or --last-layers, not both")
+        labels = [label for label, _ in self.corpora()]
         if len(set(labels)) != len(labels):
             raise SettingsError(f"--target and --baseline labels must differ, got {', '.join(labels)}")
-        if self.method != "gap" and len(self.target) > 1:
+        if self.method != "gap" and len(labels) > 2:
             raise SettingsError(f"--method {self.method} compares one --target with --baseline; several targets are "
                                 "for --method gap")
+
+
+    def corpora(self) -> list[tuple[str, str]]:
+        """(label, corpus) of every corpus: the targets first, the baseline last."""
+        if self.langs:
+            return [(lang, self.data or BUILTIN_CORPUS) for lang in self.langs]
+        return [corpus_spec(spec) for spec in (*(self.target or ("he=builtin",)), self.baseline or "en=builtin")]
+
+    def window(self, moe_layers: int):
+        if self.last_layers:
+            return pick.parse_window(f"{max(moe_layers - self.last_layers, 0)}-{moe_layers - 1}", moe_layers)
+        return pick.parse_window(self.layers, moe_layers)
 
 
 def corpus_spec(spec: str) -> tuple[str, str]:
@@ -147,7 +172,8 @@ def count_corpora(settings: ExpertsSettings, model, tokenizer, corpora: dict[str
 
 def select(settings: ExpertsSettings, counts: dict[str, pick.Counts], window: np.ndarray):
     """(Selection, extra experts.json fields) for the settings' method."""
-    target, baseline = corpus_spec(settings.target[0])[0], corpus_spec(settings.baseline)[0]
+    labels = [label for label, _ in settings.corpora()]
+    target, baseline = labels[0], labels[-1]
     if settings.method == "delta":
         return pick.delta(counts[target], counts[baseline], window, settings.tau, settings.pooled), {}
     if settings.method == "risk-diff":
@@ -156,6 +182,17 @@ def select(settings: ExpertsSettings, counts: dict[str, pick.Counts], window: np
     chosen, owned, shared = pick.activation_gap(counts, target, window, settings.alpha, settings.shared)
     return chosen, {"by_label": {label: _by_layer(mask, chosen.score) for label, mask in owned.items()},
                     "shared": _by_layer(shared, None)}
+
+
+def selected_experts(record: dict, shared: int) -> dict:
+    """(c)'s selected_experts.json: {lang: {"seft": {layer: [ids]}, "ssft_k<shared>": {layer: [ids]}}} over the
+    window's layers."""
+    out = {}
+    for lang, owned in record["by_label"].items():
+        seft = {layer: sorted(entry["ids"]) for layer, entry in owned.items() if int(layer) in record["window"]}
+        ssft = {layer: sorted(set(ids) | set(record["shared"][layer]["ids"])) for layer, ids in seft.items()}
+        out[lang] = {"seft": seft, f"ssft_k{shared}": ssft}
+    return out
 
 
 def _by_layer(mask_le: np.ndarray, score_le: np.ndarray | None) -> dict[str, dict]:
@@ -172,7 +209,7 @@ def _by_layer(mask_le: np.ndarray, score_le: np.ndarray | None) -> dict[str, dic
 def find_experts(settings: ExpertsSettings) -> Path:
     """Runs both corpora, selects, writes OUT; returns OUT."""
     s = settings
-    specs = [corpus_spec(spec) for spec in (*s.target, s.baseline)]
+    specs = s.corpora()
     inputs = [s.model, *(path for _, path in specs if path != BUILTIN_CORPUS)]
     out = check_output(s.out, "experts", [p for p in inputs if p is not None])
     corpora = {label: read_sequences(label, path)[:s.max_sequences] for label, path in specs}
@@ -182,7 +219,7 @@ def find_experts(settings: ExpertsSettings) -> Path:
     started = time.perf_counter()
     mesh = make_mesh(s.mesh) if s.mesh else None
     name, where, model, tokenizer = load_model(s.model, mesh, s.allow_nonfinite)
-    window = pick.parse_window(s.layers, len(model.config.moe_layers))
+    window = s.window(len(model.config.moe_layers))
     counts = count_corpora(s, model, tokenizer, corpora)
     chosen, extra = select(s, counts, window)
     cfg = model.config
@@ -208,6 +245,8 @@ def find_experts(settings: ExpertsSettings) -> Path:
     }
     with output_directory(out, "experts", [p for p in inputs if p is not None]) as tmp:
         (tmp / "experts.json").write_text(json.dumps(record, indent=2))
+        if s.method == "gap":  # (c)'s file: per language, SEFT and SSFT-k (SEFT plus the shared experts)
+            (tmp / "selected_experts.json").write_text(json.dumps(selected_experts(record, s.shared), indent=2))
         write_csv(tmp / "experts.csv", rows)
         figures = expert_score_figures(tmp, chosen.score, chosen.selected, window, s.method, threshold)
         (tmp / "report.md").write_text(_report(record, chosen, figures, name))
@@ -250,5 +289,6 @@ def _ranges(layers: list[int]) -> str:
 
 def main_summary(out: Path) -> str:
     record = json.loads((out / "experts.json").read_text())
+    files = "experts.json, selected_experts.json" if record["method"] == "gap" else "experts.json"
     return (f"{record['selected_count']} experts selected ({record['method']}, {record['target']} against "
-            f"{record['baseline']}); wrote {out} (experts.json, experts.csv, figures, report.md)")
+            f"{record['baseline']}); wrote {out} ({files}, experts.csv, figures, report.md)")

@@ -13,13 +13,16 @@ import json
 import tomllib
 from pathlib import Path
 
+from flax import nnx
+
 from moejax.commands.options import MESH_HELP, check_options, from_mapping, option
 from moejax.errors import SettingsError
 from moejax.layers.stack import REMAT_POLICIES
 from moejax.loading import load_config
-from moejax.models import builtin
+from moejax.models import abstract_model, builtin
+from moejax.routing.experts import read_selection
 from moejax.training.run import RunSettings, run_training
-from moejax.training.step import TrainConfig
+from moejax.training.step import TrainConfig, trainable, trainable_budget
 
 _STEP = TrainConfig()  # the step's defaults
 
@@ -67,6 +70,20 @@ class TrainSettings:
                                "matmul)", choices=("float32", "bfloat16"))
     trainable: str | None = option(None, "train only parameters whose path matches, e.g. 'mlp\\.experts\\.' (the "
                                    "rest frozen); default all", metavar="REGEX")
+    train_experts: str | None = option(
+        None, "train only these experts' slices of the stacked expert tensors (gate, up, down), everything else frozen "
+        "bit for bit (plus what --trainable names): a selected_experts.json from `moejax experts --method gap` "
+        "(FILE:LANG[:KEY], KEY seft or ssft_k5, the default), an experts.json, or {layer: [ids]}",
+        metavar="FILE[:LANG[:KEY]]")
+    train_routers: bool = option(False, "with --train-experts: also train the whole router of each selected layer",
+                                 kind=bool)
+    route_to_trained: bool = option(False, "with --train-experts: during training only, route the selected layers' "
+                                    "tokens to the selected experts (the others' logits set to -1e9); evaluation "
+                                    "and export use the unrestricted router", kind=bool)
+    sft: bool = option(False, "supervised fine-tuning: --data (and --eval-data) are JSONL records {\"messages\": "
+                       "[{\"role\", \"content\"}, ...]} or {\"prompt\", \"response\"}, formatted with the "
+                       "model's chat template, packed whole with segment ids, the loss on the assistant tokens only",
+                       kind=bool)
     remat: str = option(_STEP.remat, "recompute activations in the backward pass: full keeps only each layer's "
                         "input, dots keeps matmul outputs", choices=tuple(REMAT_POLICIES))
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
@@ -82,6 +99,8 @@ class TrainSettings:
         if self.batch_size % self.accum_steps:
             raise SettingsError(f"--batch-size {self.batch_size} is not divisible by --accum-steps "
                                 f"{self.accum_steps}")
+        if (self.train_routers or self.route_to_trained) and not self.train_experts:
+            raise SettingsError("--train-routers and --route-to-trained need --train-experts FILE")
         if bool(self.eval_data) != bool(self.eval_every):
             raise SettingsError("--eval-data LANG=PATH,... and --eval-every N (steps between evaluations) go together")
 
@@ -105,11 +124,16 @@ class TrainSettings:
                            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, b1=self.b1, b2=self.b2,
                            clip_norm=self.clip_norm, lb_coef=self.lb_coef, z_coef=self.z_coef,
                            bias_update_rate=self.bias_update_rate, compute_dtype=self.dtype, trainable=self.trainable,
-                           remat=self.remat, accum_steps=self.accum_steps).resolved(model_config)
+                           remat=self.remat, accum_steps=self.accum_steps,
+                           train_experts=read_selection(self.train_experts) if self.train_experts else None,
+                           train_routers=self.train_routers, route_to_trained=self.route_to_trained,
+                           ).resolved(model_config)
+        graphdef_params = nnx.split(abstract_model(model_config))[1]
+        budget = trainable_budget(trainable(step, graphdef_params, model_config), graphdef_params)
         return RunSettings(model=model, data=self.data, steps=self.steps, seq_len=self.seq_len,
                            batch_size=self.batch_size, seed=self.seed, save_every=self.save_every, keep=self.keep,
                            mesh=self.mesh, train=step, eval_data=self.eval_data, eval_every=self.eval_every,
-                           eval_batches=self.eval_batches)
+                           eval_batches=self.eval_batches, sft=self.sft, budget=budget)
 
 
 def train(settings: TrainSettings) -> Path:

@@ -35,6 +35,11 @@ class RouterOutput:
     weights: jax.Array
 
 
+# The router logit of an expert that training may not route to (INTERVENTIONS.md section 3): large, negative and
+# finite, so its softmax probability and sigmoid score are 0 without a NaN.
+RESTRICTED = -1e9
+
+
 @struct.dataclass
 class RouterControl:
     """Changes to one MoE layer's routing, given as arrays so that new values never recompile.
@@ -52,15 +57,21 @@ class RouterControl:
     promote_e: jax.Array | None = None
     suppress_e: jax.Array | None = None
     eps_e: jax.Array | None = None
+    # Training only (--route-to-trained): the other experts' logits set to RESTRICTED (and, for a sigmoid router with
+    # a selection-only bias, their choice scores to -inf, so the bias cannot choose them either).
+    allowed_e: jax.Array | None = None
 
     def steer(self, logits_te: jax.Array) -> jax.Array:
-        """The logits the router chooses with: steered when this control steers, else as they are."""
-        if self.shift_e is None:
-            return logits_te
-        z_te = logits_te.astype(jnp.float32)
-        steered_te = z_te + self.shift_e * jnp.std(z_te, axis=-1, keepdims=True)
-        steered_te = jnp.where(self.promote_e, jnp.max(z_te, axis=-1, keepdims=True) + self.eps_e, steered_te)
-        return jnp.where(self.suppress_e, jnp.min(z_te, axis=-1, keepdims=True) - self.eps_e, steered_te)
+        """The logits the router chooses with: steered (and restricted) when this control says so, else as they
+        are."""
+        if self.shift_e is not None:
+            z_te = logits_te.astype(jnp.float32)
+            steered_te = z_te + self.shift_e * jnp.std(z_te, axis=-1, keepdims=True)
+            steered_te = jnp.where(self.promote_e, jnp.max(z_te, axis=-1, keepdims=True) + self.eps_e, steered_te)
+            logits_te = jnp.where(self.suppress_e, jnp.min(z_te, axis=-1, keepdims=True) - self.eps_e, steered_te)
+        if self.allowed_e is not None:
+            logits_te = jnp.where(self.allowed_e, logits_te, jnp.asarray(RESTRICTED, logits_te.dtype))
+        return logits_te
 
     def select(self, ids_tk: jax.Array) -> jax.Array:
         """The experts each token uses: its top-k, or the forced ones."""
@@ -94,6 +105,8 @@ def sigmoid_group_topk(logits_te: jax.Array, correction_e: jax.Array, k: int, n_
     tokens, experts = logits_te.shape
     scores_te = jax.nn.sigmoid(logits_te.astype(jnp.float32))
     choice_te = scores_te + correction_e.astype(jnp.float32)
+    if control is not None and control.allowed_e is not None:  # the selection-only bias must not choose them either
+        choice_te = jnp.where(control.allowed_e, choice_te, -jnp.inf)
     if n_group > 1:
         choice_tgx = choice_te.reshape(tokens, n_group, experts // n_group)
         group_scores_tg = jnp.sum(jax.lax.top_k(choice_tgx, 2)[0], axis=-1)
@@ -155,7 +168,8 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     choice (`dispatch_tiles`); () forces the ragged_dot path. With `first_expert`, `w` holds only the
     experts first_expert, first_expert + 1, ... (one device's share): pairs routed to any other expert
     are grouped last and never computed, so they contribute nothing. With `repeat`, `w` holds a layer stack's
-    weights [repeats, E, ...] and the layer `repeat` is used: the tiles read its experts in place (forward only).
+    weights [repeats, E, ...] and the layer `repeat` is used: the tiles read its experts in place (a gradient, rarely
+    wanted on this path, slices the layer out and scatters its weight gradients back into the stack).
     """
     tokens, k = ids_tk.shape
     num_experts = w["up_edf"].shape[-3]
@@ -172,8 +186,7 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
         weights_m = jnp.zeros(plan.source_token_m.shape, jnp.float32).at[plan.row_tk.reshape(-1)].set(
             weights_tk.reshape(-1).astype(jnp.float32))
         if repeat is not None:
-            return _tiled_forward(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation,
-                                  keep=False, repeat=repeat)[0]
+            return _indexed_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, repeat, tiles, activation)
         return _tiled_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation)
     if repeat is not None:
         w = {name: value[repeat] for name, value in w.items()}
@@ -309,6 +322,31 @@ def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
 
 
 _tiled_mixture.defvjp(_tiled_mixture_fwd, _tiled_mixture_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _indexed_mixture(x_td, weights_m, source_m, group_sizes_e, w, repeat, tiles, activation):
+    """_tiled_mixture of layer `repeat` of stacked weights w [repeats, E, ...], read in place."""
+    return _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activation, keep=False,
+                          repeat=repeat)[0]
+
+
+def _indexed_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, w, repeat, tiles, activation):
+    out = _indexed_mixture(x_td, weights_m, source_m, group_sizes_e, w, repeat, tiles, activation)
+    return out, (x_td, weights_m, source_m, group_sizes_e, w, repeat)
+
+
+def _indexed_mixture_bwd(tiles, activation, residuals, dout_td):
+    x_td, weights_m, source_m, group_sizes_e, w, repeat = residuals
+    layer = {name: value[repeat] for name, value in w.items()}
+    _, vjp = jax.vjp(lambda x, wm, lw: _tiled_mixture(x, wm, source_m, group_sizes_e, lw, tiles, activation),
+                     x_td, weights_m, layer)
+    dx_td, dweights_m, dlayer = vjp(dout_td)
+    dw = {name: jnp.zeros_like(value).at[repeat].set(dlayer[name]) for name, value in w.items()}
+    return dx_td, dweights_m, None, None, dw, None
+
+
+_indexed_mixture.defvjp(_indexed_mixture_fwd, _indexed_mixture_bwd)
 
 
 def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 MAX_UNIT = 4
@@ -126,7 +127,7 @@ class LayerStack(nnx.Module):
             else:
                 (graphdef, state), whole = nnx.split(unit), None
             rows = [None if moe_inputs is None or self.kinds[repeats[0]] != "moe"
-                    else jax.tree.map(lambda a, repeats=repeats: a[jnp.asarray([moe_row[i] for i in repeats])],
+                    else jax.tree.map(lambda a, at=tuple(moe_row[i] for i in repeats): jnp.asarray(a)[np.asarray(at)],
                                       moe_inputs)
                     for repeats in ids]
             unit_caches = (None,) * len(ids) if caches is None else caches[s]

@@ -8,10 +8,12 @@ numpy over those counts; nothing needs router logits.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
-from moejax.errors import SettingsError
+from moejax.errors import DataError, SettingsError
 
 METHODS = ("delta", "risk-diff", "gap")
 
@@ -119,3 +121,49 @@ def activation_gap(corpora: dict[str, Counts], owner: str, window: np.ndarray, a
 def check_threshold(name: str, value: float) -> None:
     if not np.isfinite(value) or value < 0:
         raise SettingsError(f"--{name} must be a finite number >= 0, got {value}")
+
+
+def read_selection(spec: str) -> dict[str, list[int]]:
+    """{MoE layer (as a string): expert ids} from "FILE[:LANG[:KEY]]": a selected_experts.json in (c)'s schema
+    ({lang: {"seft": {layer: [ids]}, "ssft_k5": {...}}}; LANG needed when it holds several languages, KEY default
+    "ssft_k5" if present, else "seft"), an experts.json from `moejax experts` (its "experts"), or a plain
+    {layer: [ids]} object."""
+    path, _, rest = str(spec).partition(":")
+    lang, _, key = rest.partition(":")
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"--train-experts {path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"--train-experts {path}: not JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"--train-experts {path}: expected a JSON object")
+    if isinstance(record.get("experts"), dict):  # moejax experts' experts.json
+        chosen = {k: v["ids"] if isinstance(v, dict) else v for k, v in record["experts"].items()}
+    elif record and all(isinstance(v, dict) and ({"seft"} & set(v) or any(k.startswith("ssft") for k in v))
+                        for v in record.values()):
+        if not lang:
+            if len(record) != 1:
+                raise DataError(f"--train-experts {path}: it holds languages {sorted(record)}; name one as "
+                                f"{path}:LANG[:KEY]")
+            lang = next(iter(record))
+        if lang not in record:
+            raise DataError(f"--train-experts {path}: no language {lang!r} (it has {', '.join(sorted(record))})")
+        keys = record[lang]
+        key = key or ("ssft_k5" if "ssft_k5" in keys else "seft")
+        if key not in keys:
+            raise DataError(f"--train-experts {path}: language {lang!r} has no {key!r} (it has "
+                            f"{', '.join(sorted(keys))})")
+        chosen = keys[key]
+    else:
+        chosen = record
+    out = {}
+    for layer, ids in chosen.items():
+        try:
+            int(layer)
+        except ValueError:
+            raise DataError(f"--train-experts {path}: {layer!r} is not an MoE-layer index") from None
+        if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+            raise DataError(f"--train-experts {path}: layer {layer} must list expert ids, got {ids!r}")
+        out[str(int(layer))] = sorted(set(ids))
+    return out

@@ -12,11 +12,37 @@ update against 0.57 s.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Slices:
+    """The trained part of a parameter: the sub-arrays at `index` (a tuple of int arrays over its leading axes, e.g.
+    (repeats, experts) of a stacked [layers, E, d, f] expert tensor). Only they get updates and moments; the rest of
+    the array keeps its values bit for bit. A leaf of the optimizer's `train` tree (not a pytree)."""
+
+    index: tuple[np.ndarray, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.index[0])
+
+    def take(self, x: jax.Array) -> jax.Array:
+        return x[tuple(jnp.asarray(i) for i in self.index)]
+
+    def put(self, x: jax.Array, values: jax.Array) -> jax.Array:
+        return x.at[tuple(jnp.asarray(i) for i in self.index)].set(values)
+
+
+def frozen(is_trained) -> bool:
+    """A `train` leaf that trains nothing."""
+    return not isinstance(is_trained, Slices) and not is_trained
 
 
 class ClippedAdamWState(NamedTuple):
@@ -27,19 +53,24 @@ class ClippedAdamWState(NamedTuple):
 
 def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_decay: float, clip_norm: float,
                   train: optax.Params, decay: optax.Params, eps: float = 1e-8) -> optax.GradientTransformation:
-    """train, decay: trees of bools with the parameters' structure (a leaf per parameter array). Frozen
-    parameters (train False) get a zero update and keep no moments; their gradients are left out of the
-    clipping norm. Decoupled weight decay applies where decay is True."""
+    """train, decay: trees with the parameters' structure (a leaf per parameter array): train holds True, False or
+    Slices (only those sub-arrays train), decay bools. Frozen parameters (train False) get a zero update and keep no
+    moments; their gradients are left out of the clipping norm. A Slices parameter keeps moments for its slices alone
+    ([slices, ...]) and only its slices' gradients enter the norm. Decoupled weight decay applies where decay is
+    True (to the trained slices only)."""
 
     def init(params):
         def moment(is_trained, p):
+            if isinstance(is_trained, Slices):
+                return jnp.zeros((is_trained.count, *p.shape[len(is_trained.index):]), p.dtype)
             return jnp.zeros_like(p) if is_trained else optax.MaskedNode()
 
         return ClippedAdamWState(jnp.zeros([], jnp.int32), jax.tree.map(moment, train, params),
                                  jax.tree.map(moment, train, params))
 
     def update(grads, state, params):
-        trained = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(train), strict=True) if t]
+        trained = [t.take(g) if isinstance(t, Slices) else g
+                   for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(train), strict=True) if not frozen(t)]
         norm = optax.tree.norm(trained)
         # A scalar factor, not optax's (g / norm) * clip_norm: XLA fuses a multiply into each use of the
         # clipped gradient, but keeps a divide once, in a fresh gradient-sized buffer (1 ulp apart).
@@ -49,8 +80,11 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
         correction1, correction2 = 1 - b1**count, 1 - b2**count
 
         def one(is_trained, decays, g, m, v, p):
-            if not is_trained:
+            if frozen(is_trained):
                 return jnp.zeros_like(g), m, v
+            if isinstance(is_trained, Slices):
+                u, m, v = one(True, decays, is_trained.take(g), m, v, is_trained.take(p))
+                return is_trained.put(jnp.zeros_like(g), u), m, v
             g = g * clip.astype(g.dtype)
             m = (1 - b1) * g + b1 * m
             v = (1 - b2) * (g**2) + b2 * v

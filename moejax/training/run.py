@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from moejax.checkpoint import COPIED, orbax_errors
 from moejax.data.corpus import SAMPLE_DIR
 from moejax.data.mixture import Mixture, load_documents, parse_mixture
+from moejax.data.sft import ConversationRows, load_conversations
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import RunError
 from moejax.io import refuse_unsafe
@@ -46,7 +48,14 @@ from moejax.models import abstract_model, model_class
 from moejax.models.builtin import builtin_config, builtin_model
 from moejax.parallel.mesh import make_mesh, shard_model
 from moejax.report.figures import training_figure
-from moejax.training.step import TrainConfig, TrainState, init_state, make_eval_step, make_train_step
+from moejax.training.step import (
+    TrainConfig,
+    TrainState,
+    budget_text,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoint"
@@ -72,6 +81,8 @@ class RunSettings:
     eval_data: str | None = None  # "LANG=PATH,...": held-out text per language
     eval_every: int = 0  # steps between evaluations (and before the first step); 0: none
     eval_batches: int = 4  # batches per language per evaluation (the same ones every time)
+    sft: bool = False  # data are chat records: whole conversations per row, loss on assistant tokens only
+    budget: dict | None = None  # trainable parameters (step.trainable_budget), recorded for the reader
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,15 +175,26 @@ def prepare(settings: RunSettings, out: Path, allow_nonfinite: bool = False):
     held_out = parse_mixture(settings.eval_data, with_ratios=False) if settings.eval_data else []
     refuse_unsafe(out, [settings.model, *(s.path for s in sources + held_out)])
     resume = _check_run_dir(out, settings)
+    if settings.sft and settings.model is None:
+        raise RunError("--sft: the built-in model has no chat template; give --model DIR with the model's tokenizer "
+                       "files (chat_template included)")
     model, tokenizer = _load_model(settings, allow_nonfinite)
     limit = model.config.max_positions
     if limit is not None and settings.seq_len > limit:
         raise RunError(f"--seq-len {settings.seq_len} is above the model's maximum of {limit} positions "
                        "(max_position_embeddings in its config.json)")
-    documents = {s.lang: load_documents(s, tokenizer, model.config.vocab_size) for s in sources}
-    mixture = Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                      seed=settings.seed)
+    mixture = _stream(settings, sources, tokenizer, model.config.vocab_size)
     return model, mixture, _eval_batches(settings, tokenizer, model.config.vocab_size), resume
+
+
+def _stream(settings: RunSettings, sources, tokenizer, vocab_size: int):
+    """The packed training rows of `sources`: a CPT Mixture of documents, or, with --sft, whole conversations."""
+    if settings.sft:
+        conversations = {s.lang: load_conversations(s, tokenizer, vocab_size) for s in sources}
+        return ConversationRows(sources, conversations, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                                seed=settings.seed)
+    documents = {s.lang: load_documents(s, tokenizer, vocab_size) for s in sources}
+    return Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size, seed=settings.seed)
 
 
 def _eval_batches(settings: RunSettings, tokenizer, vocab_size: int) -> dict[str, list]:
@@ -186,8 +208,7 @@ def _eval_batches(settings: RunSettings, tokenizer, vocab_size: int) -> dict[str
     batches = {}
     for source in parse_mixture(settings.eval_data, with_ratios=False):
         one = dataclasses.replace(source, ratio=1.0)
-        stream = Mixture([one], {one.lang: load_documents(one, tokenizer, vocab_size)}, seq_len=settings.seq_len,
-                         batch_size=settings.batch_size, seed=settings.seed)
+        stream = _stream(settings, [one], tokenizer, vocab_size)
         batches[one.lang] = [dataclasses.asdict(stream.next_batch()) for _ in range(settings.eval_batches)]
     return batches
 
@@ -208,6 +229,8 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
     model, mixture, eval_batches, resume = prepare(settings, out, allow_nonfinite)
     cfg = settings.train
     graphdef, state, tx = init_state(model, cfg)
+    if settings.budget is not None and show_progress and jax.process_index() == 0:
+        print(f"moejax train: {budget_text(settings.budget)}", file=sys.stderr)
     step_fn = make_train_step(graphdef, tx, cfg, model.config, num_langs=len(mixture.langs))
     evaluate = make_eval_step(graphdef, cfg, model.config) if eval_batches else None
     columns = _metric_columns(mixture.langs, model.config.moe_layers)

@@ -26,10 +26,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.errors import DataError, SettingsError
+from moejax.layers.moe import RouterControl
 from moejax.layers.stack import REMAT_POLICIES, layer_position, segment_layer_ids
 from moejax.models import abstract_model
 from moejax.parallel.mesh import mesh_of, on_mesh
-from moejax.training.adamw import clipped_adamw
+from moejax.training.adamw import Slices, clipped_adamw, frozen
 from moejax.training.losses import (
     IGNORE_INDEX,
     expert_counts,
@@ -65,6 +66,13 @@ class TrainConfig:
     bias_update_rate: float = 0.0  # Nemotron-H aux-loss-free balancing: correction-bias step per train step
     compute_dtype: str | None = None  # None: bfloat16 on an accelerator, float32 on a CPU
     trainable: str | None = None  # a regex over parameter paths ("layers.units.0.0.mlp.experts..."); None: all
+    # Expert-selective training (INTERVENTIONS.md section 3): {MoE layer: expert ids}. Only those experts' slices of
+    # the stacked expert tensors train (plus what `trainable` names, when given); with train_routers, the whole
+    # router of each layer named; with route_to_trained, training routes those layers' tokens to the named experts
+    # only (the others' logits RESTRICTED; evaluation and export are unrestricted).
+    train_experts: dict[str, list[int]] | None = None
+    train_routers: bool = False
+    route_to_trained: bool = False
     remat: str = "none"  # a REMAT_POLICIES key: none, full, dots
     accum_steps: int = 1  # micro-batches per step; the batch is split into this many
 
@@ -75,6 +83,31 @@ class TrainConfig:
             raise SettingsError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise SettingsError(f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
+        if (self.train_routers or self.route_to_trained) and not self.train_experts:
+            raise SettingsError("train_routers and route_to_trained apply to the layers of train_experts: give a "
+                                "selection (--train-experts FILE)")
+
+    def expert_selection(self, model_config) -> dict[int, tuple[int, ...]]:
+        """train_experts as {MoE layer: expert ids}, checked against the model (a SettingsError naming what is
+        wrong)."""
+        if not self.train_experts:
+            return {}
+        layers, experts = len(model_config.moe_layers), model_config.num_routed_experts
+        out = {}
+        for key, ids in self.train_experts.items():
+            layer = int(key)
+            if not 0 <= layer < layers:
+                raise SettingsError(f"train_experts: layer {key} is not an MoE layer of this model (MoE layers 0-"
+                                    f"{layers - 1}, as in layers.csv)")
+            beyond = [e for e in ids if not 0 <= int(e) < experts]
+            if beyond:
+                raise SettingsError(f"train_experts: layer {key} names expert id(s) {beyond}; the model has "
+                                    f"{experts} experts (0-{experts - 1})")
+            if ids:
+                out[layer] = tuple(sorted({int(e) for e in ids}))
+        if not out:
+            raise SettingsError("train_experts selects no expert")
+        return out
 
     def resolved(self, model_config) -> TrainConfig:
         """Every None replaced by its value for this model on this machine."""
@@ -107,17 +140,87 @@ def _is_matrix(var: nnx.Variable) -> bool:
     return sum(a != "layers" for a in axes) >= 2
 
 
-def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
-    """Clipping, then AdamW (decay on weight matrices); frozen parameters (not matching `trainable`, and
-    the correction bias, which moves by its own rule) get no update at all."""
-    pattern = re.compile(cfg.trainable or "")
-    names = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    train = jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(pattern.search(_dotted(path))) and not _dotted(path).endswith("correction_e"), params)
-    if not any(jax.tree.leaves(train)):
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def trainable(cfg: TrainConfig, params, model_config):
+    """What trains, a tree with the parameters' structure: True, False, or Slices (expert-selective training: the
+    named experts' [repeat, expert] slices of a stacked expert tensor; with train_routers, the [repeat] slices of
+    the routers of those layers). Never the correction bias, which moves by its own rule."""
+    selection = cfg.expert_selection(model_config)
+    pattern = re.compile(cfg.trainable or "") if cfg.trainable or not selection else None
+    layer_ids = segment_layer_ids(model_config.layer_kinds)
+    moe_ordinal = {layer: i for i, layer in enumerate(model_config.moe_layers)}
+
+    def one(path, var):
+        name = _dotted(path)
+        whole = pattern is not None and bool(pattern.search(name)) and not name.endswith("correction_e")
+        where = layer_position(name)
+        if whole or not selection or where is None:
+            return jax.tree.map(lambda _: whole, var)
+        axes = tuple(var.get_metadata().get("logical_axes") or ())
+        repeats = [moe_ordinal.get(block) for block in layer_ids[where[0]][where[1]]]
+        if axes[:2] == ("layers", "expert"):
+            rows = [(r, e) for r, layer in enumerate(repeats) for e in selection.get(layer, ())]
+        elif cfg.train_routers and name.endswith("router.w_de"):
+            rows = [(r,) for r, layer in enumerate(repeats) if layer in selection]
+        else:
+            rows = []
+        if not rows:
+            return jax.tree.map(lambda _: False, var)
+        index = tuple(np.asarray(column, np.int32) for column in zip(*rows, strict=True))
+        return jax.tree.map(lambda _: Slices(index), var)
+
+    train = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+    if all(frozen(t) for t in jax.tree.leaves(train)):
+        names = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise SettingsError(f"trainable {cfg.trainable!r} matches no parameter; names look like {names[:3]}")
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    decay = jax.tree.map(lambda var: jax.tree.map(lambda _: _is_matrix(var), var), params, is_leaf=is_variable)
+    return train
+
+
+def trainable_budget(train, params) -> dict:
+    """Trainable parameters per tensor (those that train at all) and in total, with the model's size."""
+    per_tensor = {}
+    total = 0
+    for (path, p), t in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(train), strict=True):
+        size = int(np.prod(p.shape))
+        total += size
+        if frozen(t):
+            continue
+        per_tensor[_dotted(path)] = t.count * int(np.prod(p.shape[len(t.index):])) if isinstance(t, Slices) else size
+    count = sum(per_tensor.values())
+    return {"trainable": count, "total": total, "share": count / total, "per_tensor": per_tensor}
+
+
+def budget_text(budget: dict) -> str:
+    """ "1.2M of 404.9M parameters train (0.31%)" """
+    def short(n: int) -> str:
+        for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if n >= size:
+                return f"{n / size:.1f}{unit}"
+        return str(n)
+
+    return (f"{short(budget['trainable'])} of {short(budget['total'])} parameters train "
+            f"({100 * budget['share']:.2f}%)")
+
+
+def route_control(cfg: TrainConfig, model_config) -> RouterControl | None:
+    """route_to_trained as RouterControl data: in the selected layers only the selected experts may be chosen."""
+    if not cfg.route_to_trained:
+        return None
+    allowed = np.ones((len(model_config.moe_layers), model_config.num_routed_experts), bool)
+    for layer, ids in cfg.expert_selection(model_config).items():
+        allowed[layer] = False
+        allowed[layer, list(ids)] = True
+    return RouterControl(allowed_e=allowed)
+
+
+def optimizer(cfg: TrainConfig, params, model_config) -> optax.GradientTransformation:
+    """Clipping, then AdamW (decay on weight matrices); frozen parameters (not matching `trainable`, outside an
+    expert selection, and the correction bias, which moves by its own rule) get no update at all."""
+    train = trainable(cfg, params, model_config)
+    decay = jax.tree.map(lambda var: jax.tree.map(lambda _: _is_matrix(var), var), params, is_leaf=_is_variable)
     return clipped_adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm, train, decay)
 
 
@@ -136,7 +239,7 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     model.layers.index_experts = False  # gradients flow through sliced layer weights
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    tx = optimizer(cfg, params)
+    tx = optimizer(cfg, params, model.config)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     # The step counters are created uncommitted; the step returns them committed, which would make its second
     # call compile the whole step again. Placing them as the step will return them avoids that. (Under
@@ -187,10 +290,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         raise SettingsError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
                             f"bias (Nemotron-H); {model_config.model_type} has none")
 
+    control = route_control(cfg, model_config)
+
     def loss_fn(params, micro):
         model = _compute_model(graphdef, params, compute)
         valid_bt = micro["segment_ids"] != 0
-        out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True)
+        out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True, control=control)
         ce = next_token_loss(out.logits, micro["labels"])
         zero = jnp.zeros((), jnp.float32)
         if not out.router_logits:

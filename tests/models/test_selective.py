@@ -1,0 +1,243 @@
+"""Expert-selective training (INTERVENTIONS.md section 3): only the selected experts' slices of the stacked expert
+tensors train (optionally the routers of their layers), everything else comes out of every step bit for bit,
+weight decay included; the gradients of the selected slices equal torch autograd's; the training-time routing
+restriction reaches only the selected experts and leaves evaluation and export unrestricted; the optimizer keeps
+moments for the trained slices alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+pytest.importorskip("torch")  # the test extra
+
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+import moejax
+from moejax.errors import DataError, SettingsError
+from moejax.layers.stack import layer_position, segment_layer_ids
+from moejax.reference import make_checkpoint, steered
+from moejax.routing.experts import read_selection
+from moejax.training.losses import load_balancing_loss, next_token_loss, sigmoid_balance_loss
+from moejax.training.step import TrainConfig, _dotted, init_state, make_train_step, route_control
+
+pytestmark = pytest.mark.torch
+# MoE layers 0 and 1 (the Nemotron-H tiny model has two), k = 3 experts each, for Nemotron-H within one group of its
+# group-limited router (2 groups of 4, one chosen): with fewer than k eligible experts, the remaining slots of a
+# restricted token are a tie (probability 0, or a choice score of -inf), and which expert fills them is up to each
+# framework's top-k (transformers' may even pick an allowed expert of a group it did not choose).
+SELECTIONS = {"qwen3_moe": {"1": [2, 5, 6], "0": [1, 3, 7]}, "nemotron_h": {"0": [4, 5, 6], "1": [0, 1, 2]}}
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+def checkpoint(request, tmp_path_factory):
+    reference, path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "model", seed=8)
+    return request.param, reference, path
+
+
+def selected_rows(name: str, config, selection: dict[str, list[int]], routers: bool):
+    """{(repeat, expert) or (repeat,)}: the slices of parameter `name` that may change."""
+    where = layer_position(name)
+    if where is None:
+        return set()
+    blocks = segment_layer_ids(config.layer_kinds)[where[0]][where[1]]
+    moe = {block: i for i, block in enumerate(config.moe_layers)}
+    layers = [moe.get(b) for b in blocks]
+    if "experts." in name:
+        return {(r, e) for r, layer in enumerate(layers) for e in selection.get(str(layer), [])}
+    if routers and name.endswith("router.w_de"):
+        return {(r,) for r, layer in enumerate(layers) if str(layer) in selection}
+    return set()
+
+
+def run_steps(path, arch, cfg, steps=3):
+    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    graphdef, state, tx = init_state(model, cfg)
+    before = jax.tree.map(np.array, state.params)
+    step = make_train_step(graphdef, tx, cfg, model.config)
+    ids = np.random.default_rng(0).integers(1, 97, (2, 16))
+    for _ in range(steps):
+        state, metrics = step(state, {"input_ids": ids})
+        assert bool(metrics["finite"])
+    return model.config, before, state
+
+
+@pytest.mark.parametrize("routers", [False, True])
+def test_only_the_selected_slices_change(checkpoint, routers):
+    arch, _, path = checkpoint
+    SELECTION = SELECTIONS[arch]
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, total_steps=10, warmup_steps=1,
+                      train_experts=SELECTION, train_routers=routers, route_to_trained=True)
+    config, before, state = run_steps(path, arch, cfg)
+    changed_somewhere = set()
+    for (p, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(state.params),
+                             strict=True):
+        name = _dotted(p)
+        new = np.asarray(new)
+        allowed = selected_rows(name, config, SELECTION, routers)
+        if not allowed:
+            np.testing.assert_array_equal(new, old, err_msg=f"{name} changed but is frozen")
+            continue
+        depth = len(next(iter(allowed)))
+        differs = (new != old).reshape(*old.shape[:depth], -1).any(-1)
+        moved = {tuple(int(i) for i in at) for at in np.argwhere(differs)}
+        assert moved <= allowed, f"{name}: frozen slices {sorted(moved - allowed)} changed"
+        changed_somewhere |= {(name, a) for a in moved}
+        for at in allowed - moved:
+            raise AssertionError(f"{name}: selected slice {at} did not change")
+    assert changed_somewhere
+
+
+def test_optimizer_state_holds_the_trained_slices_only(checkpoint):
+    arch, _, path = checkpoint
+    SELECTION = SELECTIONS[arch]
+    model = moejax.from_pretrained(path)
+    cfg = TrainConfig(train_experts=SELECTION, train_routers=True)
+    _, state, _ = init_state(model, cfg)
+    config = model.config
+    d, f = config.hidden_size, config.moe_intermediate_size
+    expert_dim = getattr(config, "moe_latent_size", None) or d
+    per_expert = (3 if arch == "qwen3_moe" else 2) * expert_dim * f
+    slices = sum(len(ids) for ids in SELECTION.values())
+    routers = len(SELECTION) * d * config.num_routed_experts
+    want = slices * per_expert + routers
+    moments = [x for x in jax.tree.leaves(state.opt_state.mu)]
+    assert sum(int(np.prod(x.shape)) for x in moments) == want
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state.nu)) == want
+
+
+def test_selected_gradients_equal_torch_autograd(checkpoint, tmp_path):
+    """The loss of the first step (cross-entropy plus the balance term, routing restricted to the selected experts
+    in their layers), its gradient in moejax against torch autograd on transformers' model with the same restriction
+    hooked into its routers, compared on the selected slices and the routers of their layers."""
+    arch, reference, path = checkpoint
+    SELECTION = SELECTIONS[arch]
+    cfg = TrainConfig(train_experts=SELECTION, train_routers=True, route_to_trained=True, lb_coef=0.05)
+    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    config = model.config
+    control = route_control(cfg, config)
+    ids = np.random.default_rng(1).integers(1, 97, (2, 12))
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        out = nnx.merge(graphdef, params).forward(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
+                                                  jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), True,
+                                                  control=control)
+        ce = next_token_loss(out.logits, jnp.asarray(ids))
+        valid = jnp.ones(ids.shape, bool)
+        aux = (sigmoid_balance_loss(out.router_logits, out.router_expert_ids, valid) if arch == "nemotron_h"
+               else load_balancing_loss(out.router_logits, config.num_experts_per_tok, valid))
+        return ce + (0.0 if arch == "nemotron_h" else 0.05 * aux), out
+
+    (total, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    reference.zero_grad()
+    arrays = {"allowed_e": np.asarray(route_control(cfg, config).allowed_e)}
+    with steered(reference, arrays):
+        kwargs = {"output_router_logits": True} if arch == "qwen3_moe" else {}
+        if arch == "qwen3_moe":
+            reference.router_aux_loss_coef = 0.05
+        torch_out = reference(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids), **kwargs)
+        torch_out.loss.backward()
+    assert abs(float(total) - torch_out.loss.item()) <= 1e-5, (float(total), torch_out.loss.item())
+    grad_dir = tmp_path / "grads"
+    grad_dir.mkdir()
+    shutil.copy(path / "config.json", grad_dir / "config.json")
+    grads_pt = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy().copy()
+                for name, p in reference.named_parameters()}
+    grads_pt |= {name: np.zeros(b.shape, np.float32) for name, b in reference.named_buffers()
+                 if name.endswith("e_score_correction_bias")}  # the loader wants it; no gradient
+    save_file(grads_pt, str(grad_dir / "model.safetensors"))
+    want = dict(nnx.to_flat_state(nnx.state(moejax.from_pretrained(grad_dir), nnx.Param)))
+    compared = 0
+    for key, value in nnx.to_flat_state(grads):
+        name = ".".join(str(k) for k in key)
+        rows = selected_rows(name, config, SELECTION, routers=True)
+        for at in rows:
+            g, w = np.asarray(value[...])[at], np.asarray(want[key][...])[at]
+            scale = np.abs(w).max()
+            assert scale > 0, f"{name}{at}: no gradient in the reference"
+            assert np.abs(g - w).max() <= 1e-4 * scale, f"{name}{at}: {np.abs(g - w).max()} vs scale {scale}"
+            compared += 1
+    assert compared == sum(len(v) for v in SELECTION.values()) * (3 if arch == "qwen3_moe" else 2) + len(SELECTION)
+
+
+def test_training_routes_only_to_the_selected_experts(checkpoint):
+    """With --route-to-trained, a selected layer's tokens reach only its selected experts (k of them selected here);
+    with fewer than k selected, the other slots carry weight 0."""
+    arch, _, path = checkpoint
+    model = moejax.from_pretrained(path)
+    config = model.config
+    ids = np.random.default_rng(3).integers(1, 97, (2, 12))
+    for layer0 in (SELECTIONS[arch]["0"], [2]):
+        cfg = TrainConfig(train_experts={"0": layer0}, route_to_trained=True)
+        graphdef, params = nnx.split(model)
+        out = nnx.merge(graphdef, params).forward(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
+                                                  jnp.broadcast_to(jnp.arange(12), ids.shape), True,
+                                                  control=route_control(cfg, config))
+        chosen = np.asarray(out.router_expert_ids[0])
+        weights = np.asarray(out.router_weights[0])
+        inside = np.isin(chosen, layer0)
+        assert inside.any(axis=-1).all()
+        assert (weights[~inside] == 0).all(), "a restricted expert carries weight"
+        if len(layer0) >= config.num_experts_per_tok:
+            assert inside.all()
+
+
+def test_restriction_is_training_only_and_export_loads_in_transformers(checkpoint, tmp_path):
+    """After --route-to-trained training, the model (forward, export) routes with the unrestricted router, and
+    transformers loads the export with logits matching moejax's."""
+    arch, _, path = checkpoint
+    cfg = TrainConfig(learning_rate=1e-2, total_steps=10, warmup_steps=1, train_experts={"0": [1]},
+                      route_to_trained=True)
+    config, _, state = run_steps(path, arch, cfg, steps=2)
+    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    nnx.update(model, state.params)
+    ids = np.random.default_rng(2).integers(1, 97, (2, 12))
+    out = model(ids, return_router_logits=True)
+    chosen = np.unique(np.asarray(out.router_expert_ids[0]))
+    assert len(chosen) > 1, "evaluation routes as in training: the restriction leaked"
+    moejax.export_pretrained(model, tmp_path / "hf")
+    shutil.copy(path / "config.json", tmp_path / "hf" / "config.json")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = exported(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(np.asarray(out.logits) - want).max() <= 1e-4
+
+
+def test_selection_files(tmp_path):
+    gap = {"he": {"seft": {"3": [1, 2]}, "ssft_k5": {"3": [1, 2, 7]}}, "en": {"seft": {"3": [4]},
+                                                                          "ssft_k5": {"3": [4, 7]}}}
+    (tmp_path / "sel.json").write_text(json.dumps(gap))
+    assert read_selection(f"{tmp_path / 'sel.json'}:he") == {"3": [1, 2, 7]}
+    assert read_selection(f"{tmp_path / 'sel.json'}:en:seft") == {"3": [4]}
+    (tmp_path / "experts.json").write_text(json.dumps({"experts": {"0": {"ids": [3, 1], "scores": [1, 0]}}}))
+    assert read_selection(str(tmp_path / "experts.json")) == {"0": [1, 3]}
+    (tmp_path / "plain.json").write_text(json.dumps({"2": [5]}))
+    assert read_selection(str(tmp_path / "plain.json")) == {"2": [5]}
+    with pytest.raises(DataError, match="no language 'ja'"):
+        read_selection(f"{tmp_path / 'sel.json'}:ja")
+    with pytest.raises(DataError, match="name one as"):
+        read_selection(str(tmp_path / "sel.json"))
+    with pytest.raises(DataError, match="has no 'ssft_k3'"):
+        read_selection(f"{tmp_path / 'sel.json'}:he:ssft_k3")
+
+
+@pytest.mark.parametrize("selection,message", [
+    ({"9": [1]}, "layer 9 is not an MoE layer"),
+    ({"0": [99]}, "names expert id(s) [99]"),
+    ({"0": []}, "selects no expert"),
+])
+def test_bad_selections(checkpoint, selection, message):
+    _, _, path = checkpoint
+    with pytest.raises(SettingsError) as caught:
+        init_state(moejax.from_pretrained(path), TrainConfig(train_experts=selection))
+    assert message in str(caught.value)
