@@ -17,6 +17,7 @@ from moejax.checkpoint import is_orbax_dir, restore_params
 from moejax.config import read_config_json
 from moejax.errors import CheckpointError, ConfigError
 from moejax.models import abstract_model, config_class
+from moejax.parallel.mesh import as_moejax_mesh, make_mesh
 
 
 def token_ids(value, where: str) -> list[int]:
@@ -52,14 +53,16 @@ def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, allow_nonfin
     by `moejax convert`, into its moejax model.
 
     Tensors stream one at a time from the shards into the model's parameters, cast to `dtype`;
-    the model is never materialised twice. With `mesh` (a jax Mesh over moejax.parallel.mesh.MESH_AXES,
-    e.g. from make_mesh("data=2,expert=4")), each parameter is created already split by the logical-axis
+    the model is never materialised twice. With `mesh` (any jax Mesh whose axis names are among data, fsdp, expert
+    and tensor, in any order, Explicit or Auto, e.g. jax.make_mesh((2, 4), ("data", "expert")) or moejax's
+    make_mesh("data=2,expert=4")), each parameter is created already split by the logical-axis
     rules, every device's shard reading only its slice; calls then run on the mesh, MoE blocks
     expert-parallel. A tensor holding NaN or infinite values is an error naming it, unless allow_nonfinite.
     `config_overrides` replace fields of the moejax config (e.g. Nemotron-H's dt_floor="time_step_min" or
     chunk_size=64).
     """
     path = Path(path)
+    mesh = as_moejax_mesh(make_mesh(mesh) if isinstance(mesh, str) else mesh)
     cfg = load_config(path)
     if config_overrides:
         fields = {f.name for f in dataclasses.fields(cfg)}

@@ -45,7 +45,16 @@ from moejax.loading import load_config
 from moejax.models import abstract_model
 from moejax.models.common import jitted_forward
 from moejax.parallel.mesh import BATCH_AXES, batch_sharding, describe, make_mesh, param_sharding, parse_mesh
-from moejax.training.step import BATCH_FIELDS, TrainConfig, init_state, make_train_step, optimizer
+from moejax.routing.experts import read_selection
+from moejax.training.step import (
+    BATCH_FIELDS,
+    TrainConfig,
+    init_state,
+    make_train_step,
+    optimizer,
+    trainable,
+    trainable_budget,
+)
 
 GiB = 1024 ** 3
 
@@ -87,6 +96,9 @@ class PlanSettings:
                         "dots: keep the dense matmuls' outputs)", choices=tuple(REMAT_POLICIES))
     accum_steps: int = option(1, "with --train: split the batch into N micro-batches, gradients accumulated",
                               kind=int, minimum=1, metavar="N")
+    train_experts: str | None = option(None, "with --train: expert-selective training of these experts (as "
+                                       "`moejax train --train-experts`): AdamW state for their slices only",
+                                       metavar="FILE[:LANG[:KEY]]")
     json: str | None = option(None, "also write the plan as JSON", metavar="FILE")
 
     def __post_init__(self):
@@ -94,8 +106,8 @@ class PlanSettings:
         if self.model is None:
             raise SettingsError("--model is required: a preset (qwen3-30b-a3b, nemotron-3-nano-30b-a3b) or a "
                                 "checkpoint directory")
-        if not self.train and (self.remat != "none" or self.accum_steps != 1):
-            raise SettingsError("--remat and --accum-steps plan the train step: add --train")
+        if not self.train and (self.remat != "none" or self.accum_steps != 1 or self.train_experts):
+            raise SettingsError("--remat, --accum-steps and --train-experts plan the train step: add --train")
         if self.train and self.batch % self.accum_steps:
             raise SettingsError(f"--batch {self.batch} is not divisible by --accum-steps {self.accum_steps}")
         if self.mesh is None and self.topology is None:
@@ -113,7 +125,8 @@ def plan(settings: PlanSettings) -> dict:
         return _plan_in_child(s, needed)
     if s.train:
         return plan_train(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype, remat=s.remat,
-                          accum_steps=s.accum_steps)
+                          accum_steps=s.accum_steps,
+                          train_experts=read_selection(s.train_experts) if s.train_experts else None)
     return plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype)
 
 
@@ -183,21 +196,24 @@ def plan_forward(model: str, mesh_spec: str | None = None, topology: str | None 
 
 
 def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
-               seq: int = 2048, dtype: str = "bfloat16", remat: str = "none", accum_steps: int = 1) -> dict:
+               seq: int = 2048, dtype: str = "bfloat16", remat: str = "none", accum_steps: int = 1,
+               train_experts: dict[str, list[int]] | None = None) -> dict:
     """Compiles the train step of `model` on the mesh (float32 master weights, AdamW, load-balancing loss,
     compute in `dtype`); returns its memory plan (see module docstring)."""
     cfg, sizes, chip = resolve(model, mesh_spec, topology)
     mesh = make_mesh(sizes)
     started = time.perf_counter()
     # Compiled in float32 (module docstring); the lower compute dtype enters the analytic terms below.
-    train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps).resolved(cfg)
+    train_cfg = TrainConfig(compute_dtype="float32", remat=remat, accum_steps=accum_steps,
+                            train_experts=train_experts).resolved(cfg)
     abstract = sharded_abstract(cfg, model, mesh)
     abstract.layers.remat = remat
     abstract.layers.index_experts = False
     graphdef, params = nnx.split(abstract)
     state = jax.eval_shape(lambda params: init_state(nnx.merge(graphdef, params), train_cfg)[1], params)
     state = with_param_shardings(state, params, mesh)
-    step = make_train_step(graphdef, optimizer(train_cfg, params), train_cfg, cfg)
+    tx = optimizer(train_cfg, params, cfg)
+    step = make_train_step(graphdef, tx, train_cfg, cfg)
     shapes = {name: (batch,) if name == "lang_ids" else (batch, seq) for name in BATCH_FIELDS}
     inputs = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
               for name, shape in shapes.items()}
@@ -219,6 +235,7 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
         "model": model, "model_type": cfg.model_type, "mode": "train", "mesh": describe(mesh),
         "topology": topology, "dtype": dtype, "batch": batch, "seq": seq, "remat": remat,
         "accum_steps": accum_steps, "parameters": count, "parameters_analytic": cfg.parameter_count(),
+        "trainable": trainable_budget(trainable(train_cfg, params, cfg), params)["trainable"],
         "parameter_bytes": count * 4,
         "estimate": "exact float32 parameters and optimizer state; outputs and temporaries of the float32-compiled "
                     f"program on the tile path; the {dtype} parameter copy and the accelerator path's MoE rows "
@@ -248,8 +265,8 @@ def with_param_shardings(tree, params, mesh):
              if getattr(leaf, "sharding", None) is not None}
 
     def place(path, leaf):
-        sharding = next((owned[path[i:]] for i in range(len(path)) if path[i:] in owned),
-                        NamedSharding(mesh, PartitionSpec()))
+        sharding = next((owned[path[i:]] for i in range(len(path)) if path[i:] in owned
+                         and len(owned[path[i:]].spec) <= leaf.ndim), NamedSharding(mesh, PartitionSpec()))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(place, tree)
@@ -277,6 +294,9 @@ def plan_text(p: dict) -> str:
     counted = (f"  parameters: {p['parameters']:,} (analytic count from the config: {p['parameters_analytic']:,}), "
                f"{p['parameter_bytes'] / GiB:.1f} GiB" + (" in float32" if train else "")
                + f"; per device {p['parameter_bytes_per_device'] / GiB:.2f} GiB")
+    if train and p["trainable"] != p["parameters"]:
+        counted += (f"\n  trainable: {p['trainable']:,} ({100 * p['trainable'] / p['parameters']:.2f}%); AdamW "
+                    "moments are held for these alone")
     if not train:
         lines = [f"moejax plan: {p['model']} ({p['model_type']}), forward, batch {p['batch']} x {p['seq']} tokens, "
                  f"{p['dtype']}, {where}", counted,

@@ -80,6 +80,10 @@ class TrainSettings:
     route_to_trained: bool = option(False, "with --train-experts: during training only, route the selected layers' "
                                     "tokens to the selected experts (the others' logits set to -1e9); evaluation "
                                     "and export use the unrestricted router", kind=bool)
+    train_blocks: tuple[int, ...] = option((), "train these decoder blocks whole (their slices of every stacked "
+                                           "tensor; e.g. the last two, as the study's full-final-layers baseline), "
+                                           "everything else frozen", kind=list, element=int, minimum=0,
+                                           metavar="B1,B2")
     sft: bool = option(False, "supervised fine-tuning: --data (and --eval-data) are JSONL records {\"messages\": "
                        "[{\"role\", \"content\"}, ...]} or {\"prompt\", \"response\"}, formatted with the "
                        "model's chat template, packed whole with segment ids, the loss on the assistant tokens only",
@@ -127,7 +131,7 @@ class TrainSettings:
                            remat=self.remat, accum_steps=self.accum_steps,
                            train_experts=read_selection(self.train_experts) if self.train_experts else None,
                            train_routers=self.train_routers, route_to_trained=self.route_to_trained,
-                           ).resolved(model_config)
+                           train_blocks=list(self.train_blocks) or None).resolved(model_config)
         graphdef_params = nnx.split(abstract_model(model_config))[1]
         budget = trainable_budget(trainable(step, graphdef_params, model_config), graphdef_params)
         return RunSettings(model=model, data=self.data, steps=self.steps, seq_len=self.seq_len,

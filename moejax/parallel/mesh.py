@@ -65,6 +65,30 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
                          devices=devices[:needed])
 
 
+def as_moejax_mesh(mesh: Mesh | None) -> Mesh | None:
+    """Any jax Mesh whose axis names are among MESH_AXES (any order, any subset, Explicit or Auto axis types, as
+    `jax.make_mesh` builds them) as the mesh moejax computes on: the same devices, the axes in MESH_AXES order with
+    the missing ones of size 1, every axis Auto (moejax places parameters and activations itself, by its
+    logical-axis rules). A name moejax does not know is a MeshError."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise MeshError(f"mesh must be a jax.sharding.Mesh (or a spec such as 'data=2,expert=4'), got "
+                        f"{type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    unknown = [n for n in names if n not in MESH_AXES]
+    if unknown:
+        raise MeshError(f"mesh axes {unknown} are not among {MESH_AXES}; name the mesh's axes with those (a missing "
+                        "axis has size 1)")
+    if len(set(names)) != len(names):
+        raise MeshError(f"mesh axis names repeat: {names}")
+    if names == MESH_AXES and all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    devices = np.transpose(mesh.devices, [names.index(a) for a in MESH_AXES if a in names])
+    shape = tuple(mesh.shape[a] if a in names else 1 for a in MESH_AXES)
+    return Mesh(devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """"data=2,expert=4" -> {"data": 2, "expert": 4}."""
     sizes = {}
@@ -89,9 +113,16 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, wh
             raise MeshError(f"{where}: logical axis {name!r} has no sharding rule in moejax.parallel.mesh.RULES")
         mesh_axis = RULES[name]
         parts = mesh.shape[mesh_axis] if mesh_axis else 1
+        if name == "kv_heads" and size < parts and parts % size == 0:
+            # Fewer KV heads than tensor devices (Qwen3-30B-A3B has 4, Nemotron-3-Nano 2): the K/V projections are
+            # replicated over tensor while the query heads stay split, as vLLM serves such models.
+            spec.append(None)
+            continue
         if size % parts:
+            also = (f" (fewer KV heads than tensor devices are replicated, but only when {parts} is a multiple of "
+                    f"{size})" if name == "kv_heads" else "")
             raise MeshError(f"{where}: its {name!r} dimension ({size}) does not divide over mesh axis "
-                            f"{mesh_axis}={parts}; pick a {mesh_axis} size that divides {size}")
+                            f"{mesh_axis}={parts}{also}; pick a {mesh_axis} size that divides {size}")
         spec.append(mesh_axis if parts > 1 else None)
     return PartitionSpec(*spec)
 
@@ -119,7 +150,9 @@ def mesh_of(tree) -> Mesh | None:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves an existing model's parameters onto `mesh`, each split by its logical axes (in place)."""
+    """Moves an existing model's parameters onto `mesh` (any jax Mesh over MESH_AXES' names), each split by its
+    logical axes (in place)."""
+    mesh = as_moejax_mesh(mesh)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(jax.device_put(var.get_value(), param_sharding(".".join(map(str, path)), var, mesh)))
     return model

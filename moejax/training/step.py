@@ -73,6 +73,7 @@ class TrainConfig:
     train_experts: dict[str, list[int]] | None = None
     train_routers: bool = False
     route_to_trained: bool = False
+    train_blocks: list[int] | None = None  # decoder blocks trained whole (their slices of every stacked tensor)
     remat: str = "none"  # a REMAT_POLICIES key: none, full, dots
     accum_steps: int = 1  # micro-batches per step; the batch is split into this many
 
@@ -147,9 +148,16 @@ def _is_variable(x) -> bool:
 def trainable(cfg: TrainConfig, params, model_config):
     """What trains, a tree with the parameters' structure: True, False, or Slices (expert-selective training: the
     named experts' [repeat, expert] slices of a stacked expert tensor; with train_routers, the [repeat] slices of
-    the routers of those layers). Never the correction bias, which moves by its own rule."""
+    the routers of those layers; train_blocks: those blocks' [repeat] slices of every stacked tensor). Never the
+    correction bias, which moves by its own rule."""
     selection = cfg.expert_selection(model_config)
-    pattern = re.compile(cfg.trainable or "") if cfg.trainable or not selection else None
+    blocks = set(cfg.train_blocks or ())
+    outside = sorted(b for b in blocks if not 0 <= b < len(model_config.layer_kinds))
+    if outside:
+        raise SettingsError(f"train_blocks {outside} are not blocks of this model (blocks 0-"
+                            f"{len(model_config.layer_kinds) - 1})")
+    selective = bool(selection or blocks)
+    pattern = re.compile(cfg.trainable or "") if cfg.trainable or not selective else None
     layer_ids = segment_layer_ids(model_config.layer_kinds)
     moe_ordinal = {layer: i for i, layer in enumerate(model_config.moe_layers)}
 
@@ -157,16 +165,21 @@ def trainable(cfg: TrainConfig, params, model_config):
         name = _dotted(path)
         whole = pattern is not None and bool(pattern.search(name)) and not name.endswith("correction_e")
         where = layer_position(name)
-        if whole or not selection or where is None:
+        if whole or not selective or where is None:
             return jax.tree.map(lambda _: whole, var)
         axes = tuple(var.get_metadata().get("logical_axes") or ())
-        repeats = [moe_ordinal.get(block) for block in layer_ids[where[0]][where[1]]]
+        block_ids = layer_ids[where[0]][where[1]]
+        moe = [moe_ordinal.get(block) for block in block_ids]
+        everything = range(model_config.num_routed_experts)
         if axes[:2] == ("layers", "expert"):
-            rows = [(r, e) for r, layer in enumerate(repeats) for e in selection.get(layer, ())]
-        elif cfg.train_routers and name.endswith("router.w_de"):
-            rows = [(r,) for r, layer in enumerate(repeats) if layer in selection]
-        else:
+            rows = [(r, e) for r, (block, layer) in enumerate(zip(block_ids, moe, strict=True))
+                    for e in (everything if block in blocks else selection.get(layer, ()))]
+        elif name.endswith("correction_e"):
             rows = []
+        else:
+            router = cfg.train_routers and name.endswith("router.w_de")
+            rows = [(r,) for r, (block, layer) in enumerate(zip(block_ids, moe, strict=True))
+                    if block in blocks or (router and layer in selection)]
         if not rows:
             return jax.tree.map(lambda _: False, var)
         index = tuple(np.asarray(column, np.int32) for column in zip(*rows, strict=True))

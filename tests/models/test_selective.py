@@ -97,6 +97,33 @@ def test_only_the_selected_slices_change(checkpoint, routers):
     assert changed_somewhere
 
 
+def test_whole_blocks_train_alone(checkpoint):
+    """train_blocks (the study's complete-final-layers baseline): only those blocks' slices of the stacked tensors
+    move, every one of them, and nothing else."""
+    arch, _, path = checkpoint
+    model = moejax.from_pretrained(path)
+    last = len(model.config.layer_kinds) - 1
+    cfg = TrainConfig(learning_rate=1e-2, total_steps=10, warmup_steps=1, train_blocks=[last])
+    config, before, state = run_steps(path, arch, cfg, steps=2)
+    moved_blocks = set()
+    for (p, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(state.params),
+                             strict=True):
+        name = _dotted(p)
+        new = np.asarray(new)
+        where = layer_position(name)
+        if where is None or name.endswith("correction_e"):
+            np.testing.assert_array_equal(new, old, err_msg=name)
+            continue
+        blocks = segment_layer_ids(config.layer_kinds)[where[0]][where[1]]
+        for r, block in enumerate(blocks):
+            if block == last:
+                assert (new[r] != old[r]).any(), f"{name}: block {block} did not move"
+                moved_blocks.add(block)
+            else:
+                np.testing.assert_array_equal(new[r], old[r], err_msg=f"{name} block {block}")
+    assert moved_blocks == {last}
+
+
 def test_optimizer_state_holds_the_trained_slices_only(checkpoint):
     arch, _, path = checkpoint
     SELECTION = SELECTIONS[arch]
