@@ -97,6 +97,10 @@ class LayerStack(nnx.Module):
         # every expert's weights, measured at up to 3/4 of a decoding step and ~45% of a 1024-token forward. Training
         # turns it off: gradients through it would add a whole stacked array per layer.
         self.index_experts = True
+        # Blocks below this index need no gradient (training whose trainable parameters all sit in later blocks, as
+        # expert-selective training of the last layers): their repeats run as a scan of their own, outside the
+        # gradient, so the backward pass stops at the first block that trains. Set by training.
+        self.grad_from = 0
 
     def cache(self, batch: int, length: int, dtype) -> tuple:
         """Empty generation caches: per segment, per position in its unit, the kind's `layer.cache(batch, length,
@@ -147,8 +151,20 @@ class LayerStack(nnx.Module):
 
             if self.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            repeats = jnp.arange(len(ids[0]), dtype=jnp.int32)
-            x, (aux_u, caches_u) = jax.lax.scan(body, x, (state, rows, unit_caches, repeats))
+            xs = (state, rows, unit_caches, jnp.arange(len(ids[0]), dtype=jnp.int32))
+            # Leading repeats whose blocks all lie below grad_from: a scan without gradient, then the rest.
+            frozen = sum(all(repeats[r] < self.grad_from for repeats in ids) for r in range(len(ids[0])))
+            if frozen:
+                head = jax.lax.stop_gradient(jax.tree.map(lambda a, n=frozen: a[:n], xs))
+                x, (aux_u, caches_u) = jax.lax.scan(body, x, head)
+                x, aux_u = jax.lax.stop_gradient((x, aux_u))
+            if frozen < len(ids[0]):
+                tail = jax.tree.map(lambda a, n=frozen: a[n:], xs) if frozen else xs
+                x, (aux_t, caches_t) = jax.lax.scan(body, x, tail)
+                if frozen:
+                    aux_t, caches_t = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (aux_u, caches_u),
+                                                   (aux_t, caches_t))
+                aux_u, caches_u = aux_t, caches_t
             new_caches.append(caches_u)
             for u, repeats in enumerate(ids):
                 for r, layer_index in enumerate(repeats):

@@ -36,8 +36,19 @@ class Slices:
     def take(self, x: jax.Array) -> jax.Array:
         return x[tuple(jnp.asarray(i) for i in self.index)]
 
-    def put(self, x: jax.Array, values: jax.Array) -> jax.Array:
-        return x.at[tuple(jnp.asarray(i) for i in self.index)].set(values)
+    def add(self, x: jax.Array, values: jax.Array) -> jax.Array:
+        return x.at[tuple(jnp.asarray(i) for i in self.index)].add(values.astype(x.dtype))
+
+
+def apply_updates(params, updates, train):
+    """params + updates, as optax.apply_updates, where a Slices parameter's update holds its slices alone and a frozen
+    parameter is returned as it is (no pass over it)."""
+    def one(t, p, u):
+        if isinstance(t, Slices):
+            return t.add(p, u)
+        return p if frozen(t) else (p + u).astype(p.dtype)
+
+    return jax.tree.map(one, train, params, updates)
 
 
 def frozen(is_trained) -> bool:
@@ -56,7 +67,8 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
     """train, decay: trees with the parameters' structure (a leaf per parameter array): train holds True, False or
     Slices (only those sub-arrays train), decay bools. Frozen parameters (train False) get a zero update and keep no
     moments; their gradients are left out of the clipping norm. A Slices parameter keeps moments for its slices alone
-    ([slices, ...]) and only its slices' gradients enter the norm. Decoupled weight decay applies where decay is
+    ([slices, ...]), only its slices' gradients enter the norm, and its update is for the slices alone ([slices, ...]:
+    add it with `apply_updates`). Decoupled weight decay applies where decay is
     True (to the trained slices only)."""
 
     def init(params):
@@ -82,9 +94,8 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
         def one(is_trained, decays, g, m, v, p):
             if frozen(is_trained):
                 return jnp.zeros_like(g), m, v
-            if isinstance(is_trained, Slices):
-                u, m, v = one(True, decays, is_trained.take(g), m, v, is_trained.take(p))
-                return is_trained.put(jnp.zeros_like(g), u), m, v
+            if isinstance(is_trained, Slices):  # the update of the slices alone: apply_updates adds it there
+                return one(True, decays, is_trained.take(g), m, v, is_trained.take(p))
             g = g * clip.astype(g.dtype)
             m = (1 - b1) * g + b1 * m
             v = (1 - b2) * (g**2) + b2 * v

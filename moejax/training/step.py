@@ -30,7 +30,7 @@ from moejax.layers.moe import RouterControl
 from moejax.layers.stack import REMAT_POLICIES, layer_position, segment_layer_ids
 from moejax.models import abstract_model
 from moejax.parallel.mesh import mesh_of, on_mesh
-from moejax.training.adamw import Slices, clipped_adamw, frozen
+from moejax.training.adamw import Slices, apply_updates, clipped_adamw, frozen
 from moejax.training.losses import (
     IGNORE_INDEX,
     expert_counts,
@@ -218,6 +218,15 @@ def budget_text(budget: dict) -> str:
             f"({100 * budget['share']:.2f}%)")
 
 
+def first_trained_block(cfg: TrainConfig, model_config) -> int:
+    """The first decoder block with a trainable parameter, when only blocks train (expert-selective training, whole
+    blocks): the blocks before it need no backward pass. 0 when anything outside the blocks may train."""
+    if cfg.trainable or not (cfg.train_experts or cfg.train_blocks):
+        return 0
+    blocks = [model_config.moe_layers[layer] for layer in cfg.expert_selection(model_config)]
+    return min([*blocks, *(cfg.train_blocks or ())])
+
+
 def route_control(cfg: TrainConfig, model_config) -> RouterControl | None:
     """route_to_trained as RouterControl data: in the selected layers only the selected experts may be chosen."""
     if not cfg.route_to_trained:
@@ -250,6 +259,7 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     cfg = cfg.resolved(model.config)
     model.layers.remat = cfg.remat
     model.layers.index_experts = False  # gradients flow through sliced layer weights
+    model.layers.grad_from = first_trained_block(cfg, model.config)
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     tx = optimizer(cfg, params, model.config)
@@ -306,6 +316,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     control = route_control(cfg, model_config)
 
     def loss_fn(params, micro):
+        # Frozen parameters enter without a gradient, so XLA computes none for them.
+        params = jax.tree.map(lambda t, p: jax.lax.stop_gradient(p) if frozen(t) else p,
+                              trainable(cfg, params, model_config), params)
         model = _compute_model(graphdef, params, compute)
         valid_bt = micro["segment_ids"] != 0
         out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True, control=control)
@@ -346,7 +359,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
         def update(state, grads):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            params = apply_updates(state.params, updates, trainable(cfg, state.params, model_config))
             if cfg.bias_update_rate:
                 params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1),
                                                cfg.bias_update_rate)

@@ -334,12 +334,13 @@ def test_expert_selective_step_on_a_mesh(tmp_path, spec):
         assert np.abs(one - many).max() <= 0.05 * cfg.learning_rate
 
 
-USER_MESHES = [((4,), ("expert",)), ((2, 4), ("data", "expert")), ((2, 2, 2), ("data", "expert", "tensor")),
-               ((4, 2), ("fsdp", "expert")), ((2, 4), ("expert", "data")), ((2, 2, 2), ("tensor", "expert", "data"))]
+USER_MESHES = [((4,), ("expert",), "Explicit"), ((2, 4), ("data", "expert"), "Explicit"),
+               ((2, 2, 2), ("data", "expert", "tensor"), "Explicit"), ((4, 2), ("fsdp", "expert"), "Explicit"),
+               ((2, 4), ("expert", "data"), "Auto"), ((2, 2, 2), ("tensor", "expert", "data"), "Explicit"),
+               ((2, 2, 2), ("tensor", "expert", "data"), "Auto")]
 
 
-@pytest.mark.parametrize("shape, names", USER_MESHES)
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("shape, names, axis_type", USER_MESHES)
 def test_meshes_made_with_jax_make_mesh(checkpoint, shape, names, axis_type):
     """A mesh as a user builds it (`jax.make_mesh`, Explicit or Auto axes, any order, a subset of the axes) loads,
     runs and equals one device."""
