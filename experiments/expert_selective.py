@@ -7,12 +7,13 @@ variant's trainable share to its score.
         --last-layers 2 --steps 500 --out results/selective
 
 Steps: (1) `moejax experts --method gap` over --langs of --select-data in the last --last-layers MoE layers
-writes selected_experts.json; (2) `moejax train` runs each variant from the same start (--train-experts FILE:LANG:seft,
-...:ssft_k5, every expert of those layers, and --train-blocks with those layers' blocks), the same data, steps and
-seed; (3) each variant's held-out cross-entropy per language of --eval-data (eval.csv, before the first step and at
-the end) and, with --tasks, its scores through `moejax eval`; (4) OUT/selective.csv, OUT/summary.md and
-OUT/selective.png (score against trainable share, log scale). Without arguments it runs the built-in model on the
-bundled corpus in a few minutes, and says that this proves nothing about real models.
+writes selected_experts.json; (2) `moejax train` runs each variant from the same start (--train-experts
+FILE:LANG:seft, ...:ssft_k5, every expert of those layers, and --train-blocks with those layers' blocks), the same
+data, steps and seed; (3) each variant's held-out cross-entropy per language of --eval-data (eval.csv, before the
+first step and at the end), and its scores on --tasks through lm-eval with moejax as the model (the run exported
+first); (4) OUT/selective.csv, OUT/summary.md and OUT/selective.png (held-out loss change against trainable share,
+log scale). Without arguments it runs the built-in model on the bundled corpus and tasks in a few minutes, and
+says that this proves nothing about real models.
 """
 
 from __future__ import annotations
@@ -48,6 +49,28 @@ def last_eval(run: Path) -> dict[str, float]:
         {k.removeprefix("eval_loss_"): float(v) for k, v in rows[0].items() if k != "step"}
 
 
+def downstream(run_dir: Path, args) -> dict[str, float]:
+    """The trained variant's task scores through lm-eval with moejax as the model (the run exported to the Hugging
+    Face layout first, float32, with the byte-level tokenizer for the built-in model)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moejax.commands.evaluate import BUNDLED_TASKS
+    from moejax.commands.export import ExportSettings, export
+    from moejax.evaluation.harness import MoejaxLM
+    from moejax.reference import save_byte_tokenizer
+
+    hf = export(ExportSettings(src=run_dir / "checkpoint", out_dir=run_dir / "hf", dtype="float32"))
+    if args.model is None:
+        save_byte_tokenizer(hf)
+    tasks = args.tasks.split(",")
+    results = lm_eval.simple_evaluate(model=MoejaxLM(pretrained=str(hf)), tasks=tasks, limit=args.limit,
+                                      task_manager=TaskManager(include_path=[str(BUNDLED_TASKS)], verbosity="ERROR"),
+                                      verbosity="ERROR")["results"]
+    return {f"score_{task}": float(next(v for k, v in results[task].items() if k.startswith("acc,")
+                                        or k.startswith("exact_match,"))) for task in tasks}
+
+
 def run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,9 +89,10 @@ def run(args) -> Path:
         budget = settings.run_settings().budget
         train(settings)
         end, start = last_eval(folder)
+        scores = downstream(folder, args) if args.tasks != "none" else {}
         rows.append({"variant": name, "trainable": budget["trainable"], "share": budget["share"],
                      **{f"eval_loss_{k}": v for k, v in end.items()},
-                     **{f"change_{k}": end[k] - start[k] for k in end}})
+                     **{f"change_{k}": end[k] - start[k] for k in end}, **scores})
         print(f"{name}: {budget['trainable']:,} parameters ({budget['share']:.2%}), held-out loss "
               + ", ".join(f"{k} {v:.4f} ({end[k] - start[k]:+.4f})" for k, v in end.items()))
     with open(out / "selective.csv", "w", newline="") as f:
@@ -76,13 +100,15 @@ def run(args) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     langs = [k.removeprefix("eval_loss_") for k in rows[0] if k.startswith("eval_loss_")]
-    header = " | ".join(f"held-out loss {lang} (change)" for lang in langs)
+    score_keys = [k for k in rows[0] if k.startswith("score_")]
+    header = " | ".join([*(f"held-out loss {lang} (change)" for lang in langs), *(k[6:] for k in score_keys)])
     lines = [f"# Expert-selective adaptation, {args.lang}, last {args.last_layers} MoE layers", "",
-             f"| variant | trainable parameters | share | {header} |", "|---|---|---|" + "---|" * len(langs)]
+             f"| variant | trainable parameters | share | {header} |",
+             "|---|---|---|" + "---|" * (len(langs) + len(score_keys))]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable']:,} | {r['share']:.2%} | "
-                     + " | ".join(f"{r[f'eval_loss_{lang}']:.4f} ({r[f'change_{lang}']:+.4f})" for lang in langs)
-                     + " |")
+                     + " | ".join([*(f"{r[f'eval_loss_{lang}']:.4f} ({r[f'change_{lang}']:+.4f})" for lang in langs),
+                                   *(f"{r[k]:.4f}" for k in score_keys)]) + " |")
     if args.model is None:
         lines += ["", "The built-in model has random weights and the corpus is tiny: this run shows the protocol "
                   "working and proves nothing about real models."]
@@ -93,10 +119,7 @@ def run(args) -> Path:
 
 
 def _figure(path: Path, rows: list[dict], lang: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from moejax.report.figures import plt, save_figure  # pyplot with the Agg backend
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for i, r in enumerate(rows):
@@ -105,9 +128,7 @@ def _figure(path: Path, rows: list[dict], lang: str) -> None:
     ax.set_xlabel("trainable share of the parameters")
     ax.set_ylabel(f"held-out loss change, {lang}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--tasks", default="moejax_choice_he,moejax_choice_en",
+                        help="lm-eval tasks scored for each variant through `moejax eval`'s backend (acc or "
+                        "exact_match); 'none' for held-out loss only")
+    parser.add_argument("--limit", type=int, help="documents per task")
     parser.add_argument("--out", default="expert-selective", type=Path)
     run(parser.parse_args(argv))
 

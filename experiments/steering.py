@@ -95,8 +95,7 @@ def run(args) -> Path:
                for name, steer in (("base", None), ("steered", steering))}
     rows = []
     for task in tasks:
-        metric = next(k.split(",")[0] for k in results["base"]["results"][task] if not k.startswith("alias")
-                      and "_stderr" not in k)
+        metric = next(k.split(",")[0] for k in results["base"]["results"][task] if "," in k and "_stderr" not in k)
         before = item_scores(results["base"]["samples"][task], metric)
         after = item_scores(results["steered"]["samples"][task], metric)
         binary = set(np.unique(np.concatenate([before, after]))) <= {0.0, 1.0}
@@ -118,6 +117,8 @@ def run(args) -> Path:
                      f"{r['difference']:+.4f} | {r['p_value']:.3g} ({r['test']}) |")
     lines.append(f"| **average** | | | {np.mean([r['base'] for r in rows]):.4f} | "
                  f"{np.mean([r['steered'] for r in rows]):.4f} | {np.mean([r['difference'] for r in rows]):+.4f} | |")
+    if record["selected_count"] == 0:
+        lines += ["", f"No expert passed tau {args.tau}: steering changed nothing. Lower --tau or widen --layers."]
     if model == BUILTIN:
         lines += ["", "The built-in model has random weights and the bundled tasks have 12 items each: this run "
                   "shows the protocol working and proves nothing about real models."]
@@ -128,10 +129,7 @@ def run(args) -> Path:
 
 
 def _figure(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from moejax.report.figures import plt, save_figure  # pyplot with the Agg backend
 
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.2))
@@ -140,9 +138,7 @@ def _figure(path: Path, rows: list[dict]) -> None:
     ax.set_xticks(x, [r["task"] for r in rows], rotation=20, fontsize=8)
     ax.set_ylabel(rows[0]["metric"])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                         "analyze reads); default: the bundled English task's questions with their answers")
     parser.add_argument("--baseline", default="en=builtin", metavar="LABEL=CORPUS",
                         help="general-domain text of the same language (default: the built-in English sample)")
-    parser.add_argument("--tau", type=float, default=0.3, help="delta threshold for selecting experts")
+    parser.add_argument("--tau", type=float, help="delta threshold for selecting experts (default 0.3; 0.1 for the "
+                        "built-in model, whose in-domain and general English differ little)")
     parser.add_argument("--layers", help="MoE-layer window, e.g. 7-34 (default: the middle half of the MoE layers)")
     parser.add_argument("--lam", type=float, default=0.5, help="soft steering strength lambda")
     parser.add_argument("--tasks", help="lm-eval tasks, comma-separated (default: the bundled en/he/ja choice tasks)")
@@ -163,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="steering-experiment", type=Path)
     args = parser.parse_args(argv)
+    if args.tau is None:
+        args.tau = 0.3 if args.model else 0.1
     if args.layers is None:
         from moejax.commands.analyze import load_model
 

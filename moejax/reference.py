@@ -71,9 +71,13 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None, **overrides):
+def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None,
+                    byte_tokenizer: bool = False, **overrides):
     """A random transformers model of `arch` ("qwen3_moe" or "nemotron_h") saved with save_pretrained;
-    returns (the float32 reference model reloaded from disk, the directory)."""
+    returns (the float32 reference model reloaded from disk, the directory). byte_tokenizer: the vocabulary is the
+    byte-level tokenizer's 259 ids and the tokenizer is saved beside the weights (save_byte_tokenizer)."""
+    if byte_tokenizer:
+        overrides.setdefault("vocab_size", 259)
     config = TINY_CONFIGS[arch](**overrides)
     torch.manual_seed(seed)
     model = randomize(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
@@ -81,6 +85,8 @@ def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     save.save_pretrained(tmp, **kwargs)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    if byte_tokenizer:
+        save_byte_tokenizer(tmp)
     return reference, Path(tmp)
 
 

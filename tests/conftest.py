@@ -7,8 +7,11 @@ tests/multidevice/conftest.py).
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
+
+import pytest
 
 # The commands the tests run keep their XLA compilation cache inside this test run, never in the user's home:
 # one directory for the session (and the processes it starts), so an identical program compiles once.
@@ -17,3 +20,20 @@ os.environ.setdefault("MOEJAX_COMPILATION_CACHE", _CACHE)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The processes the tests start share that cache; this process keeps its compiled programs in memory only. XLA's CPU
+# client has aborted here while serialising a program for the persistent cache, late in a full run (in
+# `executable.serialize()`, never when the same tests ran alone); in-process, the cache would only save
+# recompiling what this process already holds.
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module compiles its own programs; dropping them (and the module's models) when it ends keeps the
+    session's memory flat. Without it a full run grew until XLA aborted while compiling, late in the session."""
+    yield
+    jax.clear_caches()
+    gc.collect()

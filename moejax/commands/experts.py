@@ -22,6 +22,7 @@ from tqdm import tqdm
 from moejax.commands.analyze import load_model
 from moejax.commands.options import MESH_HELP, check_options, option
 from moejax.data.corpus import FLORES_CODES, read_corpus
+from moejax.data.mixture import jsonl_texts
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
 from moejax.parallel.mesh import make_mesh
@@ -131,7 +132,7 @@ def read_sequences(label: str, path: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:1: not valid JSON ({exc})") from None
         if isinstance(row, dict) and "text" in row and label not in row:
-            return _jsonl_texts(where)
+            return jsonl_texts(where)
     elif where.is_file() and where.suffix != ".csv":
         lines = where.read_text(encoding="utf-8").splitlines()
         header = lines[0].lstrip("\ufeff").split("\t") if lines else []
@@ -141,21 +142,6 @@ def read_sequences(label: str, path: str) -> list[str]:
         raise DataError(f"{label}={path}: a parallel corpus is read by language column, and {label!r} is not one "
                         f"of {', '.join(sorted(FLORES_CODES))}; give a text or JSONL file of sequences instead")
     return read_corpus(where, [label], least=1)[label]
-
-
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{i}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}:{i}: expected a JSON object with a string \"text\" field")
-        texts.append(row["text"])
-    return texts
 
 
 def count_corpora(settings: ExpertsSettings, model, tokenizer, corpora: dict[str, list[str]]) -> dict[str, pick.Counts]:

@@ -98,7 +98,8 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode the file as UTF-8") from None
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def jsonl_texts(path: Path) -> list[str]:
+    """The "text" field of each line of a JSONL file (a DataError naming the line otherwise)."""
     texts = []
     for i, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
@@ -155,7 +156,7 @@ def load_documents(source: Source, tokenizer, vocab_size: int) -> Documents:
         lines = [line.removesuffix("\r") for line in _read_text(path).split("\n")]
         tokens, offsets = _encode([line for line in lines if line.strip()], tokenizer)
     elif suffix == ".jsonl":
-        tokens, offsets = _encode(_jsonl_texts(path), tokenizer)
+        tokens, offsets = _encode(jsonl_texts(path), tokenizer)
     elif suffix == ".npy":
         tokens = _int_array(_load_array(path), path, "a .npy file")
         eos = tokenizer.eos_id

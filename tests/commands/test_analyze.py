@@ -53,8 +53,7 @@ def write_corpus(directory, text=TEXT):
 @pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
 def checkpoint(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    reference, path = make_checkpoint(request.param, root / "model", seed=31, vocab_size=259)
-    save_byte_tokenizer(path)
+    reference, path = make_checkpoint(request.param, root / "model", seed=31, byte_tokenizer=True)
     return reference, path
 
 

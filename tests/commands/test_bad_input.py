@@ -29,8 +29,7 @@ pytestmark = pytest.mark.torch
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("bad-input") / "model"
-    make_checkpoint("qwen3_moe", path, seed=3, vocab_size=259)
-    save_byte_tokenizer(path)
+    make_checkpoint("qwen3_moe", path, seed=3, byte_tokenizer=True)
     return path
 
 

@@ -29,7 +29,7 @@ from moejax.commands.generate import GenerateSettings, generate
 from moejax.errors import DataError, SettingsError
 from moejax.reference import make_checkpoint, save_byte_tokenizer
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 # transformers' PyTorch Mamba-2 path floors dt at time_step_min (moejax.config.NemotronHConfig.dt_floor).
 OVERRIDES = {"qwen3_moe": {}, "nemotron_h": {"dt_floor": "time_step_min"}}
 CONTEXT = 64  # max_length of both backends: the rolling texts need several windows
@@ -69,8 +69,7 @@ def write_tasks(folder):
 @pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
 def checkpoint(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    _, path = make_checkpoint(request.param, root / "model", seed=5, vocab_size=259)
-    save_byte_tokenizer(path)
+    _, path = make_checkpoint(request.param, root / "model", seed=5, byte_tokenizer=True)
     return request.param, path, write_tasks(root / "tasks")
 
 

@@ -21,9 +21,9 @@ from moejax.cli import main
 from moejax.commands.experts import ExpertsSettings, find_experts
 from moejax.data.tokenize import ByteTokenizer
 from moejax.errors import SettingsError
-from moejax.reference import make_checkpoint, run_reference, save_byte_tokenizer
+from moejax.reference import make_checkpoint, run_reference
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 TEXTS = {
     "en": ["The river rises in spring.", "Bread needs flour, water and time.", "We walk to the station every day.",
            "Two plus two is four.", "The cat sleeps on the warm stones."],
@@ -35,8 +35,7 @@ TEXTS = {
 @pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
 def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    reference, path = make_checkpoint(request.param, root / "model", seed=6, vocab_size=259)
-    save_byte_tokenizer(path)
+    reference, path = make_checkpoint(request.param, root / "model", seed=6, byte_tokenizer=True)
     for lang, texts in TEXTS.items():
         (root / f"{lang}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     (root / "en.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS["en"]), encoding="utf-8")

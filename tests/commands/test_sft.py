@@ -25,7 +25,7 @@ from moejax.errors import DataError
 from moejax.reference import make_checkpoint, save_byte_tokenizer
 from moejax.training.step import TrainConfig, init_state, make_train_step
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 RECORDS = {

@@ -120,6 +120,7 @@ def _summed_loss(graphdef, params, ids, segments, labels):
     return jnp.sum(nll * valid)
 
 
+@pytest.mark.slow
 def test_packed_nemotron_gradient_is_the_sum_of_the_documents(tmp_path):
     path = tmp_path / "model"
     make_checkpoint("nemotron_h", path, seed=8, vocab_size=259)
@@ -160,7 +161,10 @@ def test_analysis_packed_equals_unpacked(model):
         forced, _ = tie_forcing(m, alone, packed)
         if forced:
             packed = collect(m, tokenizer, texts, packed=True, forced=forced, **common)
-        assert_same_statistics(alone, packed, rtol=1e-6)
+        # Counts identical; the float32 sums over a chunk's ~400 tokens are accumulated in another order once packed
+        # (another row position, another reduction tree): ~sqrt(400) * 6e-8 ~ 1.2e-6 relative, observed up to
+        # 1.19e-6, so the bound is assert_same_statistics' 1e-5 (n * eps for n = 400 is 2.4e-5).
+        assert_same_statistics(alone, packed)
         runs[lang] = (alone, packed)
     cfg = m.config
     tables = [build_tables([ModelRun("m", str(path), cfg.model_type, cfg.moe_layers, cfg.num_experts_per_tok,

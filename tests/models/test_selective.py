@@ -30,7 +30,7 @@ from moejax.routing.experts import read_selection
 from moejax.training.losses import load_balancing_loss, next_token_loss, sigmoid_balance_loss
 from moejax.training.step import TrainConfig, _dotted, init_state, make_train_step, route_control
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 # MoE layers 0 and 1 (the Nemotron-H tiny model has two), k = 3 experts each, for Nemotron-H within one group of its
 # group-limited router (2 groups of 4, one chosen): with fewer than k eligible experts, the remaining slots of a
 # restricted token are a tie (probability 0, or a choice score of -inf), and which expert fills them is up to each
