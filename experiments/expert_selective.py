@@ -60,7 +60,8 @@ def downstream(run_dir: Path, args) -> dict[str, float]:
     from moejax.evaluation.harness import MoejaxLM
     from moejax.reference import save_byte_tokenizer
 
-    hf = export(ExportSettings(src=run_dir / "checkpoint", out_dir=run_dir / "hf", dtype="float32"))
+    hf = export(ExportSettings(src=run_dir / "checkpoint", out_dir=run_dir.parent / "hf" / run_dir.name,
+                               dtype="float32"))
     if args.model is None:
         save_byte_tokenizer(hf)
     tasks = args.tasks.split(",")
