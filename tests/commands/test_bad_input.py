@@ -26,12 +26,6 @@ from moejax.reference import make_checkpoint, save_byte_tokenizer
 pytestmark = pytest.mark.torch
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bad-input") / "model"
-    make_checkpoint("qwen3_moe", path, seed=3, byte_tokenizer=True)
-    return path
-
 
 def snapshot(*roots: Path) -> dict[str, str]:
     """Every file under the roots (and every directory), with a hash of its bytes."""

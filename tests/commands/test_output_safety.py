@@ -27,16 +27,9 @@ from moejax.cli import main
 from moejax.data.corpus import read_corpus
 from moejax.errors import OutputError
 from moejax.io import MARKER, output_directory
-from moejax.reference import make_checkpoint
 
 pytestmark = pytest.mark.torch
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("safety") / "model"
-    make_checkpoint("qwen3_moe", path, seed=6, byte_tokenizer=True)
-    return path
 
 
 def leftovers(out: Path) -> list[str]:
