@@ -7,6 +7,8 @@ prediction weights (`mtp.*`) are not part of the forward pass and are skipped, a
 
 from __future__ import annotations
 
+import numpy as np
+
 from converters.keymap import KeyMap, Rule
 from moejax.config import NemotronHConfig
 
@@ -33,19 +35,33 @@ def keymap(cfg: NemotronHConfig) -> KeyMap:
             out += [Rule(p + "layers.{i}.mixer." + fused_name, fused_shape, fused_to) for p in PREFIXES]
         return out
 
+    g, n_state = cfg.n_groups, cfg.ssm_state_size
+
+    def per_group(a):  # [heads or inner, ...] (group-major) -> [g, heads or inner / g, ...]
+        return a.reshape(g, a.shape[0] // g, *a.shape[1:])
+
+    def by_group(a, z=0):
+        """[..., (z) x B C (dt)] -> [..., g, (z) x B C (dt)]: transformers' concatenation along the last axis (z:
+        inner columns, dt: the rest after C) regrouped so that each group's columns are contiguous."""
+        bc = inner + z + 2 * g * n_state
+        parts = [a[..., :z], a[..., z:z + inner], a[..., z + inner:bc - g * n_state], a[..., bc - g * n_state:bc],
+                 a[..., bc:]]
+        return np.concatenate([p.reshape(*p.shape[:-1], g, p.shape[-1] // g) for p in parts], axis=-1)
+
     def heads_of(count):  # [count*h, d] -> [d, count, h]
         return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
 
     layer = {
         ("norm", "weight"): [Rule(p + "layers.{i}.norm.weight", (d,)) for p in PREFIXES],
-        ("mixer", "in_proj_dp"): rules("in_proj.weight", (inner + conv + heads, d), _t),
-        ("mixer", "conv_ck"): rules("conv1d.weight", (conv, 1, cfg.conv_kernel), lambda a: a[:, 0]),
-        ("mixer", "conv_bias_c"): rules("conv1d.bias", (conv,)),
-        ("mixer", "dt_bias_h"): rules("dt_bias", (heads,)),
-        ("mixer", "a_log_h"): rules("A_log", (heads,)),
-        ("mixer", "d_h"): rules("D", (heads,)),
-        ("mixer", "norm_i"): rules("norm.weight", (inner,)),
-        ("mixer", "out_proj_id"): rules("out_proj.weight", (d, inner), _t),
+        ("mixer", "in_proj_dgw"): rules("in_proj.weight", (inner + conv + heads, d), lambda a: by_group(a.T, z=inner)),
+        ("mixer", "conv_gck"): rules("conv1d.weight", (conv, 1, cfg.conv_kernel),
+                                    lambda a: np.moveaxis(by_group(a[:, 0].T), 0, -1)),
+        ("mixer", "conv_bias_gc"): rules("conv1d.bias", (conv,), by_group),
+        ("mixer", "dt_bias_gr"): rules("dt_bias", (heads,), per_group),
+        ("mixer", "a_log_gr"): rules("A_log", (heads,), per_group),
+        ("mixer", "d_gr"): rules("D", (heads,), per_group),
+        ("mixer", "norm_gi"): rules("norm.weight", (inner,), per_group),
+        ("mixer", "out_proj_gid"): rules("out_proj.weight", (d, inner), lambda a: per_group(a.T)),
         ("mixer", "q_dnh"): rules("q_proj.weight", (n * h, d), heads_of(n)),
         ("mixer", "k_dkh"): rules("k_proj.weight", (k * h, d), heads_of(k)),
         ("mixer", "v_dkh"): rules("v_proj.weight", (k * h, d), heads_of(k)),

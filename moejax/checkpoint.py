@@ -105,7 +105,9 @@ def restore_params(model: nnx.Module, path: str | Path, mesh=None) -> nnx.Module
     if missing or extra:
         raise CheckpointError(f"{path / 'params'}: does not hold this {model.config.model_type} model's parameters "
                               f"(missing {['.'.join(k) for k in missing[:3]]}, unexpected "
-                              f"{['.'.join(k) for k in extra[:3]]}); it belongs to another architecture or config")
+                              f"{['.'.join(k) for k in extra[:3]]}); it belongs to another architecture or config, or "
+                              "an earlier moejax wrote it (round 2 stores the Mamba-2 mixer by group): run moejax "
+                              "convert again from the Hugging Face checkpoint")
     for key, target in wanted.items():
         if tuple(saved[key].shape) != tuple(target.shape):
             raise CheckpointError(f"{path / 'params'}: parameter {'.'.join(key)} has shape {tuple(saved[key].shape)}, "

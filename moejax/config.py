@@ -187,6 +187,16 @@ def _require(cond: bool, source: str, message: str) -> None:
         raise ConfigError(f"{source}: {message}")
 
 
+# How tokens reach the experts' devices under expert parallelism (moejax.layers.moe.expert_parallel): not in
+# config.json; a moejax setting, given as a config override (from_pretrained(..., expert_exchange="all_to_all")).
+EXPERT_EXCHANGES = ("auto", "all_gather", "all_to_all")
+
+
+def _require_exchange(cfg) -> None:
+    _require(cfg.expert_exchange in EXPERT_EXCHANGES, f"{cfg.model_type} config",
+             f"expert_exchange={cfg.expert_exchange!r} is not one of {EXPERT_EXCHANGES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3MoeConfig:
     """Every Qwen3-MoE config.json field that changes the forward pass."""
@@ -210,6 +220,7 @@ class Qwen3MoeConfig:
     rope: RopeConfig = RopeConfig(theta=1_000_000.0)
     max_position_embeddings: int = 40960
     router_aux_loss_coef: float | None = None  # the load-balancing coefficient the model was trained with
+    expert_exchange: str = "auto"
 
     model_type = "qwen3_moe"
     _READ = {
@@ -232,6 +243,7 @@ class Qwen3MoeConfig:
         _require(self.decoder_sparse_step >= 1, src, "decoder_sparse_step must be >= 1")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         _require(not bad, src, f"mlp_only_layers {bad} are outside [0, {self.num_hidden_layers})")
+        _require_exchange(self)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> Qwen3MoeConfig:
@@ -263,7 +275,8 @@ class Qwen3MoeConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads for this model."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope"}
+        skip = ("rope", "expert_exchange")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         if self.router_aux_loss_coef is None:
             del d["router_aux_loss_coef"]
@@ -399,6 +412,7 @@ class NemotronHConfig:
     layer_norm_epsilon: float = 1e-5
     router_aux_loss_coef: float | None = None  # the load-balancing coefficient, when config.json records one
     dt_floor: str = "time_step_limit"
+    expert_exchange: str = "auto"
 
     model_type = "nemotron_h"
     DT_FLOORS = ("time_step_limit", "time_step_min")
@@ -437,6 +451,7 @@ class NemotronHConfig:
         _require(self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group), src,
                  f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group groups")
         _require(self.dt_floor in self.DT_FLOORS, src, f"dt_floor={self.dt_floor!r} is not one of {self.DT_FLOORS}")
+        _require_exchange(self)
         bad = sorted(set(self.layer_kinds) - set(NEMOTRON_PATTERN.values()))
         _require(not bad, src, f"unknown layer kinds {bad}")
 
@@ -497,7 +512,7 @@ class NemotronHConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads for this model."""
-        skip = {"layer_kinds", "time_step_limit", "dt_floor"} | (
+        skip = {"layer_kinds", "time_step_limit", "dt_floor", "expert_exchange"} | (
             {"router_aux_loss_coef"} if self.router_aux_loss_coef is None else set())
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         inverse = {v: k for k, v in NEMOTRON_PATTERN.items()}

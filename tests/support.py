@@ -98,3 +98,15 @@ def forward_up_to_ties(reference, other, ids, mask):
     if forced.mask.any():
         got = other(ids, mask, return_router_logits=True, forced_routing=forced)
     return want, got, int(forced.mask.sum())
+
+
+def assert_forward_equals(reference, other, ids, mask, bound: float = 1e-5):
+    """forward_up_to_ties, then: logits and every MoE layer's router logits within `bound` at the unpadded tokens,
+    the chosen experts identical."""
+    want, got, _ = forward_up_to_ties(reference, other, ids, mask)
+    content = np.asarray(mask, bool)
+    assert np.abs(np.asarray(got.logits) - np.asarray(want.logits))[content].max() <= bound
+    for layer, (a, b) in enumerate(zip(got.router_logits, want.router_logits, strict=True)):
+        assert np.abs(np.asarray(a) - np.asarray(b))[content].max() <= bound, f"MoE layer {layer}"
+    for layer, (a, b) in enumerate(zip(got.router_expert_ids, want.router_expert_ids, strict=True)):
+        np.testing.assert_array_equal(np.asarray(a)[content], np.asarray(b)[content], err_msg=f"MoE layer {layer}")

@@ -14,6 +14,11 @@ analysis of the compiled per-device program, with two corrections for compiling 
 XLA's CPU and TPU compilers assign buffers differently, so the total is an estimate (an upper bound
 in its float32 parts).
 
+Beside memory, the plan says how each part is laid out on the mesh (the vocabulary and the Mamba-2 groups split
+over tensor or replicated, KV heads replicated when fewer than tensor devices) and how many bytes one MoE layer's
+token exchange moves into each device on the accelerator (moejax.parallel.hlo.exchange_bytes; with all_to_all the
+ragged exchange's expectation under uniform routing), with the exchange `auto` would choose there.
+
 With `train`, the CPT train step (moejax.training.step) is compiled instead, the same way: float32
 master parameters and AdamW's mu and nu (bytes exact, from the shard shapes), compiled in float32 on
 the tile path, plus analytic terms for what only the accelerator holds: the compute-dtype copy of the
@@ -38,12 +43,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.commands.options import check_options, option
-from moejax.config import NemotronHConfig, Qwen3MoeConfig
+from moejax.config import EXPERT_EXCHANGES, NemotronHConfig, Qwen3MoeConfig
 from moejax.errors import MeshError, SettingsError
+from moejax.layers.moe import resolve_exchange
 from moejax.layers.stack import REMAT_POLICIES
 from moejax.loading import load_config
 from moejax.models import abstract_model
 from moejax.models.common import jitted_forward
+from moejax.parallel.hlo import exchange_bytes
 from moejax.parallel.mesh import BATCH_AXES, batch_sharding, describe, make_mesh, param_sharding, parse_mesh
 from moejax.routing.experts import read_selection
 from moejax.training.step import (
@@ -91,6 +98,9 @@ class PlanSettings:
     seq: int = option(2048, "tokens per sequence", kind=int, minimum=1)
     dtype: str = option("bfloat16", "parameter dtype (with --train: the compute dtype; master weights are float32)",
                         choices=("bfloat16", "float32"))
+    expert_exchange: str = option("auto", "how tokens reach the experts' devices: all_gather, all_to_all (ragged, "
+                                  "each token only to the devices of its experts) or auto (all_to_all from 8 expert "
+                                  "devices on TPU/GPU)", choices=EXPERT_EXCHANGES)
     train: bool = option(False, "plan the train step rather than the forward", kind=bool)
     remat: str = option("none", "with --train: rematerialise each layer in the backward pass (full: everything; "
                         "dots: keep the dense matmuls' outputs)", choices=tuple(REMAT_POLICIES))
@@ -125,9 +135,10 @@ def plan(settings: PlanSettings) -> dict:
         return _plan_in_child(s, needed)
     if s.train:
         return plan_train(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype, remat=s.remat,
-                          accum_steps=s.accum_steps,
+                          accum_steps=s.accum_steps, expert_exchange=s.expert_exchange,
                           train_experts=read_selection(s.train_experts) if s.train_experts else None)
-    return plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype)
+    return plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype,
+                        expert_exchange=s.expert_exchange)
 
 
 def _plan_in_child(settings: PlanSettings, devices: int) -> dict:
@@ -142,9 +153,10 @@ def _plan_in_child(settings: PlanSettings, devices: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def resolve(model: str, mesh_spec: str | None, topology: str | None):
+def resolve(model: str, mesh_spec: str | None, topology: str | None, expert_exchange: str = "auto"):
     """(config, mesh sizes, Topology or None) for a preset name or a checkpoint directory."""
     cfg = PRESETS[model]() if model in PRESETS else load_config(model)
+    cfg = dataclasses.replace(cfg, expert_exchange=expert_exchange)
     chip = None
     if topology is not None:
         if topology not in TOPOLOGIES:
@@ -161,9 +173,9 @@ def resolve(model: str, mesh_spec: str | None, topology: str | None):
 
 
 def plan_forward(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
-                 seq: int = 2048, dtype: str = "bfloat16") -> dict:
+                 seq: int = 2048, dtype: str = "bfloat16", expert_exchange: str = "auto") -> dict:
     """Compiles the forward of `model` on the mesh; returns the memory plan (see module docstring)."""
-    cfg, sizes, chip = resolve(model, mesh_spec, topology)
+    cfg, sizes, chip = resolve(model, mesh_spec, topology, expert_exchange)
     mesh = make_mesh(sizes)
     started = time.perf_counter()
     abstract = sharded_abstract(cfg, model, mesh)
@@ -191,16 +203,16 @@ def plan_forward(model: str, mesh_spec: str | None = None, topology: str | None 
         "temp_bytes": memory.temp_size_in_bytes, "moe_dispatch_bytes": dispatch,
         "per_device_bytes": total, "hbm_bytes": None if chip is None else int(chip.hbm_gib * GiB),
         "fits": None if chip is None else total <= chip.hbm_gib * GiB,
-        "compile_s": time.perf_counter() - started,
+        "compile_s": time.perf_counter() - started, **layout(cfg, mesh, batch * seq, jnp.dtype(dtype).itemsize),
     }
 
 
 def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = None, *, batch: int = 8,
                seq: int = 2048, dtype: str = "bfloat16", remat: str = "none", accum_steps: int = 1,
-               train_experts: dict[str, list[int]] | None = None) -> dict:
+               train_experts: dict[str, list[int]] | None = None, expert_exchange: str = "auto") -> dict:
     """Compiles the train step of `model` on the mesh (float32 master weights, AdamW, load-balancing loss,
     compute in `dtype`); returns its memory plan (see module docstring)."""
-    cfg, sizes, chip = resolve(model, mesh_spec, topology)
+    cfg, sizes, chip = resolve(model, mesh_spec, topology, expert_exchange)
     mesh = make_mesh(sizes)
     started = time.perf_counter()
     # Compiled in float32 (module docstring); the lower compute dtype enters the analytic terms below.
@@ -246,6 +258,7 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
         "per_device_bytes": total, "hbm_bytes": None if chip is None else int(chip.hbm_gib * GiB),
         "fits": None if chip is None else total <= chip.hbm_gib * GiB,
         "compile_s": time.perf_counter() - started,
+        **layout(cfg, mesh, batch * seq // accum_steps, itemsize),
     }
 
 
@@ -288,6 +301,37 @@ def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
     return group_tokens * cfg.num_experts_per_tok * (2 * width + 3 * ffn) * itemsize
 
 
+def layout(cfg, mesh, tokens: int, itemsize: int) -> dict:
+    """How the vocabulary, the Mamba-2 mixer and the KV heads lie on the mesh, and one MoE layer's token exchange on
+    the accelerator: the exchange `cfg.expert_exchange` resolves to there and the bytes it moves into each device,
+    beside the all-gather's."""
+    tensor, experts_axis = mesh.shape["tensor"], mesh.shape["expert"]
+    notes = []
+    if tensor > 1:
+        vocab = cfg.vocab_size
+        notes.append(f"vocabulary split over tensor ({vocab // tensor:,} of {vocab:,} rows per device)"
+                     if vocab % tensor == 0 else f"vocabulary replicated over tensor ({vocab:,} does not divide by "
+                     f"{tensor})")
+        groups = getattr(cfg, "n_groups", None)
+        if groups is not None and "mamba" in cfg.layer_kinds:
+            notes.append(f"Mamba-2 mixer split over tensor ({groups // tensor} of {groups} B/C groups, "
+                         f"{cfg.mamba_num_heads // tensor} heads per device)" if groups % tensor == 0 else
+                         f"Mamba-2 mixer replicated over tensor ({groups} B/C groups do not divide by {tensor})")
+        if cfg.num_key_value_heads < tensor:
+            notes.append(f"KV heads replicated over tensor ({cfg.num_key_value_heads} < {tensor})")
+    out = {"layout": notes, "moe_layers": len(cfg.moe_layers), "expert_exchange": None,
+           "exchange_bytes_per_moe_layer": 0, "all_gather_bytes_per_moe_layer": 0}
+    if cfg.moe_layers and experts_axis > 1:
+        per_device = -(-tokens // math.prod(mesh.shape[a] for a in BATCH_AXES))
+        args = (experts_axis, per_device, cfg.expert_input_size, cfg.num_experts_per_tok, itemsize)
+        exchange = resolve_exchange(cfg.expert_exchange, experts_axis, platform="tpu")
+        experts = cfg.num_routed_experts
+        out.update(expert_exchange=exchange, all_gather_bytes_per_moe_layer=int(exchange_bytes("all_gather", *args)),
+                   exchange_bytes_per_moe_layer=int(exchange_bytes(
+                       "ragged" if exchange == "all_to_all" else "all_gather", *args, experts=experts)))
+    return out
+
+
 def plan_text(p: dict) -> str:
     where = f"mesh {p['mesh']}" + (f" on {p['topology']}" if p["topology"] else "")
     train = p.get("mode") == "train"
@@ -322,6 +366,13 @@ def plan_text(p: dict) -> str:
                          f"parameters and optimizer state: {state:.2f} GiB that donating it would save)")
         remedies = "shard further (more expert/fsdp devices), lower --batch/--seq" \
             + (", --remat full" if p["remat"] == "none" else "") + " or raise --accum-steps"
+    if p["layout"]:
+        lines.append("  layout: " + "; ".join(p["layout"]))
+    if p["expert_exchange"]:
+        per_layer, gathered = p["exchange_bytes_per_moe_layer"] / GiB, p["all_gather_bytes_per_moe_layer"] / GiB
+        compared = "" if p["expert_exchange"] == "all_gather" else f" (all-gather: {gathered:.3f} GiB)"
+        lines.append(f"  expert exchange on the accelerator: {p['expert_exchange']}, {per_layer:.3f} GiB into each "
+                     f"device per MoE layer{compared}, {p['moe_layers']} MoE layers per forward")
     lines.append(f"  ({p['estimate']}; see moejax plan --help)")
     if p["fits"] is not None:
         hbm = p["hbm_bytes"] / GiB

@@ -7,6 +7,10 @@ out_proj. Padding tokens are zeroed before the projection and again before the s
 neither feed the convolution nor write to the state. In a packed row (segment ids 1, 2, ... per document) neither
 the convolution nor the state crosses from one document into the next: each document reads only its own tokens,
 as if it were alone. For generation, a cache keeps the last K - 1 convolution inputs and the SSM state (float32).
+
+Tensor parallelism: the parameters are stored by B/C group (heads are numbered group-major, head i in group
+i // (heads / groups)), and the groups split over the tensor axis, so each device runs whole groups end to end and
+only out_proj's sum over groups crosses devices.
 """
 
 from __future__ import annotations
@@ -62,27 +66,35 @@ class Mamba2Mixer(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, head_dim: int, state: int, n_groups: int, conv_kernel: int,
                  chunk_size: int, *, conv_bias: bool, eps: float, dt_limits: tuple[float, float], dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if num_heads % n_groups:
+            raise ValueError(f"Mamba-2: {num_heads} heads do not split into {n_groups} groups of B/C")
         self.num_heads, self.head_dim, self.state, self.n_groups = num_heads, head_dim, state, n_groups
         self.chunk_size, self.eps, self.dt_limits = chunk_size, eps, dt_limits
-        inner = num_heads * head_dim
-        conv_channels = inner + 2 * n_groups * state
-        # One fused projection: the five outputs are sliced from it, which is faster than five matmuls.
-        self.in_proj_dp = param(rngs, (hidden, inner + conv_channels + num_heads), ("embed", "mamba_in"), dtype)
-        self.conv_ck = param(rngs, (conv_channels, conv_kernel), ("mamba_conv", "conv_kernel"), dtype,
-                             fan_in=conv_kernel)
+        g, r, p, n = n_groups, num_heads // n_groups, head_dim, state
+        # Every parameter is stored group-major: group j's slice holds its r heads' z, x and dt columns, its B and C,
+        # their convolution channels, norm weights and out_proj rows (transformers' concatenated [z | x | B | C | dt]
+        # is reordered on load). So the groups split over tensor with no other data on a device, and each device's
+        # projection is still one fused matmul (slicing five outputs from it is faster than five matmuls).
+        self.in_proj_dgw = param(rngs, (hidden, g, 2 * r * p + 2 * n + r), ("embed", "mamba_groups", "mamba_group_in"),
+                                 dtype, fan_in=hidden)
+        self.conv_gck = param(rngs, (g, r * p + 2 * n, conv_kernel), ("mamba_groups", "mamba_group_conv",
+                                                                      "conv_kernel"), dtype, fan_in=conv_kernel)
         if conv_bias:
-            self.conv_bias_c = param(rngs, (conv_channels,), ("mamba_conv",), dtype, init="zeros")
+            self.conv_bias_gc = param(rngs, (g, r * p + 2 * n), ("mamba_groups", "mamba_group_conv"), dtype,
+                                      init="zeros")
         self.conv_bias = conv_bias
-        self.dt_bias_h = param(rngs, (num_heads,), ("mamba_heads",), dtype, init="zeros")
-        self.a_log_h = param(rngs, (num_heads,), ("mamba_heads",), dtype, init="zeros")
-        self.d_h = param(rngs, (num_heads,), ("mamba_heads",), dtype, init="ones")
-        self.norm_i = param(rngs, (inner,), ("mamba_inner",), dtype, init="ones")
-        self.out_proj_id = param(rngs, (inner, hidden), ("mamba_inner", "embed"), dtype)
+        heads = ("mamba_groups", "mamba_group_heads")
+        self.dt_bias_gr = param(rngs, (g, r), heads, dtype, init="zeros")
+        self.a_log_gr = param(rngs, (g, r), heads, dtype, init="zeros")
+        self.d_gr = param(rngs, (g, r), heads, dtype, init="ones")
+        self.norm_gi = param(rngs, (g, r * p), ("mamba_groups", "mamba_group_inner"), dtype, init="ones")
+        self.out_proj_gid = param(rngs, (g, r * p, hidden), ("mamba_groups", "mamba_group_inner", "embed"), dtype,
+                                  fan_in=num_heads * head_dim)
 
     def cache(self, batch: int, length: int, dtype) -> MambaCache:
         """The state before any token (`length`, the attention layers' cache length, is not needed here)."""
-        conv_channels, kernel = self.conv_ck.shape[-2:]
-        return MambaCache(jnp.zeros((batch, kernel - 1, conv_channels), dtype),
+        groups, channels, kernel = self.conv_gck.shape[-3:]
+        return MambaCache(jnp.zeros((batch, kernel - 1, groups * channels), dtype),
                           jnp.zeros((batch, self.num_heads, self.head_dim, self.state), jnp.float32))
 
     def __call__(self, x_btd: jax.Array, segments_bt: jax.Array,
@@ -92,25 +104,27 @@ class Mamba2Mixer(nnx.Module):
         cache comes back too; a single token takes the recurrence's one-step form."""
         b, t, _ = x_btd.shape
         h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state
-        inner = h * p
+        r = h // g
         keep_bt1 = (segments_bt != 0)[..., None].astype(x_btd.dtype)
         runs_bt = segment_runs(segments_bt)
-        proj_btp = (x_btd * keep_bt1) @ self.in_proj_dp[...]
-        z_bti, xbc_btc, dt_bth = jnp.split(proj_btp, [inner, proj_btp.shape[-1] - h], axis=-1)
-        conv_bias = self.conv_bias_c[...] if self.conv_bias else None
+        proj_btgw = jnp.einsum("btd,dgw->btgw", x_btd * keep_bt1, self.in_proj_dgw[...])
+        z_btgi, xbc_btgc, dt_btgr = jnp.split(proj_btgw, [r * p, 2 * r * p + 2 * n], axis=-1)
+        # The convolution's channels, group-major ([g, x | B | C] flattened; depthwise, so the order is free).
+        xbc_btc = xbc_btgc.reshape(b, t, -1)
+        conv_bias = self.conv_bias_gc[...].reshape(-1) if self.conv_bias else None
         history_bkc = None if cache is None else cache.conv_bkc
-        conv_btc = causal_depthwise_conv(xbc_btc, self.conv_ck[...], conv_bias, runs_bt, history_bkc)
+        conv_btc = causal_depthwise_conv(xbc_btc, self.conv_gck[...].reshape(-1, self.conv_gck.shape[-1]),
+                                         conv_bias, runs_bt, history_bkc)
         if cache is not None:
-            kept = self.conv_ck.shape[-1] - 1
+            kept = self.conv_gck.shape[-1] - 1
             window_bkc = jnp.concatenate([cache.conv_bkc, xbc_btc.astype(cache.conv_bkc.dtype)], axis=1)
             cache = cache.replace(conv_bkc=window_bkc[:, window_bkc.shape[1] - kept:])
-        xbc_btc = jax.nn.silu(conv_btc) * keep_bt1
-        xs_bti, b_btm, c_btm = jnp.split(xbc_btc, [inner, inner + g * n], axis=-1)
-        dt_bth = jax.nn.softplus(dt_bth.astype(jnp.float32) + self.dt_bias_h[...].astype(jnp.float32))
-        dt_bth = jnp.clip(dt_bth, *self.dt_limits)
-        a_h = -jnp.exp(self.a_log_h[...].astype(jnp.float32))
-        xs_bthp = xs_bti.reshape(b, t, h, p).astype(jnp.float32)
-        b_btgn, c_btgn = b_btm.reshape(b, t, g, n), c_btm.reshape(b, t, g, n)
+        xbc_btgc = (jax.nn.silu(conv_btc) * keep_bt1).reshape(b, t, g, -1)
+        xs_btgi, b_btgn, c_btgn = jnp.split(xbc_btgc, [r * p, r * p + n], axis=-1)
+        dt_bth = dt_btgr.reshape(b, t, h).astype(jnp.float32) + self.dt_bias_gr[...].reshape(h).astype(jnp.float32)
+        dt_bth = jnp.clip(jax.nn.softplus(dt_bth), *self.dt_limits)
+        a_h = -jnp.exp(self.a_log_gr[...].reshape(h).astype(jnp.float32))
+        xs_bthp = xs_btgi.reshape(b, t, h, p).astype(jnp.float32)
         if cache is not None and t == 1:
             y_bhp, state_bhpn = ssd_step(xs_bthp[:, 0], dt_bth[:, 0], a_h, b_btgn[:, 0], c_btgn[:, 0],
                                          cache.ssm_bhpn)
@@ -118,9 +132,9 @@ class Mamba2Mixer(nnx.Module):
         else:
             y_bthp, state_bhpn = ssd_chunked(xs_bthp, dt_bth, a_h, b_btgn, c_btgn, self.chunk_size,
                                              None if cache is None else cache.ssm_bhpn, runs_bt=runs_bt)
-        y_bthp = y_bthp + self.d_h[...].astype(jnp.float32)[:, None] * xs_bthp
-        gated_bti = y_bthp.reshape(b, t, inner) * jax.nn.silu(z_bti.astype(jnp.float32))
-        normed_bti = rms_normalize(gated_bti.reshape(b, t, g, inner // g), self.eps).reshape(b, t, inner)
-        normed_bti = self.norm_i[...].astype(jnp.float32) * normed_bti
-        y_btd = normed_bti.astype(x_btd.dtype) @ self.out_proj_id[...]
+        y_bthp = y_bthp + self.d_gr[...].reshape(h).astype(jnp.float32)[:, None] * xs_bthp
+        # The gated RMSNorm normalises each group's r * p channels.
+        gated_btgi = y_bthp.reshape(b, t, g, r * p) * jax.nn.silu(z_btgi.astype(jnp.float32))
+        normed_btgi = self.norm_gi[...].astype(jnp.float32) * rms_normalize(gated_btgi, self.eps)
+        y_btd = jnp.einsum("btgi,gid->btd", normed_btgi.astype(x_btd.dtype), self.out_proj_gid[...])
         return y_btd if cache is None else (y_btd, cache.replace(ssm_bhpn=state_bhpn))

@@ -349,12 +349,31 @@ def _indexed_mixture_bwd(tiles, activation, residuals, dout_td):
 _indexed_mixture.defvjp(_indexed_mixture_fwd, _indexed_mixture_bwd)
 
 
+# "auto" exchanges all-to-all from this many devices on the expert axis, where the backend has ragged_all_to_all
+# (TPU, GPU): each token then travels to at most min(k, expert) devices instead of all of them (docs/scaling.md).
+ALL_TO_ALL_FROM = 8
+
+
+def resolve_exchange(setting: str, expert_devices: int, platform: str | None = None) -> str:
+    """"all_gather" or "all_to_all" for an `expert_exchange` setting (moejax.config.EXPERT_EXCHANGES) on an expert
+    axis of this size, on `platform` (default: jax's default backend)."""
+    if setting != "auto":
+        return setting
+    ragged = (platform or jax.default_backend()) != "cpu"
+    return "all_to_all" if ragged and expert_devices >= ALL_TO_ALL_FROM else "all_gather"
+
+
 def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
-                    activation: str, mesh: jax.sharding.Mesh, repeat: jax.Array | None = None) -> jax.Array:
-    """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over
-    "tensor"), the tokens over BATCH_AXES. Each device all-gathers the tokens of its expert group, runs
-    its own experts on the pairs routed to them (dropless, as on one device), and a reduce-scatter over
-    "expert" (after a sum over "tensor") returns each device its tokens' combined outputs."""
+                    activation: str, mesh: jax.sharding.Mesh, repeat: jax.Array | None = None,
+                    exchange: str = "auto") -> jax.Array:
+    """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over "tensor"),
+    the tokens over BATCH_AXES; each device runs its own experts on the pairs routed to them (dropless, as on one
+    device), and the partial outputs are summed over "tensor". The tokens reach the experts' devices by
+    - "all_gather": each device all-gathers the tokens of its expert group and a reduce-scatter over "expert"
+      returns each device its tokens' combined outputs (every token travels to every device of the group);
+    - "all_to_all": each token travels only to the devices holding experts it chose, once per device, and their
+      combined outputs come back the same way (`_exchange`).
+    `exchange` is resolved by `resolve_exchange`."""
     tokens = x_td.shape[0]
     pad = -tokens % math.prod(mesh.shape[a] for a in BATCH_AXES)
     if pad:  # padded tokens route with weight 0 and are dropped after
@@ -363,27 +382,82 @@ def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w
     specs = {"gate_edf": ("expert", None, "tensor"), "up_edf": ("expert", None, "tensor"),
              "down_efd": ("expert", "tensor", None)}
     stacked = () if repeat is None else (None,)  # a layer stack's repeats lead, unsplit
-
-    def local(x_td, ids_tk, weights_tk, w, repeat):
-        x_td, ids_tk, weights_tk = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
-                                    for a in (x_td, ids_tk, weights_tk))
-        first = jax.lax.axis_index("expert") * w["up_edf"].shape[-3]
-        y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first, repeat=repeat),
-                            "tensor")
-        return jax.lax.psum_scatter(y_td, "expert", scatter_dimension=0, tiled=True)
-
-    y_td = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, {n: P(*stacked, *specs[n]) for n in w}, P()),
+    local = _all_to_all_local if resolve_exchange(exchange, mesh.shape["expert"]) == "all_to_all" else _all_gather_local
+    y_td = jax.shard_map(functools.partial(local, activation=activation), mesh=mesh,
+                         in_specs=(tok, tok, tok, {n: P(*stacked, *specs[n]) for n in w}, P()),
                          out_specs=tok, check_vma=False)(x_td, ids_tk, weights_tk, w, repeat)
     return y_td[:tokens]
+
+
+def _all_gather_local(x_td, ids_tk, weights_tk, w, repeat, activation):
+    x_td, ids_tk, weights_tk = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x_td, ids_tk, weights_tk))
+    first = jax.lax.axis_index("expert") * w["up_edf"].shape[-3]
+    y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first, repeat=repeat),
+                        "tensor")
+    return jax.lax.psum_scatter(y_td, "expert", scatter_dimension=0, tiled=True)
+
+
+def _all_to_all_local(x_td, ids_tk, weights_tk, w, repeat, activation):
+    """One device's tokens [T, ...] -> their outputs, exchanging with the devices of the "expert" axis (n of them).
+
+    Send slots [n, T]: slot (j, r) holds the r-th of this device's tokens that chose an expert on device j, with all
+    its k ids and weights (the receiver computes only its own experts, weight 0 for the rest); unused slots hold id
+    -1, which no device computes. The receiver's slots [n, T] mirror them (from device i at row i), its weighted sums
+    go back into the sender's slots, and each token adds up the rows it got back."""
+    devices, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
+    tokens, k = ids_tk.shape
+    per_device = w["up_edf"].shape[-3]
+    sends_tn = jnp.any((ids_tk // per_device)[:, :, None] == jnp.arange(devices), axis=1)
+    rank_tn = jnp.cumsum(sends_tn, axis=0, dtype=jnp.int32) - 1
+    slot_tn = jnp.where(sends_tn, jnp.arange(devices) * tokens + rank_tn, devices * tokens)
+    token_m = jnp.full((devices * tokens + 1,), tokens, jnp.int32).at[slot_tn].set(
+        jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32)[:, None], slot_tn.shape))[:-1]
+    send_sizes_n = jnp.sum(sends_tn, axis=0, dtype=jnp.int32)
+    recv_sizes_n = jax.lax.all_to_all(send_sizes_n, "expert", 0, 0, tiled=True)
+    ids_mk = jnp.concatenate([ids_tk, jnp.full((1, k), -1, ids_tk.dtype)])[token_m]
+    weights_mk = jnp.concatenate([weights_tk, jnp.zeros((1, k), weights_tk.dtype)])[token_m]
+
+    def exchange(a_m, fill, sizes=(send_sizes_n, recv_sizes_n)):
+        return _exchange(a_m.reshape(devices, tokens, *a_m.shape[1:]), *sizes, fill).reshape(a_m.shape)
+
+    x_m, ids_mk, weights_mk = exchange(_with_zero_row(x_td)[token_m], 0), exchange(ids_mk, -1), exchange(weights_mk, 0)
+    y_m = jax.lax.psum(mix_experts(x_m, ids_mk, weights_mk, w, activation, first_expert=me * per_device,
+                                   repeat=repeat), "tensor")
+    y_m = exchange(y_m, 0, (recv_sizes_n, send_sizes_n))
+    out_pad = jnp.zeros((tokens + 1, x_td.shape[1]), jnp.float32).at[token_m].add(y_m.astype(jnp.float32))
+    return out_pad[:-1].astype(x_td.dtype)
+
+
+def _exchange(send_n, send_sizes_n: jax.Array, recv_sizes_n: jax.Array, fill) -> jax.Array:
+    """send_n [n, rows, ...]: rows send_n[j, :send_sizes[j]] go to device j of the "expert" axis -> [n, rows, ...]
+    holding at [i, :recv_sizes[i]] the rows device i sent here, `fill` after them.
+
+    ragged_all_to_all moves only those rows. XLA:CPU has no ragged all-to-all, so there the whole slots move by a
+    dense all_to_all (the same rows arrive; the sender's unused slots already hold `fill`): chosen when the program
+    is lowered for its platform."""
+    devices, rows = send_n.shape[:2]
+
+    def ragged(send_n, send_sizes_n, recv_sizes_n):
+        flat = send_n.reshape(devices * rows, *send_n.shape[2:])
+        starts_n = jnp.arange(devices, dtype=jnp.int32) * rows
+        here_n = jnp.full((devices,), jax.lax.axis_index("expert") * rows, jnp.int32)
+        out = jax.lax.ragged_all_to_all(flat, jnp.full_like(flat, fill), starts_n, send_sizes_n, here_n,
+                                        recv_sizes_n, axis_name="expert")
+        return out.reshape(send_n.shape)
+
+    def dense(send_n, send_sizes_n, recv_sizes_n):
+        return jax.lax.all_to_all(send_n, "expert", 0, 0, tiled=True)
+
+    return jax.lax.platform_dependent(send_n, send_sizes_n, recv_sizes_n, cpu=dense, default=ragged)
 
 
 class Experts(nnx.Module):
     """E feed-forward experts, "swiglu" (gate, up, down) or "relu2" (up, down), run dropless."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, *, activation: str = "swiglu",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 exchange: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         e, d, f = num_experts, hidden, ffn
-        self.activation = activation
+        self.activation, self.exchange = activation, exchange
         if activation == "swiglu":
             self.gate_edf = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, fan_in=d)
         self.up_edf = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, fan_in=d)
@@ -398,7 +472,7 @@ class Experts(nnx.Module):
             w["gate_edf"] = self.gate_edf[...]
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.size > 1:
-            return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh, repeat)
+            return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh, repeat, self.exchange)
         return mix_experts(x_td, ids_tk, weights_tk, w, self.activation, repeat=repeat)
 
 
@@ -417,10 +491,11 @@ class SoftmaxMoE(nnx.Module):
     """Qwen3-MoE sparse block: softmax top-k router over SwiGLU experts."""
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *, normalize: bool,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 exchange: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         self.top_k, self.normalize = top_k, normalize
         self.router = Router(hidden, num_experts, dtype=dtype, rngs=rngs)
-        self.experts = Experts(num_experts, hidden, ffn, activation="swiglu", dtype=dtype, rngs=rngs)
+        self.experts = Experts(num_experts, hidden, ffn, activation="swiglu", exchange=exchange, dtype=dtype,
+                               rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, control: RouterControl | None = None,
                  repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
@@ -442,7 +517,7 @@ class SigmoidMoE(nnx.Module):
 
     def __init__(self, hidden: int, ffn: int, shared_ffn: int, num_experts: int, top_k: int, *,
                  latent: int | None, n_group: int, topk_group: int, normalize: bool, scale: float,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 exchange: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.normalize, self.scale, self.latent = normalize, scale, latent
         self.router = Router(hidden, num_experts, dtype=dtype, rngs=rngs)
@@ -452,7 +527,8 @@ class SigmoidMoE(nnx.Module):
         if latent is not None:
             self.to_latent_dl = param(rngs, (hidden, latent), ("embed", "latent"), dtype)
             self.from_latent_ld = param(rngs, (latent, hidden), ("latent", "embed"), dtype)
-        self.experts = Experts(num_experts, expert_dim, ffn, activation="relu2", dtype=dtype, rngs=rngs)
+        self.experts = Experts(num_experts, expert_dim, ffn, activation="relu2", exchange=exchange, dtype=dtype,
+                               rngs=rngs)
         self.shared = MLP(hidden, shared_ffn, activation="relu2", dtype=dtype, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, control: RouterControl | None = None,

@@ -30,7 +30,8 @@ def make_mixer(cfg: NemotronHConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> nnx
         return SigmoidMoE(d, cfg.moe_intermediate_size, cfg.moe_shared_expert_intermediate_size,
                           cfg.n_routed_experts, cfg.num_experts_per_tok, latent=cfg.moe_latent_size,
                           n_group=cfg.n_group, topk_group=cfg.topk_group, normalize=cfg.norm_topk_prob,
-                          scale=cfg.routed_scaling_factor, dtype=dtype, rngs=rngs)
+                          scale=cfg.routed_scaling_factor, exchange=cfg.expert_exchange, dtype=dtype,
+                          rngs=rngs)
     return MLP(d, cfg.intermediate_size, activation="relu2", dtype=dtype, rngs=rngs)
 
 

@@ -27,7 +27,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
         if kind == "moe":
             self.mlp = SoftmaxMoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                  normalize=cfg.norm_topk_prob, dtype=dtype, rngs=rngs)
+                                  normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype,
+                                  rngs=rngs)
         else:
             self.mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
         self.kind = kind

@@ -25,7 +25,9 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: dict[str, str | None] = {
     "layers": None,  # the stacked-layer axis of scanned units
-    "vocab": None,
+    # Embedding rows and LM-head columns: each tensor device holds a share of the vocabulary, so the logits come out
+    # split over it and the loss reduces them in place (moejax.training.losses), without gathering them.
+    "vocab": "tensor",
     "embed": "fsdp",
     "q_heads": "tensor",
     "kv_heads": "tensor",
@@ -35,14 +37,20 @@ RULES: dict[str, str | None] = {
     "expert_mlp": "tensor",
     "expert_router": None,
     "latent": None,
-    # Mamba-2: in_proj's output axis concatenates z, x, B, C and dt, whose boundaries no even split
-    # respects, so the mixer is replicated over tensor (its weights are still split over fsdp by embed).
-    "mamba_in": None,
-    "mamba_inner": None,
-    "mamba_heads": None,
-    "mamba_conv": None,
+    # Mamba-2: every mixer parameter is stored group-major (moejax.layers.mamba2), so splitting the B/C groups over
+    # tensor gives each device whole groups: their heads' z, x and dt, their B and C, convolution channels, norm
+    # and out_proj rows. The axes within a group stay whole.
+    "mamba_groups": "tensor",
+    "mamba_group_in": None,
+    "mamba_group_conv": None,
+    "mamba_group_heads": None,
+    "mamba_group_inner": None,
     "conv_kernel": None,
 }
+
+# Axes split only where their size divides the mesh axis, and otherwise replicated over it (correct, just not
+# split): a vocabulary of 259 byte tokens, or fewer Mamba-2 groups than tensor devices.
+REPLICATED_WHEN_UNEVEN = frozenset({"vocab", "mamba_groups"})
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
@@ -116,6 +124,9 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, wh
         if name == "kv_heads" and size < parts and parts % size == 0:
             # Fewer KV heads than tensor devices (Qwen3-30B-A3B has 4, Nemotron-3-Nano 2): the K/V projections are
             # replicated over tensor while the query heads stay split, as vLLM serves such models.
+            spec.append(None)
+            continue
+        if size % parts and name in REPLICATED_WHEN_UNEVEN:
             spec.append(None)
             continue
         if size % parts:

@@ -7,6 +7,7 @@ AdamW's mu and nu, exact."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -91,3 +92,28 @@ def test_train_step_bytes_and_does_not_fit(tmp_path, capfd):
     assert plan["optimizer_bytes_per_device"] == 2 * params + 2 * 4
     assert plan["compute_copy_bytes"] == params // 2
     assert plan["per_device_bytes"] > plan["hbm_bytes"] == 16 * GiB
+
+
+@pytest.mark.slow
+def test_plan_lays_out_tensor_and_the_expert_exchange(tmp_path, capfd):
+    """Nemotron-3-Nano on expert=4,tensor=2: the vocabulary and the Mamba-2 groups split over tensor, and the
+    exchange asked for (all_to_all) is costed by the ragged formula next to the all-gather."""
+    from moejax.parallel.hlo import device_share, exchange_bytes
+
+    config = NemotronHConfig.nemotron_3_nano_30b_a3b()
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "nemotron-3-nano-30b-a3b", "--mesh", "expert=4,tensor=2", "--batch", "2",
+                 "--seq", "512", "--expert-exchange", "all_to_all", "--json", str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert "vocabulary split over tensor (65,536 of 131,072 rows per device)" in printed
+    assert "Mamba-2 mixer split over tensor (4 of 8 B/C groups, 32 heads per device)" in printed
+    plan = json.loads(out.read_text())
+    tokens = 2 * 512 // 4  # per device: the batch over data, fsdp and expert
+    args = (4, tokens, config.expert_input_size, config.num_experts_per_tok, 2)
+    assert plan["expert_exchange"] == "all_to_all"
+    assert plan["all_gather_bytes_per_moe_layer"] == exchange_bytes("all_gather", *args) == 3 * tokens * (
+        2 * config.expert_input_size * 2 + 8 * config.num_experts_per_tok)
+    ragged = exchange_bytes("ragged", *args, experts=config.n_routed_experts)
+    assert plan["exchange_bytes_per_moe_layer"] == int(ragged)
+    assert 0 < ragged < plan["all_gather_bytes_per_moe_layer"]
+    assert device_share(128, 4, 6) == pytest.approx(1 - math.comb(96, 6) / math.comb(128, 6))

@@ -112,7 +112,7 @@ def test_mixer_output_matches_sequential_oracle(monkeypatch):
     mixer = mamba2.Mamba2Mixer(32, 4, 8, 16, 2, 4, 8, conv_bias=True, eps=1e-5, dt_limits=(0.0, float("inf")),
                                rngs=nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 4)
-    for name, key in zip(("dt_bias_h", "a_log_h", "d_h", "conv_bias_c"), keys, strict=True):
+    for name, key in zip(("dt_bias_gr", "a_log_gr", "d_gr", "conv_bias_gc"), keys, strict=True):
         var = getattr(mixer, name)
         var.set_value(jax.random.normal(key, var.shape) * 0.5)
     x_btd = jax.random.normal(jax.random.key(2), (2, 28, 32))

@@ -120,6 +120,23 @@ def _summed_loss(graphdef, params, ids, segments, labels):
     return jnp.sum(nll * valid)
 
 
+# Float32 bound on the packed gradient, relative to each parameter's largest entry. Observed: 0.6-1.4e-5, uniform over
+# every parameter at or below the deepest Mamba-2 layer (its backward through the SSD sums dt * A over the packed
+# row's longer chunks than over each document alone, and everything below inherits that rounding), under 1e-6 above
+# it. A state or an attention that leaks across a document boundary moves the gradient by orders of magnitude more
+# (checked below), so the bound still separates a packing error from rounding.
+GRADIENT_BOUND = 3e-5
+
+
+def _worst_relative_error(got_tree, want_tree) -> tuple[float, str]:
+    worst = (0.0, "")
+    for (key, got), want in zip(jax.tree_util.tree_flatten_with_path(got_tree)[0], jax.tree.leaves(want_tree),
+                                strict=True):
+        scale = max(float(jnp.abs(want).max()), 1e-12)
+        worst = max(worst, (float(jnp.abs(got - want).max()) / scale, jax.tree_util.keystr(key)))
+    return worst
+
+
 @pytest.mark.slow
 def test_packed_nemotron_gradient_is_the_sum_of_the_documents(tmp_path):
     path = tmp_path / "model"
@@ -135,10 +152,12 @@ def test_packed_nemotron_gradient_is_the_sum_of_the_documents(tmp_path):
     separate = [grad(graphdef, params, jnp.asarray(doc[None]), jnp.ones((1, len(doc)), jnp.int32),
                      jnp.asarray(doc[None])) for doc in docs]
     summed = jax.tree.map(lambda *g: sum(g), *separate)
-    for (key, got), want in zip(jax.tree_util.tree_flatten_with_path(packed)[0], jax.tree.leaves(summed),
-                                strict=True):
-        scale = max(float(jnp.abs(want).max()), 1e-12)
-        assert float(jnp.abs(got - want).max()) <= 1e-5 * scale, jax.tree_util.keystr(key)
+    error, where = _worst_relative_error(packed, summed)
+    assert error <= GRADIENT_BOUND, where
+    # The check itself: the same row packed without its segment ids (one document: the Mamba-2 state, the
+    # convolution and attention all cross the boundaries) fails it by far.
+    leaky = grad(graphdef, params, jnp.asarray(row), jnp.ones_like(jnp.asarray(segments)), jnp.asarray(labels))
+    assert _worst_relative_error(leaky, summed)[0] > 100 * GRADIENT_BOUND
 
 
 @pytest.mark.slow

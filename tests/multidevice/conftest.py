@@ -1,4 +1,4 @@
-"""This folder's test_sharded.py runs on 8 simulated CPU devices, each test reported on its own.
+"""This folder's REMOTE_MODULES (test_sharded.py, ...) run on 8 simulated CPU devices, each test reported on its own.
 
 XLA reads the device count when jax starts, and the test session started it with one device. So, in a session with
 fewer than 8 devices, each collected test of test_sharded.py is replaced by a stand-in; as soon as collection is
@@ -22,7 +22,7 @@ import jax
 import pytest
 
 DEVICES = 8
-REMOTE_MODULES = ("test_sharded.py",)
+REMOTE_MODULES = ("test_sharded.py", "test_scaleout.py", "test_vocab_split.py")
 _RESULTS: dict = {}
 _WORKER: dict = {}
 

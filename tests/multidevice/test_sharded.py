@@ -8,7 +8,7 @@ expert-parallel reduce-scatter and the split matmuls sum in another order), sele
 routing statistics' counts identical, their float sums within 1e-5 relative. The two summation orders may
 resolve a routing near tie differently (seen on AVX-512 CPUs): every such token is proven a near tie on the
 one-device run's selection scores and its experts are forced into the sharded run, which then must match
-like for like (support.forward_up_to_ties, support.tie_forcing).
+like for like (support.forward_up_to_ties, support.assert_forward_equals, support.tie_forcing).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from moejax.parallel.mesh import MeshError, make_mesh
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
-from support import assert_same_statistics, forward_up_to_ties, tie_forcing
+from support import assert_forward_equals, assert_same_statistics, tie_forcing
 
 from moejax.data.corpus import chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
@@ -69,13 +69,7 @@ def test_sharded_forward_equals_one_device(checkpoint, spec):
     ids, mask = batch(np.random.default_rng(0))
     mesh = make_mesh(spec)
     sharded = moejax.from_pretrained(path, mesh=mesh, **overrides)
-    want, got, _ = forward_up_to_ties(single, sharded, ids, mask)
-    content = mask.astype(bool)
-    assert np.abs(np.asarray(got.logits) - np.asarray(want.logits))[content].max() <= 1e-5
-    for layer, (a, b) in enumerate(zip(got.router_logits, want.router_logits, strict=True)):
-        assert np.abs(np.asarray(a) - np.asarray(b))[content].max() <= 1e-5, f"MoE layer {layer}"
-    for a, b in zip(got.router_expert_ids, want.router_expert_ids, strict=True):
-        np.testing.assert_array_equal(np.asarray(a)[content], np.asarray(b)[content])
+    assert_forward_equals(single, sharded, ids, mask)
 
     # Each device holds its share of the experts (split over "expert", ffn over "tensor").
     experts = next(var[...] for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if path[-1] == "up_edf")
@@ -253,11 +247,12 @@ def test_loading_onto_a_mesh_streams(tmp_path):
     assert transient <= 2 * m["largest"] + 256 * 2**20
 
 
-@pytest.mark.parametrize("spec", ["data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
-def test_sharded_train_step_equals_one_device(tmp_path, spec):
+@pytest.mark.parametrize("spec, exchange", [("data=2,expert=4", "all_gather"), ("fsdp=2,expert=2,tensor=2", "auto"),
+                                             ("expert=4,tensor=2", "all_to_all")])
+def test_sharded_train_step_equals_one_device(tmp_path, spec, exchange):
     """Three float32 train steps (AdamW, load-balancing and z-loss on; rows packing two documents, two
     languages) on the mesh give the same parameters as on one device (<= 1e-5 of each parameter's scale)
-    and the same expert counts; the parameters keep their shardings."""
+    and the same expert counts; the parameters keep their shardings. With either expert exchange."""
     from moejax.training.step import TrainConfig, init_state, make_train_step
 
     path = tmp_path / "model"
@@ -270,7 +265,7 @@ def test_sharded_train_step_equals_one_device(tmp_path, spec):
              "position_ids": np.where(segments == 1, np.arange(16), np.arange(16) - 10), "lang_ids": [0, 1, 1, 0]}
     results, counts, losses = [], [], []
     for mesh in (None, make_mesh(spec)):
-        model = moejax.from_pretrained(path, mesh=mesh)
+        model = moejax.from_pretrained(path, mesh=mesh, expert_exchange=exchange)
         graphdef, state, tx = init_state(model, cfg)
         step = make_train_step(graphdef, tx, cfg, model.config, num_langs=2)
         trajectory = []
@@ -350,11 +345,7 @@ def test_meshes_made_with_jax_make_mesh(checkpoint, shape, names, axis_type):
     ids, mask = batch(np.random.default_rng(7))
     mesh = jax.make_mesh(shape, names, axis_types=(getattr(AxisType, axis_type),) * len(names))
     sharded = moejax.from_pretrained(path, mesh=mesh, **overrides)
-    want, got, _ = forward_up_to_ties(single, sharded, ids, mask)
-    content = mask.astype(bool)
-    assert np.abs(np.asarray(got.logits) - np.asarray(want.logits))[content].max() <= 1e-5
-    for a, b in zip(got.router_logits, want.router_logits, strict=True):
-        assert np.abs(np.asarray(a) - np.asarray(b))[content].max() <= 1e-5
+    assert_forward_equals(single, sharded, ids, mask)
     experts = next(var[...] for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if p[-1] == "up_edf")
     expert_devices = dict(zip(names, shape, strict=True)).get("expert", 1)
     assert experts.addressable_shards[0].data.shape[1] == experts.shape[1] // expert_devices
@@ -375,8 +366,7 @@ def test_fewer_kv_heads_than_tensor_devices(tmp_path, spec):
     ids, mask = batch(np.random.default_rng(8))
     single = moejax.from_pretrained(path)
     sharded = moejax.from_pretrained(path, mesh=make_mesh(spec))
-    want, got, _ = forward_up_to_ties(single, sharded, ids, mask)
-    assert np.abs(np.asarray(got.logits) - np.asarray(want.logits))[mask.astype(bool)].max() <= 1e-5
+    assert_forward_equals(single, sharded, ids, mask)
     q = next(var[...] for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if p[-1] == "q_dnh")
     k = next(var[...] for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if p[-1] == "k_dkh")
     tensor = make_mesh(spec).shape["tensor"]
