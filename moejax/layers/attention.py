@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
@@ -20,6 +21,24 @@ def attention_mask(segment_ids_bs: jax.Array, seq_len: int) -> jax.Array:
     query_bt1, key_b1s = segment_ids_bs[:, :, None], segment_ids_bs[:, None, :]
     same_bts = (query_bt1 == key_b1s) | (query_bt1 == 0)
     return causal_ts[None] & (key_b1s != 0) & same_bts
+
+
+def kv_heads_on_mesh(kv_heads: int) -> int:
+    """How many KV heads attention computes and caches: `kv_heads`, or one per tensor device when the current mesh
+    has more tensor devices than KV heads (a multiple of them). Device i then holds head i // (tensor / kv_heads),
+    the one its query heads share, and computes and caches only that (vLLM's layout for Qwen3-30B-A3B's 4 or
+    Nemotron-3-Nano's 2 KV heads on 8 devices); the projection weights stay whole on each device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tensor = 1 if mesh.empty else dict(mesh.shape).get("tensor", 1)
+    return tensor if tensor > kv_heads and tensor % kv_heads == 0 else kv_heads
+
+
+def _split_heads(a_bskh: jax.Array, heads: int, kv_heads: int) -> jax.Array:
+    """Keys or values over `heads` per-device copies of the KV heads (kv_heads_on_mesh) placed on tensor; as they
+    are otherwise."""
+    if heads == kv_heads:
+        return a_bskh
+    return jax.lax.with_sharding_constraint(a_bskh, P(P.UNCONSTRAINED, P.UNCONSTRAINED, "tensor", P.UNCONSTRAINED))
 
 
 @struct.dataclass
@@ -84,12 +103,12 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
         self.qk_norm = qk_norm_eps is not None
-        self.groups = n // k
 
     def cache(self, batch: int, length: int, dtype) -> KVCache:
         """An empty cache of `length` slots (also called on a stack's layers, whose weights lead with the layers)."""
         k, h = self.k_dkh.shape[-2:]
-        return KVCache(jnp.zeros((batch, length, k, h), dtype), jnp.zeros((batch, length, k, h), dtype))
+        heads = kv_heads_on_mesh(k)
+        return KVCache(jnp.zeros((batch, length, heads, h), dtype), jnp.zeros((batch, length, heads, h), dtype))
 
     def __call__(self, x_btd: jax.Array, mask_bts: jax.Array,
                  rope_cos_sin: tuple[jax.Array, jax.Array] | None = None, cache: KVCache | None = None,
@@ -97,12 +116,18 @@ class Attention(nnx.Module):
         """[batch, seq, hidden] -> [batch, seq, hidden]. With a cache: the new tokens' keys and values are written
         at slots cache_slot, cache_slot + 1, ... (a static int, or a traced scalar while decoding), the queries
         attend the cache's slots (mask_bts [batch, seq, cache length]), and the updated cache comes back too."""
+        kv = self.k_dkh.shape[-2]
+        heads = kv_heads_on_mesh(kv)
+
+        def per_device(w):  # [..., kv, h] -> [..., heads, h]: each KV head repeated for its devices
+            return w if heads == kv else jnp.repeat(w, heads // kv, axis=-2)
+
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_dnh[...])
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_dkh[...])
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_dkh[...])
+        k_btkh = _split_heads(jnp.einsum("btd,dkh->btkh", x_btd, per_device(self.k_dkh[...])), heads, kv)
+        v_btkh = _split_heads(jnp.einsum("btd,dkh->btkh", x_btd, per_device(self.v_dkh[...])), heads, kv)
         if self.bias:
-            q_btnh, k_btkh, v_btkh = (q_btnh + self.q_bias_nh[...], k_btkh + self.k_bias_kh[...],
-                                      v_btkh + self.v_bias_kh[...])
+            q_btnh, k_btkh, v_btkh = (q_btnh + self.q_bias_nh[...], k_btkh + per_device(self.k_bias_kh[...]),
+                                      v_btkh + per_device(self.v_bias_kh[...]))
         if self.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         if rope_cos_sin is not None:
@@ -111,12 +136,12 @@ class Attention(nnx.Module):
         first_key = 0
         if cache is not None:
             at = (0, cache_slot, 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k_bskh, k_btkh.astype(cache.k_bskh.dtype), at),
-                            jax.lax.dynamic_update_slice(cache.v_bskh, v_btkh.astype(cache.v_bskh.dtype), at))
+            cache = KVCache(*(_split_heads(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), at), heads, kv)
+                              for c, a in ((cache.k_bskh, k_btkh), (cache.v_bskh, v_btkh))))
             k_btkh, v_btkh = cache.k_bskh, cache.v_bskh
             first_key = cache_slot if isinstance(cache_slot, int) else None
-        out_btnh = causal_attention(q_btnh.reshape(b, t, n // self.groups, self.groups, h), k_btkh, v_btkh,
-                                    mask_bts, first_key).reshape(b, t, n, h)
+        out_btnh = causal_attention(q_btnh.reshape(b, t, heads, n // heads, h), k_btkh, v_btkh, mask_bts,
+                                    first_key).reshape(b, t, n, h)
         y_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_nhd[...])
         y_btd = y_btd + self.o_bias_d[...] if self.bias else y_btd
         return y_btd if cache is None else (y_btd, cache)

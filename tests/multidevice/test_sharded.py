@@ -17,6 +17,7 @@ import csv
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -359,8 +360,9 @@ def test_unknown_mesh_axis_is_a_clear_error(checkpoint):
 
 @pytest.mark.parametrize("spec", ["tensor=4", "tensor=8", "data=2,tensor=4"])
 def test_fewer_kv_heads_than_tensor_devices(tmp_path, spec):
-    """2 KV heads (8 query heads) on tensor=4 and tensor=8: K/V replicated over tensor, query heads split; the
-    forward and greedy generation equal one device."""
+    """2 KV heads (8 query heads) on tensor=4 and tensor=8: K/V weights replicated over tensor, query heads split,
+    and each device computes and caches only the KV head its query heads share (vLLM's layout); the forward and
+    greedy generation equal one device."""
     path = tmp_path / "model"
     make_checkpoint("qwen3_moe", path, seed=6, vocab_size=259, num_attention_heads=8, num_key_value_heads=2)
     ids, mask = batch(np.random.default_rng(8))
@@ -371,6 +373,19 @@ def test_fewer_kv_heads_than_tensor_devices(tmp_path, spec):
     k = next(var[...] for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)) if p[-1] == "k_dkh")
     tensor = make_mesh(spec).shape["tensor"]
     assert q.addressable_shards[0].data.shape[2] == 8 // tensor and k.addressable_shards[0].data.shape[2] == 2
+    graphdef, state = nnx.split(sharded)
+
+    def prefill(state, ids, mask):
+        model = nnx.merge(graphdef, state)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        return model.forward(ids, mask, positions, False, cache=model.init_cache(ids.shape[0], 32)).cache
+
+    with jax.set_mesh(make_mesh(spec)):
+        cache = jax.jit(prefill)(state, jnp.asarray(ids[:4]), jnp.asarray(mask[:4]))
+    kv_caches = [a for a in jax.tree.leaves(cache) if a.ndim == 5]  # [layers, batch, slots, heads, head_dim]
+    assert kv_caches
+    for a in kv_caches:
+        assert a.shape[3] == tensor and a.sharding.shard_shape(a.shape)[3] == 1
     prompt = ids[:, :9]
     np.testing.assert_array_equal(sharded.generate(prompt, max_new_tokens=6).sequences,
                                   single.generate(prompt, max_new_tokens=6).sequences)
