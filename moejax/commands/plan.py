@@ -15,9 +15,9 @@ XLA's CPU and TPU compilers assign buffers differently, so the total is an estim
 in its float32 parts).
 
 Beside memory, the plan says how each part is laid out on the mesh (the vocabulary and the Mamba-2 groups split
-over tensor or replicated, KV heads replicated when fewer than tensor devices) and how many bytes one MoE layer's
-token exchange moves into each device on the accelerator (moejax.parallel.hlo.exchange_bytes; with all_to_all the
-ragged exchange's expectation under uniform routing), with the exchange `auto` would choose there.
+over tensor or replicated, KV heads shared by groups of tensor devices when fewer than them) and how many bytes
+one MoE layer's token exchange moves into each device on the accelerator (moejax.parallel.hlo.exchange_bytes; with
+all_to_all the ragged exchange's expectation under uniform routing), with the exchange `auto` would choose there.
 
 With `train`, the CPT train step (moejax.training.step) is compiled instead, the same way: float32
 master parameters and AdamW's mu and nu (bytes exact, from the shard shapes), compiled in float32 on
@@ -318,7 +318,8 @@ def layout(cfg, mesh, tokens: int, itemsize: int) -> dict:
                          f"{cfg.mamba_num_heads // tensor} heads per device)" if groups % tensor == 0 else
                          f"Mamba-2 mixer replicated over tensor ({groups} B/C groups do not divide by {tensor})")
         if cfg.num_key_value_heads < tensor:
-            notes.append(f"KV heads replicated over tensor ({cfg.num_key_value_heads} < {tensor})")
+            notes.append(f"{cfg.num_key_value_heads} KV heads, each shared by {tensor // cfg.num_key_value_heads} "
+                         "tensor devices (one computed and cached per device)")
     out = {"layout": notes, "moe_layers": len(cfg.moe_layers), "expert_exchange": None,
            "exchange_bytes_per_moe_layer": 0, "all_gather_bytes_per_moe_layer": 0}
     if cfg.moe_layers and experts_axis > 1:

@@ -108,11 +108,10 @@ def test_changing_one_document_leaves_the_others(model):
     assert np.abs(a[0, LENGTHS[0] - 1] - b[0, LENGTHS[0] - 1]).max() > 1e-3
 
 
-def _summed_loss(graphdef, params, ids, segments, labels):
+def _summed_loss(graphdef, params, ids, segments, positions, labels):
     """The summed next-token cross-entropy of a row (labels IGNORE_INDEX where not predicted)."""
     model = nnx.merge(graphdef, params)
-    positions = segment_positions(np.asarray(segments))
-    logits = model.forward(ids, segments, jnp.asarray(positions), False).logits[:, :-1]
+    logits = model.forward(ids, segments, positions, False).logits[:, :-1]
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -147,7 +146,12 @@ def test_packed_nemotron_gradient_is_the_sum_of_the_documents(tmp_path):
     starts = np.cumsum((0, *LENGTHS[:-1]))
     labels = row.copy()
     labels[0, starts[1:]] = IGNORE_INDEX  # a document's first token is not predicted from the one before
-    grad = jax.grad(_summed_loss, argnums=1)
+    summed_grad = jax.jit(jax.grad(_summed_loss, argnums=1), static_argnums=0)
+
+    def grad(graphdef, params, ids, segments, labels):
+        return summed_grad(graphdef, params, ids, segments, jnp.asarray(segment_positions(np.asarray(segments))),
+                           labels)
+
     packed = grad(graphdef, params, jnp.asarray(row), jnp.asarray(segments), jnp.asarray(labels))
     separate = [grad(graphdef, params, jnp.asarray(doc[None]), jnp.ones((1, len(doc)), jnp.int32),
                      jnp.asarray(doc[None])) for doc in docs]
