@@ -43,9 +43,9 @@ class Collective:
         return 2 * share if self.kind == "all-reduce" else share
 
 
-def _array_bytes(shape_text: str) -> int:
-    return sum(_ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shape_text))
+def _array_bytes(arrays: list[tuple[str, str]]) -> int:
+    """Bytes of (dtype, "d0,d1,...") pairs as _ARRAY finds them."""
+    return sum(_ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
 
 
 def _group_size(attributes: str) -> int:
@@ -70,10 +70,10 @@ def collectives(hlo_text: str) -> list[Collective]:
         if match is None or "-done(" in line:
             continue
         result, kind, start, rest = match.groups()
+        arrays = _ARRAY.findall(result)
         if start:  # an async pair's start: (operand, result) -> the result
-            result = _ARRAY.findall(result)[-1]
-            result = f"{result[0]}[{result[1]}]"
-        found.append(Collective(kind, _array_bytes(result), _group_size(rest)))
+            arrays = arrays[-1:]
+        found.append(Collective(kind, _array_bytes(arrays), _group_size(rest)))
     return found
 
 
