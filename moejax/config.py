@@ -220,6 +220,7 @@ class Qwen3MoeConfig:
     rope: RopeConfig = RopeConfig(theta=1_000_000.0)
     max_position_embeddings: int = 40960
     router_aux_loss_coef: float | None = None  # the load-balancing coefficient the model was trained with
+    sliding_window: int | None = None  # every layer's attention window (use_sliding_window), None: full attention
     expert_exchange: str = "auto"
 
     model_type = "qwen3_moe"
@@ -251,9 +252,9 @@ class Qwen3MoeConfig:
         _check_hf(cls, d, source)
         act = d.get("hidden_act", "silu")
         _require(act == "silu", source, f"hidden_act={act!r} is not supported (Qwen3-MoE uses 'silu')")
-        _require(not _Fields(d, source).bool("use_sliding_window", False), source,
-                 "use_sliding_window=true is not supported (no published Qwen3-MoE uses it)")
         f = _Fields(d, source)
+        # transformers windows every layer's attention when use_sliding_window is set (max_window_layers is unused).
+        window = f.int("sliding_window", None, minimum=1) if f.bool("use_sliding_window", False) else None
         experts_field = "num_experts" if "num_experts" in d else "num_local_experts"
         heads = f.int("num_attention_heads", minimum=1)
         hidden = f.int("hidden_size", minimum=1)
@@ -270,7 +271,7 @@ class Qwen3MoeConfig:
             attention_bias=f.bool("attention_bias", False), rms_norm_eps=f.float("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(d, source),
             max_position_embeddings=f.int("max_position_embeddings", 40960, minimum=1),
-            router_aux_loss_coef=f.float("router_aux_loss_coef", None),
+            router_aux_loss_coef=f.float("router_aux_loss_coef", None), sliding_window=window,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -281,7 +282,7 @@ class Qwen3MoeConfig:
         if self.router_aux_loss_coef is None:
             del d["router_aux_loss_coef"]
         d.update(model_type=self.model_type, architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
-                 rope_parameters=self.rope.to_hf(), use_sliding_window=False)
+                 rope_parameters=self.rope.to_hf(), use_sliding_window=self.sliding_window is not None)
         return d
 
     @property

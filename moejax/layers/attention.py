@@ -23,6 +23,14 @@ def attention_mask(segment_ids_bs: jax.Array, seq_len: int) -> jax.Array:
     return causal_ts[None] & (key_b1s != 0) & same_bts
 
 
+def within_window(seq_len: int, keys: int, first_slot, window: int) -> jax.Array:
+    """[1, seq, keys] boolean: query t (at slot first_slot + t) may see key slot s when it is less than `window`
+    slots before it. Slots and tokens advance together (left padding sits before a row's first token), so this is
+    the token distance."""
+    query_t = first_slot + jnp.arange(seq_len)
+    return (query_t[:, None] - jnp.arange(keys)[None, :] < window)[None]
+
+
 def kv_heads_on_mesh(kv_heads: int) -> int:
     """How many KV heads attention computes and caches: `kv_heads`, or one per tensor device when the current mesh
     has more tensor devices than KV heads (a multiple of them). Device i then holds head i // (tensor / kv_heads),
@@ -87,7 +95,7 @@ class Attention(nnx.Module):
     """Multi-head attention where n_heads query heads share n_kv_heads key/value heads."""
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm_eps: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 qk_norm_eps: float | None = None, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         d, n, k, h = hidden, n_heads, n_kv_heads, head_dim
         self.q_dnh = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
         self.k_dkh = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
@@ -103,6 +111,9 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
         self.qk_norm = qk_norm_eps is not None
+        # A sliding window: a query sees the keys less than `window` tokens before it (transformers' rule,
+        # q - k < window), on top of the mask it is given.
+        self.window = window
 
     def cache(self, batch: int, length: int, dtype) -> KVCache:
         """An empty cache of `length` slots (also called on a stack's layers, whose weights lead with the layers)."""
@@ -133,6 +144,8 @@ class Attention(nnx.Module):
         if rope_cos_sin is not None:
             q_btnh, k_btkh = apply_rope(q_btnh, *rope_cos_sin), apply_rope(k_btkh, *rope_cos_sin)
         b, t, n, h = q_btnh.shape
+        if self.window is not None:
+            mask_bts = mask_bts & within_window(t, mask_bts.shape[-1], 0 if cache is None else cache_slot, self.window)
         first_key = 0
         if cache is not None:
             at = (0, cache_slot, 0, 0)

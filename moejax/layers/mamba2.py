@@ -42,22 +42,25 @@ def segment_runs(segments_bt: jax.Array) -> jax.Array:
 
 def causal_depthwise_conv(x_btc: jax.Array, w_ck: jax.Array, bias_c: jax.Array | None,
                           runs_bt: jax.Array | None = None, history_bkc: jax.Array | None = None) -> jax.Array:
-    """out[t, c] = sum_k w[c, k] * x[t - K + 1 + k, c] (+ bias) -> [b, t, c], over earlier tokens of t's own run
+    """out[t, c] = sum_k w[c, k] * x[t - K + 1 + k, c] (+ bias) -> float32 [b, t, c], over earlier tokens of t's own run
     only (zeros before the start of the row or of the run); history_bkc: the K - 1 inputs before the row (a
     generation cache) in place of those zeros, read by every token (no runs)."""
     kernel = w_ck.shape[-1]
     t = x_btc.shape[1]
+    # Products and sums in float32 whatever the dtype, as a convolution kernel accumulates (in bfloat16 each of the
+    # 2K - 1 steps would round).
+    f32 = jnp.float32
+    w_ck = w_ck.astype(f32)
+    bias = 0.0 if bias_c is None else bias_c.astype(f32)
     if history_bkc is not None:
-        x_pad = jnp.concatenate([history_bkc.astype(x_btc.dtype), x_btc], axis=1)
-        return sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel)) + (0 if bias_c is None else bias_c)
-    x_pad = jnp.pad(x_btc, ((0, 0), (kernel - 1, 0), (0, 0)))
+        x_pad = jnp.concatenate([history_bkc.astype(f32), x_btc.astype(f32)], axis=1)
+        return sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel)) + bias
+    x_pad = jnp.pad(x_btc.astype(f32), ((0, 0), (kernel - 1, 0), (0, 0)))
     if runs_bt is None:
-        out_btc = sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel))
-    else:
-        runs_pad = jnp.pad(runs_bt, ((0, 0), (kernel - 1, 0)), constant_values=-1)
-        out_btc = sum(jnp.where((runs_pad[:, k:k + t] == runs_bt)[..., None], x_pad[:, k:k + t], 0) * w_ck[:, k]
-                      for k in range(kernel))
-    return out_btc if bias_c is None else out_btc + bias_c
+        return sum(x_pad[:, k:k + t] * w_ck[:, k] for k in range(kernel)) + bias
+    runs_pad = jnp.pad(runs_bt, ((0, 0), (kernel - 1, 0)), constant_values=-1)
+    return sum(jnp.where((runs_pad[:, k:k + t] == runs_bt)[..., None], x_pad[:, k:k + t], 0) * w_ck[:, k]
+               for k in range(kernel)) + bias
 
 
 class Mamba2Mixer(nnx.Module):
@@ -119,7 +122,8 @@ class Mamba2Mixer(nnx.Module):
             kept = self.conv_gck.shape[-1] - 1
             window_bkc = jnp.concatenate([cache.conv_bkc, xbc_btc.astype(cache.conv_bkc.dtype)], axis=1)
             cache = cache.replace(conv_bkc=window_bkc[:, window_bkc.shape[1] - kept:])
-        xbc_btgc = (jax.nn.silu(conv_btc) * keep_bt1).reshape(b, t, g, -1)
+        # SiLU in float32 on the float32 convolution, rounded once to the model dtype.
+        xbc_btgc = (jax.nn.silu(conv_btc).astype(x_btd.dtype) * keep_bt1).reshape(b, t, g, -1)
         xs_btgi, b_btgn, c_btgn = jnp.split(xbc_btgc, [r * p, r * p + n], axis=-1)
         dt_bth = dt_btgr.reshape(b, t, h).astype(jnp.float32) + self.dt_bias_gr[...].reshape(h).astype(jnp.float32)
         dt_bth = jnp.clip(jax.nn.softplus(dt_bth), *self.dt_limits)

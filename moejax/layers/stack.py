@@ -102,6 +102,23 @@ class LayerStack(nnx.Module):
         # gradient, so the backward pass stops at the first block that trains. Set by training.
         self.grad_from = 0
 
+    def locate(self, layer: int) -> tuple[int, int, int]:
+        """(segment, position in its unit, repeat) of layer index `layer`."""
+        for segment, ids in enumerate(self.layer_ids):
+            for position, repeats in enumerate(ids):
+                if layer in repeats:
+                    return segment, position, repeats.index(layer)
+        raise IndexError(f"layer {layer} is not among the {len(self.kinds)} layers")
+
+    def run_one(self, segment: int, position: int, repeat, x: jax.Array, transform: Callable = lambda tree: tree,
+                **kwargs):
+        """One layer alone: the layer at (segment, position) with its parameters of `repeat` (an index, possibly
+        traced), passed through `transform` (e.g. an upcast), called on x -> (x, aux) as the layer returns them."""
+        graphdef, state = nnx.split(self.units[segment][position])
+        layer = nnx.merge(graphdef, transform(jax.tree.map(lambda a: a[repeat], state)))
+        x, aux, _ = layer(x, **kwargs)
+        return x, aux
+
     def cache(self, batch: int, length: int, dtype) -> tuple:
         """Empty generation caches: per segment, per position in its unit, the kind's `layer.cache(batch, length,
         dtype)` (None for a kind without one) stacked over the repeats: the layout `__call__` takes as caches."""

@@ -86,7 +86,39 @@ def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
 
 class CausalLM(nnx.Module):
     """Base for the architectures: `model(input_ids, ...)` runs the jitted `forward`; `model.generate(...)`
-    decodes with caches. An architecture has `config`, `layers` (a LayerStack) and `forward`."""
+    decodes with caches. An architecture has `config`, `embed_vd`, `layers` (a LayerStack), `layer_context` (what
+    its layers take besides x and the mask) and `head` (final norm and LM head)."""
+
+    def forward(self, input_ids_bt, segment_ids_bt, position_ids_bt, return_router_logits: bool,
+                return_hidden_states: bool = False, control=None, cache=None) -> CausalLMOutput:
+        """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given): embeddings, the
+        layer stack, the head. segment_ids_bt: 0 = padding, 1, 2, ... = the documents of a row."""
+        x_btd = self.embed_vd[...][input_ids_bt]
+        context = self.layer_context(segment_ids_bt, position_ids_bt, x_btd.dtype)
+        x_btd, aux, cache = self.run_layers(x_btd, segment_ids_bt, cache, keep_hidden=return_hidden_states,
+                                            moe_inputs=control, **context)
+        return causal_lm_output(self.head(x_btd), aux, return_router_logits, return_hidden_states, cache)
+
+    def block_forward(self, block: int, x_btd, segment_ids_bt, position_ids_bt, control: RouterControl | None = None,
+                      dtype=jnp.float32):
+        """Decoder block `block` alone on its input x_btd [batch, seq, d], its parameters and computation in
+        `dtype` (upcast from the model's own inside the compiled call: one block's copy at a time) -> (its output
+        [batch, seq, d], its RouterOutput over the batch * seq tokens or None). control: one MoE layer's
+        RouterControl (forcing, steering) over those tokens. One compilation per kind of block, whatever its
+        index."""
+        segment, position, repeat = self.layers.locate(block)
+        graphdef, state = nnx.split(self)
+        with on_mesh(state) as place:
+            x_btd, segment_ids_bt, position_ids_bt = place(jnp.asarray(x_btd, dtype), jnp.asarray(segment_ids_bt),
+                                                           jnp.asarray(position_ids_bt, jnp.int32))
+            return _jitted_block(graphdef, state, segment, position, jnp.int32(repeat), x_btd, segment_ids_bt,
+                                 position_ids_bt, control, jnp.dtype(dtype))
+
+    def head_forward(self, x_btd, dtype=jnp.float32):
+        """The final norm and LM head alone on the last block's output [batch, seq, d], in `dtype` -> logits."""
+        graphdef, state = nnx.split(self)
+        with on_mesh(state) as place:
+            return _jitted_head(graphdef, state, *place(jnp.asarray(x_btd, dtype)), jnp.dtype(dtype))
 
     def init_cache(self, batch: int, length: int) -> DecodeCache:
         """An empty generation cache of `length` slots (prompt plus new tokens), in the parameters' dtype."""
@@ -166,6 +198,29 @@ def jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, ret
     from shapes alone)."""
     return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits,
                                               return_hidden_states, control)
+
+
+def upcast(tree, dtype):
+    """Every floating array of `tree` narrower than `dtype` converted to it (float32 stays float32)."""
+    def one(a):
+        floating = jnp.issubdtype(a.dtype, jnp.floating)
+        return a.astype(dtype) if floating and jnp.finfo(a.dtype).bits < jnp.finfo(dtype).bits else a
+    return jax.tree.map(one, tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 9))
+def _jitted_block(graphdef, state, segment, position, repeat, x_btd, segment_ids_bt, position_ids_bt, control, dtype):
+    model = nnx.merge(graphdef, state)
+    t = segment_ids_bt.shape[1]
+    context = model.layer_context(segment_ids_bt, position_ids_bt, dtype)
+    return model.layers.run_one(segment, position, repeat, x_btd, lambda tree: upcast(tree, dtype),
+                                mask_bts=attention_mask(segment_ids_bt, t), control=control, **context)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _jitted_head(graphdef, state, x_btd, dtype):
+    # Unused upcasts (every other parameter) are dead code the compiler drops.
+    return nnx.merge(graphdef, upcast(state, dtype)).head(x_btd)
 
 
 def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,

@@ -14,7 +14,7 @@ from moejax.layers.moe import SigmoidMoE
 from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
 from moejax.layers.stack import LayerStack
-from moejax.models.common import CausalLM, causal_lm_output
+from moejax.models.common import CausalLM
 
 
 def make_mixer(cfg: NemotronHConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -76,12 +76,11 @@ class NemotronHForCausalLM(CausalLM):
                               dtype=dtype, rngs=rngs)
         self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False, control=None, cache=None):
-        """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given). There is no RoPE:
-        positions are implicit in the scan."""
-        x_btd = self.embed_vd[...][input_ids_bt]
-        x_btd, aux, cache = self.run_layers(x_btd, attention_mask_bt, cache, keep_hidden=return_hidden_states,
-                                            moe_inputs=control, segments_bt=attention_mask_bt)
-        logits_btv = self.norm_f(x_btd) @ self.lm_head_dv[...]
-        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states, cache)
+    def layer_context(self, segment_ids_bt, position_ids_bt, dtype) -> dict:
+        """What every block takes besides x and the mask: the segment ids (the Mamba-2 scan restarts at each
+        document). There is no RoPE: positions are implicit in the scan."""
+        return {"segments_bt": segment_ids_bt}
+
+    def head(self, x_btd):
+        """The last block's output [batch, seq, d] -> logits [batch, seq, vocab]: final norm, then the LM head."""
+        return self.norm_f(x_btd) @ self.lm_head_dv[...]

@@ -13,7 +13,7 @@ from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
 from moejax.layers.rope import inverse_frequencies, rope_tables
 from moejax.layers.stack import LayerStack
-from moejax.models.common import CausalLM, causal_lm_output
+from moejax.models.common import CausalLM
 
 
 class DecoderLayer(nnx.Module):
@@ -23,7 +23,8 @@ class DecoderLayer(nnx.Module):
         d = cfg.hidden_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
         self.self_attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                   bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+                                   bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window,
+                                   dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
         if kind == "moe":
             self.mlp = SoftmaxMoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
@@ -62,16 +63,12 @@ class Qwen3MoeForCausalLM(CausalLM):
         if not cfg.tie_word_embeddings:
             self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-    def forward(self, input_ids_bt, attention_mask_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False, control=None, cache=None):
-        """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given)."""
-        cfg = self.config
-        x_btd = self.embed_vd[...][input_ids_bt]
-        inv_freq_h = inverse_frequencies(cfg.rope, cfg.head_dim)
-        rope_cos_sin = rope_tables(position_ids_bt, inv_freq_h, cfg.rope.mscale, x_btd.dtype)
-        x_btd, aux, cache = self.run_layers(x_btd, attention_mask_bt, cache, keep_hidden=return_hidden_states,
-                                            moe_inputs=control, rope_cos_sin=rope_cos_sin)
-        x_btd = self.norm(x_btd)
-        head_dv = self.embed_vd[...].T if cfg.tie_word_embeddings else self.lm_head_dv[...]
-        logits_btv = x_btd @ head_dv
-        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states, cache)
+    def layer_context(self, segment_ids_bt, position_ids_bt, dtype) -> dict:
+        """What every decoder layer takes besides x and the mask: the RoPE tables of these positions."""
+        inv_freq_h = inverse_frequencies(self.config.rope, self.config.head_dim)
+        return {"rope_cos_sin": rope_tables(position_ids_bt, inv_freq_h, self.config.rope.mscale, dtype)}
+
+    def head(self, x_btd):
+        """The last block's output [batch, seq, d] -> logits [batch, seq, vocab]: final norm, then the LM head."""
+        head_dv = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
+        return self.norm(x_btd) @ head_dv

@@ -109,37 +109,60 @@ def save_figure(fig, out: Path, name: str) -> str:
     return name
 
 
-def drift_figure(path: Path, rows: list[dict], title: str) -> None:
-    """`moejax parity`'s figure: per block, the hidden-state difference it checks (log scale, one marker per
-    block kind; calibrated runs add the 16-bit reference's own; the bound dashed) above, and per MoE block the
-    share of tokens whose expert set differs."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.18 * len(rows) + 3), 5.6), sharex=True)
+def drift_figure(path: Path, rows: list[dict], title: str, mode: str) -> None:
+    """`moejax parity`'s figure, per block: the implementation check's error (each block alone on the reference's
+    input, in float32, relative to its update; bound dashed); the end-to-end hidden-state difference in moejax's
+    dtype (float32: relative, against its bound; 16-bit: the mean and maximum per-token difference of moejax and of
+    transformers' own 16-bit run); and per MoE block the share of tokens whose expert set differs."""
+    fig, (impl, top, bottom) = plt.subplots(3, 1, figsize=(max(6.5, 0.18 * len(rows) + 3), 7.8), sharex=True)
     blocks = np.array([r["block"] for r in rows])
-    drift = np.array([max(r["hidden_checked"], 1e-12) for r in rows])
-    top.plot(blocks, drift, c="0.6", lw=0.8)
-    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
-        here = np.array([r["kind"] == kind for r in rows])
-        top.scatter(blocks[here], drift[here], s=18, marker="os^Dv"[i % 5], label=kind, zorder=3)
-    calibrated = "hidden_median_reference" in rows[0]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    calibrated = mode == "calibrated"
+
+    def per_kind(ax, values, **style):
+        ax.plot(blocks, values, c="0.6", lw=0.8)
+        for i, kind in enumerate(kinds):
+            here = np.array([r["kind"] == kind for r in rows])
+            ax.scatter(blocks[here], values[here], s=18, marker="os^Dv"[i % 5], label=kind, zorder=3, **style)
+
+    def floor(values):
+        return np.maximum(np.array(values, np.float64), 1e-12)
+
+    per_kind(impl, floor([r["impl_update_relative"] for r in rows]))
+    bound = rows[0].get("impl_bound")
+    if bound is not None:
+        impl.axhline(bound, ls="--", c="tab:red", lw=0.9, label="bound")
+    impl.set_yscale("log")
+    impl.set_ylabel("float32, block alone\n|error| / |update|")
+    impl.set_title(f"parity per block: {title}", fontsize=9)
+    impl.legend(fontsize=7, ncol=len(kinds) + 1)
     if calibrated:
-        top.plot(blocks, [max(r["hidden_median_reference"], 1e-12) for r in rows], c="tab:green", lw=0.9,
-                 label="16-bit reference (its own rounding)")
-    top.plot(blocks, [r["hidden_bound"] for r in rows], ls="--", c="tab:red", lw=0.9, label="bound")
+        for stat, style in (("mean", "-"), ("max", ":")):
+            top.plot(blocks, floor([r[f"hidden_{stat}"] for r in rows]), style, c="tab:blue", marker="o", ms=3,
+                     label=f"moejax, token {stat}")
+            top.plot(blocks, floor([r[f"hidden_{stat}_reference"] for r in rows]), style, c="tab:green",
+                     label=f"transformers 16-bit, token {stat}")
+            top.plot(blocks, floor([r[f"hidden_{stat}_bound"] for r in rows]), style, c="tab:red", lw=0.8,
+                     label=f"bound ({stat})")
+        top.set_ylabel("end to end, 16-bit\n|h - h_ref32| / |h_ref32|")
+    else:
+        per_kind(top, floor([r["hidden_relative_diff"] for r in rows]))
+        if rows[0].get("hidden_bound") is not None:
+            top.axhline(rows[0]["hidden_bound"], ls="--", c="tab:red", lw=0.9, label="bound")
+        top.set_ylabel("end to end, float32\n|h - h_ref| / |h_ref|")
     top.set_yscale("log")
-    top.set_ylabel(("median token " if calibrated else "") + "|h - h_ref32| / |h_ref32|")
-    top.set_title(f"parity drift per block: {title}", fontsize=9)
-    top.grid(alpha=0.3)
-    top.legend(fontsize=8)
+    top.legend(fontsize=7)
     moe = [r for r in rows if "moe_layer" in r]
     bottom.bar([r["block"] for r in moe], [100 * (1 - r["expert_set_agreement"]) for r in moe], color="tab:orange",
-               label="moejax")
+               label="moejax, end to end")
     if calibrated and moe:
         bottom.plot([r["block"] for r in moe], [100 * (1 - r["expert_set_agreement_reference"]) for r in moe], "o",
-                    c="tab:green", label="16-bit reference")
-        bottom.legend(fontsize=8)
+                    c="tab:green", label="transformers 16-bit")
+    bottom.legend(fontsize=7)
     bottom.set_ylabel("tokens with another\nexpert set (%)")
     bottom.set_xlabel("block")
-    bottom.grid(alpha=0.3)
+    for ax in (impl, top, bottom):
+        ax.grid(alpha=0.3)
     save_figure(fig, path.parent, path.name)
 
 

@@ -78,7 +78,7 @@ def test_unknown_config_field(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
-    ("use_sliding_window", True, "use_sliding_window=true is not supported"),
+    ("use_sliding_window", "yes", 'use_sliding_window is "yes" (a string); expected true or false'),
     ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, "rope type 'dynamic'"),
     ("num_key_value_heads", 3, "not a multiple of num_key_value_heads=3"),
 ])

@@ -10,6 +10,8 @@ recurrence equals the chunked SSD continued by one token.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +20,12 @@ import pytest
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
 import torch
+from flax import nnx
 from support import padded_batch
 
 import moejax
 from moejax.errors import DataError
+from moejax.layers.attention import Attention
 from moejax.layers.ssd import ssd_chunked, ssd_step
 from moejax.models.generation import Sampler
 from moejax.reference import make_checkpoint
@@ -89,6 +93,25 @@ def test_greedy_equals_transformers(checkpoint):
     at = int(np.flatnonzero(row1 == eos)[0])
     assert at < NEW - 1 and (row1[at + 1:] == 0).all(), "the row that produced the end-of-sequence id is padded"
     assert eos not in stopped.sequences[0, prompt:]
+
+
+def test_greedy_with_a_sliding_window_equals_transformers(tmp_path):
+    """Qwen3-MoE with use_sliding_window (6 tokens): prompts of 13-19 tokens and 24 new ones decode far past the
+    window, each step seeing only its last 6 tokens, as transformers' generate does."""
+    reference, path = make_checkpoint("qwen3_moe", tmp_path, seed=5, use_sliding_window=True, sliding_window=6)
+    model = moejax.from_pretrained(path)
+    assert model.config.sliding_window == 6
+    ids, mask = prompts(2)
+    ours = model.generate(ids, mask, max_new_tokens=NEW).sequences
+    ref_sequences, ref_scores = reference_generate(reference, ids, mask, None)
+    assert len(assert_same_tokens(ref_sequences, ref_scores, ours, ids.shape[1])) == 3
+    full = model.generate(ids, mask, max_new_tokens=NEW)  # the window matters: without it the tokens differ
+    unwindowed = moejax.from_pretrained(path)
+    unwindowed.config = dataclasses.replace(unwindowed.config, sliding_window=None)
+    for _, attn in nnx.iter_graph(unwindowed):
+        if isinstance(attn, Attention):
+            attn.window = None
+    assert not np.array_equal(unwindowed.generate(ids, mask, max_new_tokens=NEW).sequences, full.sequences)
 
 
 def test_decode_logits_equal_forward(checkpoint):

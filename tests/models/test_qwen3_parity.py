@@ -41,6 +41,10 @@ CASES = {
         overrides=dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                         "original_max_position_embeddings": 16}),
         lengths=[29, 17], seq=29, side="left"),
+    "sliding-window-leftpad": dict(
+        overrides=dict(use_sliding_window=True, sliding_window=5), lengths=[17, 11], seq=17, side="left"),
+    "sliding-window-rightpad": dict(
+        overrides=dict(use_sliding_window=True, sliding_window=4), lengths=[13, 8], seq=13, side="right"),
     "linear-rope": dict(
         overrides=dict(rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}),
         lengths=[19], seq=19, side="right"),
