@@ -9,9 +9,9 @@ moejax and transformers over the built-in en/he/ja sample corpus in batches of 4
 tokens (the forward benchmark's batch) and 10240. Printed per run: the verdict with the measured
 KL, agreements, flips and drift (a bfloat16 checkpoint gets the calibrated verdict: transformers in
 float32 and in bfloat16, moejax in bfloat16), and the time of each side: moejax's forward passes (with
-compilation, the first batch's share shown, and reruns with forced ties), transformers' forward passes
-(both of its runs for a calibrated verdict), the comparison, and the whole command. moejax runs in a
-worker thread; "waited for" is the part of its time not hidden behind transformers.
+compilation, the first batch's share shown, and reruns with forced ties), the float32 implementation check
+(each block alone), transformers' forward passes (both of its runs for a calibrated verdict), the comparison,
+and the whole command.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def main() -> None:
                           f"{s['verdict']}; {checks}; ties {s['ties']} ({s['exact_ties']} exact), other flips "
                           f"{s['other_flips']}, forced {s['forced_tokens']} tokens")
                     print(f"  moejax {t['moejax_forward_s']:.1f} s (first batch with compile "
-                          f"{t['moejax_first_batch_s']:.1f} s; waited for {t['moejax_wait_s']:.1f} s; "
-                          f"{t['moejax_reruns']} reruns with forced ties), "
+                          f"{t['moejax_first_batch_s']:.1f} s; {t['moejax_reruns']} reruns with forced ties), "
+                          f"implementation check {t['implementation_s']:.1f} s, "
                           f"transformers {t['reference_forward_s']:.1f} s, "
                           f"comparison {t['compare_s']:.1f} s; loads {t['moejax_load_s']:.1f} s / "
                           f"{t['reference_load_s']:.1f} s; whole command {t['total_s']:.1f} s; transformers / "

@@ -28,12 +28,14 @@ DESCRIPTIONS = {
                 "English/Hebrew/Japanese sample corpus."),
     "parity": ("prove on a checkpoint that moejax computes what the transformers (PyTorch) model computes",
                "Loads one Hugging Face checkpoint in moejax (on the JAX backend present) and in transformers "
-               "(PyTorch, CPU, torch.no_grad), runs both on the same tokens and compares every content token: "
-               "per-token KL and top-1 agreement; per MoE layer the router logits and the expert sets, where a "
-               "flip counts only if proven a near tie on the reference's selection scores (then forced, so every "
-               "later token stays compared like for like); per block the hidden states, to show where drift "
-               "starts. --dtype float32 gives the verdict on the implementation against fixed bounds; a 16-bit "
-               "dtype a verdict calibrated by transformers' own 16-bit error (docs/parity.md). Writes "
+               "(PyTorch, CPU, torch.no_grad), runs both on the same tokens and judges moejax in two parts. The "
+               "implementation check, in float32 whatever --dtype: each block alone on the reference's own input "
+               "to it, and the head on its last block output, at bounds of ~1e-5 (a wrong moejax fails it even in "
+               "bfloat16). End to end in moejax's dtype: per-token KL, logits and top-1; per MoE layer the router "
+               "logits and the expert sets, where a flip counts only if proven a near tie on the reference's "
+               "selection scores (then forced, so every later token stays compared like for like); per block the "
+               "hidden states, to show where drift starts; in float32 against fixed bounds, in 16 bits at the "
+               "mean, median, p99 and max against transformers' own 16-bit error (docs/parity.md). Writes "
                "summary.json, layers.csv, groups.csv, flips.csv and drift_per_layer.png to OUT and exits 0 on "
                "pass, 1 when a check fails, 2 on an error. Needs PyTorch (pip install -e '.[test]')."),
     "convert": ("Hugging Face checkpoint -> Orbax (TensorStore) checkpoint for fast, resharded reloads",
