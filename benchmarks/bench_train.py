@@ -74,7 +74,8 @@ import moejax
 from moejax.config import NemotronHConfig, Qwen3MoeConfig
 from moejax.process import HUGE_PAGES, with_huge_pages
 from moejax.reference import randomize
-from moejax.training.step import TrainConfig, init_state, make_train_step
+from moejax.training.config import TrainConfig
+from moejax.training.step import init_state, make_train_step
 
 LB_COEF = 1e-2
 LEARNING_RATE = 1e-4

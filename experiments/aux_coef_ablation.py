@@ -97,7 +97,7 @@ def summary(metrics: dict[float, dict[str, np.ndarray]], out: Path) -> None:
         cells = [f"{coef:g}", f"{m['loss'][tail].mean():.4f}", f"{m['aux_loss'][tail].mean():.4f}",
                  *(f"{np.mean(list(entropy[lang].values())):.3f}" for lang in langs)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Entropy: usage entropy of the top-k assignments per MoE layer (METRICS.md), averaged over "
+    lines += ["", "Entropy: usage entropy of the top-k assignments per MoE layer (docs/metrics.md), averaged over "
               "layers and over the last 10% of the steps.", ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.commands.evaluate import BUNDLED_TASKS as TASK_DIR
 from moejax.commands.experts import ExpertsSettings, find_experts
+from moejax.evaluation import TASKS as TASK_DIR
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.steering import Steering
 

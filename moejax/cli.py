@@ -12,8 +12,6 @@ import json
 import os
 import sys
 
-import jax
-
 from moejax.commands import analyze, convert, evaluate, experts, export, generate, parity, plan, train
 from moejax.commands.options import add_options, from_mapping
 from moejax.errors import MoejaxError
@@ -171,25 +169,30 @@ def run(command: str, settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parses and checks the arguments before JAX (or anything heavy) is imported, so a bad flag fails in a moment;
+    then runs the command."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
         return int(e.code or 0)
+    try:
+        settings = settings_from(args)
+    except (MoejaxError, OSError) as e:
+        print(f"moejax {args.command}: error: {e}", file=sys.stderr)
+        return 2
     if from_command_line and args.command == "train":
         with_huge_pages()
+    import jax
+
     cache = compilation_cache_dir()
     if cache and jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", cache)
     if os.environ.get("MOEJAX_DISTRIBUTED"):  # one process per host of a TPU pod (tpu/launch.py sets it)
         jax.distributed.initialize()
     try:
-        return run(args.command, settings_from(args))
+        return run(args.command, settings)
     except (MoejaxError, OSError) as e:
         print(f"moejax {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

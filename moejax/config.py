@@ -192,6 +192,11 @@ def _require(cond: bool, source: str, message: str) -> None:
 EXPERT_EXCHANGES = ("auto", "all_gather", "all_to_all")
 
 
+# What a layer's backward pass keeps from its forward pass when training (moejax.layers.stack.REMAT_POLICIES):
+# everything; only each layer's input (the rest recomputed); the matmul outputs.
+REMAT_NAMES = ("none", "full", "dots")
+
+
 def _require_exchange(cfg) -> None:
     _require(cfg.expert_exchange in EXPERT_EXCHANGES, f"{cfg.model_type} config",
              f"expert_exchange={cfg.expert_exchange!r} is not one of {EXPERT_EXCHANGES}")
@@ -347,6 +352,20 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return d
+
+
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint directory's config.json records (`dtype`, or `torch_dtype` before transformers 5);
+    float32 if none."""
+    source = Path(path) / "config.json"
+    hf = read_config_json(source)
+    name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
+    if name not in CHECKPOINT_DTYPES:
+        raise ConfigError(f"{source}: dtype {name!r} is not one of {', '.join(CHECKPOINT_DTYPES)}")
+    return name
 
 
 NEMOTRON_PATTERN = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}

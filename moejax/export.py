@@ -19,6 +19,7 @@ from converters import keymap as keymap_of
 from converters.keymap import KeyMap, Rule, keys_of
 from converters.safetensors_io import INDEX_NAME, write_safetensors
 from moejax.checkpoint import COPIED
+from moejax.config import read_config_json
 from moejax.errors import CheckpointError
 from moejax.io import output_directory
 from moejax.layers.stack import layer_position
@@ -58,6 +59,15 @@ def _tensors(model, keymap: KeyMap):
                     yield key, _to_hf(rule, part[expert])
 
 
+def _special_ids(source: str | Path | None) -> dict:
+    """The special token ids the source checkpoint's config.json records (transformers' generate reads them)."""
+    path = None if source is None else Path(source) / "config.json"
+    if path is None or not path.is_file():
+        return {}
+    hf = read_config_json(path)
+    return {key: hf[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(key) is not None}
+
+
 def export_pretrained(model, out: str | Path, *, tokenizer_from: str | Path | None = None,
                       max_shard_bytes: int = 2 * 1024 ** 3) -> Path:
     """Writes `model` to OUT as config.json + model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json
@@ -87,9 +97,10 @@ def export_pretrained(model, out: str | Path, *, tokenizer_from: str | Path | No
             weight_map.update(dict.fromkeys(keys, name))
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf() | {"dtype": dtype}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf() | _special_ids(tokenizer_from) | {"dtype": dtype},
+                                                    indent=2))
         if tokenizer_from is not None:
-            for name in COPIED[2:]:  # the tokenizer's files (config.json was just written)
-                if (Path(tokenizer_from) / name).is_file():
+            for name in COPIED:  # the generation config and the tokenizer's files (config.json was just written)
+                if name != "config.json" and (Path(tokenizer_from) / name).is_file():
                     shutil.copy2(Path(tokenizer_from) / name, tmp / name)
     return Path(out)

@@ -40,14 +40,19 @@ def _resolved(path: str | Path) -> Path:
 
 
 def refuse_unsafe(out: str | Path, inputs=(), flag: str = "--out") -> Path:
-    """OUT, resolved, unless it is the root, the home or the working directory, or is, contains or lies inside one
-    of `inputs` (a model, a corpus, a checkpoint): then an OutputError saying what and what to do."""
+    """OUT, resolved (symlinks, "..", a trailing slash), unless it is or contains the root, the home or the working
+    directory, or is, contains or lies inside one of `inputs` (a model, a corpus, a checkpoint): then an OutputError
+    saying what and what to do."""
     resolved = _resolved(out)
     for place, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory"),
                         (Path.cwd(), "the working directory")):
-        if resolved == place.resolve():
+        place = place.resolve()
+        if place == resolved:
             raise OutputError(f"{flag} {out} is {what}; moejax writes a directory of its own and will not replace it "
                               f"there: give a new path, e.g. {Path(out) / 'moejax-output'}")
+        if place.is_relative_to(resolved):
+            raise OutputError(f"{flag} {out} contains {what} ({place}); moejax would replace it with what it writes: "
+                              "give a new path instead")
     for given in inputs:
         if given is None:
             continue
@@ -61,12 +66,65 @@ def refuse_unsafe(out: str | Path, inputs=(), flag: str = "--out") -> Path:
     return resolved
 
 
+def _manifest(directory: Path) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of every file below `directory` (the marker apart)."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.name != MARKER:
+            stat = path.stat()
+            files[path.relative_to(directory).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return files
+
+
+def _foreign(out: Path, written: dict) -> str | None:
+    """The first entry of OUT that its command did not write, or that changed since (a file not in its manifest, or
+    of another size or time; a directory holding none of its files; a link), described; None when there is none."""
+    kept_dirs = {parent.as_posix() for name in written for parent in Path(name).parents if parent != Path(".")}
+    for path in sorted(out.rglob("*")):
+        name = path.relative_to(out).as_posix()
+        if name == MARKER:
+            continue
+        if path.is_symlink():
+            return f"{name} (a link moejax did not make)"
+        if path.is_dir():
+            if name not in kept_dirs:
+                return f"{name}/ (a directory moejax did not write)"
+            continue
+        if name not in written:
+            return f"{name} (not among the files moejax wrote)"
+        stat = path.stat()
+        if [stat.st_size, stat.st_mtime_ns] != written[name]:
+            return f"{name} (changed since moejax wrote it)"
+    return None
+
+
+def _replaceable(resolved: Path, out, command: str, flag: str) -> None:
+    """OUT holds an output of `command`, every file of it as written: an OutputError naming the first other thing
+    otherwise. A marker proves that moejax created the directory, not that all inside is still its own."""
+    try:
+        marker = json.loads((resolved / MARKER).read_text())
+        writer, written = marker.get("command"), marker.get("files")
+    except (OSError, ValueError, AttributeError):
+        writer, written = None, None
+    if writer != command:
+        raise OutputError(f"{flag} {out} holds the output of `moejax {writer}`, not of `moejax {command}`; give "
+                          "another path (moejax replaces only what the same command wrote)")
+    if not isinstance(written, dict):
+        raise OutputError(f"{flag} {out} was written by an older moejax that did not list its files, so what is "
+                          "inside cannot be told from what you added; give another path, or remove it yourself")
+    foreign = _foreign(resolved, written)
+    if foreign is not None:
+        raise OutputError(f"{flag} {out} holds {foreign}; moejax replaces only what it wrote itself: move that "
+                          "away, or give another path")
+
+
 def check_output(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Path:
     """Whether `moejax COMMAND` may write (or replace) OUT; raises OutputError naming what is there otherwise.
 
-    OUT may be absent, an empty directory, or a directory this same command wrote earlier (its marker says so). It
-    may not be a file, another command's output, a directory of anything else, or an unsafe place (refuse_unsafe).
-    Unfinished temporaries that a killed run of any command left beside OUT are removed first."""
+    OUT may be absent, an empty directory, or a directory this same command wrote earlier (its marker says so) that
+    holds nothing else than what it wrote, unchanged (the marker's list of files). It may not be a file, another
+    command's output, a directory of anything else, or an unsafe place (refuse_unsafe). Unfinished temporaries that a
+    killed run of any command left beside OUT are removed first."""
     resolved = refuse_unsafe(out, inputs, flag)
     remove_stale_temporaries(resolved)
     if not resolved.exists():
@@ -74,16 +132,9 @@ def check_output(out: str | Path, command: str, inputs=(), flag: str = "--out") 
     if not resolved.is_dir():
         raise OutputError(f"{flag} {out} is a file; moejax writes a directory there: give another path or move the "
                           "file away yourself")
-    marker = resolved / MARKER
-    if marker.is_file():
-        try:
-            writer = json.loads(marker.read_text()).get("command")
-        except (OSError, ValueError, AttributeError):
-            writer = None
-        if writer == command:
-            return resolved
-        raise OutputError(f"{flag} {out} holds the output of `moejax {writer}`, not of `moejax {command}`; give "
-                          "another path (moejax replaces only what the same command wrote)")
+    if (resolved / MARKER).is_file():
+        _replaceable(resolved, out, command, flag)
+        return resolved
     entries = sorted(p.name for p in resolved.iterdir())
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
@@ -123,10 +174,12 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def output_directory(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Iterator[Path]:
-    """Yields a temporary directory beside OUT (check_output decides whether OUT may be written) that replaces OUT
-    when the block completes: OUT holds its old complete contents or the new ones at every instant (the two are
-    exchanged in one rename), and gets a marker naming `command`. The temporary directory is removed when the block
-    raises or the process gets SIGINT or SIGTERM; one left by SIGKILL is removed by the next run beside OUT."""
+    """Yields a temporary directory beside OUT (check_output decides whether OUT may be written, before and again
+    just before it is replaced) that replaces OUT when the block completes: OUT holds its old complete contents or
+    the new ones at every instant (the two are exchanged in one rename), and gets a marker naming `command` and
+    listing the files written (with their sizes and times: what a later run may replace). The temporary directory
+    is removed when the block raises or the process gets SIGINT or SIGTERM; one left by SIGKILL is removed by the
+    next run beside OUT."""
     out = check_output(out, command, inputs, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moejax-{command}-{os.getpid()}-", dir=out.parent))
@@ -136,8 +189,11 @@ def output_directory(out: str | Path, command: str, inputs=(), flag: str = "--ou
             yield tmp
             (tmp / PARTIAL).unlink()
             (tmp / MARKER).write_text(json.dumps({"command": command, "moejax": _version("moejax"),
-                                                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+                                                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                  "files": _manifest(tmp)}, indent=2))
             _normal_permissions(tmp)
+            if out.exists():  # again: the user may have put something there while the command ran
+                check_output(out, command, inputs, flag)
             _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

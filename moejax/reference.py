@@ -102,7 +102,7 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def steer_logits(z: torch.Tensor, shift_e=None, promote_e=None, suppress_e=None, eps_e=None,
                  allowed_e=None) -> torch.Tensor:
-    """INTERVENTIONS.md section 2 in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
+    """docs/steering.md, steering in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
     promoted experts at max(z) + eps and suppressed ones at min(z) - eps, computed in float32; then (section 3,
     training only) the experts not in allowed_e at -1e9."""
     out = z

@@ -1,4 +1,4 @@
-"""`moejax analyze`: routing statistics of several models over a parallel corpus, the METRICS.md tables, figures
+"""`moejax analyze`: routing statistics of several models over a parallel corpus, the tables of docs/metrics.md, figures
 and a written report in OUT (replaced only when the run completes)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
 from tqdm import tqdm
 
 from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
@@ -17,14 +17,11 @@ from moejax.data.corpus import FLORES_CODES, chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
-from moejax.loading import from_pretrained
 from moejax.models.builtin import NAME, builtin_model
-from moejax.models.steering import Steering
-from moejax.parallel.mesh import make_mesh, shard_model
-from moejax.report.figures import write_figures
-from moejax.report.markdown import write_report
-from moejax.routing.analysis import PAIRS_PER_CHUNK, ModelRun, build_tables, collect
-from moejax.routing.stats import PROBABILITIES
+from moejax.routing import PAIRS_PER_CHUNK, PROBABILITIES
+
+if TYPE_CHECKING:
+    from moejax.routing.analysis import ModelRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +68,9 @@ class AnalyzeSettings:
 
 def load_model(spec: str | None, mesh=None, allow_nonfinite: bool = False):
     """(label, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
+    from moejax.loading import from_pretrained
+    from moejax.parallel.mesh import shard_model
+
     if spec is None:
         model = builtin_model()
         return NAME, "builtin", model if mesh is None else shard_model(model, mesh), ByteTokenizer()
@@ -87,6 +87,8 @@ def load_model(spec: str | None, mesh=None, allow_nonfinite: bool = False):
 def _run_model(s: AnalyzeSettings, name: str, where: str, model, tokenizer, corpus, excluded, steering,
                layouts: dict) -> ModelRun:
     """One model's statistics over every language (steered when `steering` is given); fills layouts."""
+    from moejax.routing.analysis import ModelRun, collect
+
     langs = list(s.langs)
     lang_runs = {}
     for lang in langs:
@@ -115,6 +117,14 @@ def _run_model(s: AnalyzeSettings, name: str, where: str, model, tokenizer, corp
 def analyze(settings: AnalyzeSettings) -> Path:
     """Runs the whole analysis and writes OUT (CSV tables, metrics.json, figures, report.md); with a mesh, each
     model is loaded onto it and runs sharded (MoE blocks expert-parallel). Returns OUT."""
+    import jax
+
+    from moejax.models.steering import Steering
+    from moejax.parallel.mesh import make_mesh
+    from moejax.report.figures import write_figures
+    from moejax.report.markdown import write_report
+    from moejax.routing.analysis import build_tables
+
     s = settings
     inputs = [s.data, s.steering, *(spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec
                                     for spec in s.model)]

@@ -14,14 +14,15 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
 from moejax.data.tokenize import transformers_tokenizer
 from moejax.errors import DataError, SettingsError
+from moejax.evaluation import TASKS
 from moejax.io import output_directory, write_csv
-from moejax.loading import load_config
 from moejax.models.builtin import NAME as BUILTIN
 
-BUNDLED_TASKS = Path(__file__).resolve().parents[1] / "evaluation" / "tasks"
 LANGUAGE_SUFFIX = re.compile(r"[_-]([a-z]{2,3})$")
 
 
@@ -85,7 +86,7 @@ def _task_manager(settings: EvalSettings):
     for folder in settings.include_path:
         if not folder.is_dir():
             raise DataError(f"--include-path {folder}: no such folder")
-    manager = TaskManager(include_path=[str(BUNDLED_TASKS), *map(str, settings.include_path)])
+    manager = TaskManager(include_path=[str(TASKS), *map(str, settings.include_path)])
     known = set(manager.all_tasks)
     for name in settings.tasks:
         if name not in known:
@@ -119,11 +120,23 @@ def language_of(task: str, config: dict) -> str:
     return found.group(1) if found else ""
 
 
-def score_rows(results: dict) -> list[dict]:
-    """One row per task, metric and filter: the task, its language and family (the name without the language)."""
+def chance_level(samples: list[dict]) -> float | None:
+    """A multiple-choice task's accuracy by chance: the mean over its documents of 1 / their number of choices (one
+    loglikelihood request each); None for other tasks."""
+    counts = [len(s["arguments"]) for s in samples if isinstance(s.get("arguments"), list | tuple | dict)]
+    if not counts or min(counts) < 2:
+        return None
+    return float(np.mean([1 / n for n in counts]))
+
+
+def score_rows(results: dict, samples: dict | None = None) -> list[dict]:
+    """One row per task, metric and filter: the task, its language and family (the name without the language), and
+    for an accuracy of a multiple-choice task its chance level (from `samples`, lm-eval's logged samples)."""
     rows = []
     for task, metrics in results["results"].items():
         config = results.get("configs", {}).get(task, {})
+        multiple_choice = config.get("output_type") == "multiple_choice"
+        chance = chance_level((samples or {}).get(task, [])) if multiple_choice else None
         language = language_of(task, config)
         family = task[:-len(language) - 1] if language and task.endswith(language) else task
         for key, value in metrics.items():
@@ -134,7 +147,8 @@ def score_rows(results: dict) -> list[dict]:
             rows.append({"task": task, "language": language, "family": family, "metric": metric,
                          "filter": filter_name, "value": float(value),
                          "stderr": float(stderr) if isinstance(stderr, int | float) else "",
-                         "samples": results.get("n-samples", {}).get(task, {}).get("effective", "")})
+                         "samples": results.get("n-samples", {}).get(task, {}).get("effective", ""),
+                         "chance": chance if chance is not None and metric.startswith("acc") else ""})
     return rows
 
 
@@ -149,6 +163,7 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
             from lm_eval.loggers import EvaluationTracker
         except ImportError:
             raise SettingsError("moejax eval needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+        from moejax.loading import load_config
         from moejax.report.figures import scores_figure
 
         if settings.model is not None:  # the checkpoint's own files first: a wrong directory fails at once
@@ -157,8 +172,6 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
             if settings.chat and not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"--chat: the tokenizer of {settings.model} has no chat template (chat_template in "
                                 "tokenizer_config.json or chat_template.jinja)")
-        elif settings.chat:
-            raise DataError(f"--chat: the built-in model ({BUILTIN}) has no chat template")
         manager = _task_manager(settings)
         _check_loadable(settings, manager)
         # By name, as `lm_eval --model moejax --model_args ...` runs it (the results are named after the model).
@@ -178,9 +191,9 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"]:
             tracker.save_results_samples(task_name=task, samples=samples[task])
-        rows = score_rows(results)
+        rows = score_rows(results, samples)
         write_csv(tmp / "scores.csv", rows, ("task", "language", "family", "metric", "filter", "value", "stderr",
-                                            "samples"))
+                                            "samples", "chance"))
         if rows:
             scores_figure(tmp / "scores.png", rows, f"{settings.model or BUILTIN}")
         (tmp / "settings.json").write_text(json.dumps(

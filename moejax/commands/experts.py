@@ -1,5 +1,6 @@
-"""`moejax experts`: find the experts to steer or train (INTERVENTIONS.md section 1) by running a target corpus and a
-baseline corpus through the in-jit routing statistics (per-sequence top-K counts; no router logits reach the host).
+"""`moejax experts`: find the experts to steer or train (docs/steering.md, finding experts) by running a target corpus
+and a baseline corpus through the in-jit routing statistics (per-sequence top-K counts; no router logits reach the
+host).
 
 Methods: delta ((b): per-sequence activation frequency, target minus baseline, selected above tau in a layer window),
 risk-diff (SteerMoE: pooled over tokens, the top N by |RD| over all layers at once), gap ((c): over the target(s)
@@ -19,16 +20,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moejax.commands.analyze import load_model
 from moejax.commands.options import MESH_HELP, check_options, option
 from moejax.data.corpus import FLORES_CODES, read_corpus
 from moejax.data.mixture import jsonl_texts
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
-from moejax.parallel.mesh import make_mesh
-from moejax.report.figures import expert_score_figures
 from moejax.routing import experts as pick
-from moejax.routing.analysis import collect
 
 BUILTIN_CORPUS = "builtin"
 
@@ -146,6 +143,8 @@ def read_sequences(label: str, path: str) -> list[str]:
 
 def count_corpora(settings: ExpertsSettings, model, tokenizer, corpora: dict[str, list[str]]) -> dict[str, pick.Counts]:
     """Per corpus, the in-jit statistics' per-sequence top-K counts (special tokens excluded)."""
+    from moejax.routing.analysis import collect
+
     counts = {}
     k = model.config.num_experts_per_tok
     for label, texts in corpora.items():
@@ -194,6 +193,10 @@ def _by_layer(mask_le: np.ndarray, score_le: np.ndarray | None) -> dict[str, dic
 
 def find_experts(settings: ExpertsSettings) -> Path:
     """Runs both corpora, selects, writes OUT; returns OUT."""
+    from moejax.commands.analyze import load_model
+    from moejax.parallel.mesh import make_mesh
+    from moejax.report.figures import expert_score_figures
+
     s = settings
     specs = s.corpora()
     inputs = [s.model, *(path for _, path in specs if path != BUILTIN_CORPUS)]

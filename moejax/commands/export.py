@@ -6,14 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax.numpy as jnp
-
 from moejax.commands.options import check_options, option
+from moejax.config import CHECKPOINT_DTYPES, checkpoint_dtype
 from moejax.errors import SettingsError
-from moejax.export import export_pretrained
 from moejax.io import check_output
-from moejax.loading import from_pretrained
-from moejax.training.run import is_run_checkpoint, restore_model, run_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +18,9 @@ class ExportSettings:
                               "RUN_DIR/checkpoint/STEP for another), an Orbax directory written by `moejax convert`, "
                               "or a Hugging Face checkpoint directory", kind=Path, positional=True)
     out_dir: Path | None = option(None, "where to write the Hugging Face checkpoint", kind=Path, positional=True)
-    dtype: str = option("bfloat16", "dtype of the written tensors", choices=("float32", "bfloat16"))
+    dtype: str = option("auto", "dtype of the written tensors; auto: the model's own (the checkpoint's, or for a run "
+                        "the dtype of the model it started from, float32 for the built-in model), so frozen tensors "
+                        "come back bit for bit", choices=("auto", *CHECKPOINT_DTYPES))
     max_shard_gb: float = option(2.0, "largest safetensors shard, GiB", kind=float, above=0)
     allow_nonfinite: bool = option(False, "export a checkpoint holding NaN or infinite weights instead of refusing "
                                    "it", kind=bool)
@@ -36,8 +34,15 @@ class ExportSettings:
 def export(settings: ExportSettings) -> Path:
     """Writes OUT_DIR: config.json, model-XXXXX-of-YYYYY.safetensors with their index, per-expert tensor names,
     and SRC's tokenizer files; returns OUT_DIR."""
-    dtype = jnp.dtype(settings.dtype)
-    check_output(settings.out_dir, "export", [run_directory(settings.src) or settings.src], flag="OUT_DIR")
+    import jax.numpy as jnp
+
+    from moejax.export import export_pretrained
+    from moejax.loading import from_pretrained
+    from moejax.training.run import is_run_checkpoint, restore_model, run_directory
+
+    source = run_directory(settings.src) or settings.src
+    check_output(settings.out_dir, "export", [source], flag="OUT_DIR")
+    dtype = jnp.dtype(checkpoint_dtype(source) if settings.dtype == "auto" else settings.dtype)
     if is_run_checkpoint(settings.src):
         model, tokenizer_from = restore_model(settings.src, dtype)
     else:

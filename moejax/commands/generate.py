@@ -6,18 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
 from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import refuse_unsafe, write_file
-from moejax.loading import from_pretrained, generation_defaults
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.builtin import builtin_model
-from moejax.models.steering import Steering
-from moejax.parallel.mesh import make_mesh, shard_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +69,12 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
 
 def generate(settings: GenerateSettings) -> list[dict]:
     """[{"prompt", "continuation"}] per prompt, in order."""
+    import jax.numpy as jnp
+
+    from moejax.loading import from_pretrained, generation_defaults, load_config
+    from moejax.models.steering import Steering
+    from moejax.parallel.mesh import make_mesh, shard_model
+
     prompts = read_prompts(settings)
     if settings.out is not None:
         refuse_unsafe(settings.out, [p for p in (settings.model, settings.prompts, settings.steering)
@@ -84,6 +86,7 @@ def generate(settings: GenerateSettings) -> list[dict]:
         model = model if mesh is None else shard_model(model, mesh)
         tokenizer, eos = byte_level_tokenizer(), [byte_level_tokenizer().eos_token_id]
     else:
+        load_config(settings.model)  # config.json first: a wrong field is named by moejax, not by the tokenizer
         tokenizer = transformers_tokenizer(settings.model)  # before the weights: a missing tokenizer fails fast
         eos = generation_defaults(settings.model)
         model = from_pretrained(settings.model, jnp.dtype(settings.dtype), mesh, settings.allow_nonfinite)

@@ -14,34 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from moejax.commands.options import MESH_HELP, check_options, option
-from moejax.config import read_config_json
-from moejax.data.tokenize import HFTokenizer
-from moejax.errors import ConfigError, DataError, SettingsError
+from moejax.config import CHECKPOINT_DTYPES, checkpoint_dtype
+from moejax.errors import DataError, SettingsError
 from moejax.io import check_output
-from moejax.loading import from_pretrained, load_config
-from moejax.parallel.mesh import describe, make_mesh
-from moejax.parity.compare import compare
-from moejax.parity.reference import ReferenceRun
-from moejax.parity.report import ParityResult, judge, verdict_text, write
-from moejax.parity.tokens import batches, corpus_sequences, text_sequences
-from moejax.parity.verdict import TOLERANCES, Tolerances, tolerances_for
+from moejax.parity.tolerances import TOLERANCES, Tolerances, tolerances_for
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-__all__ = ["ParityResult", "ParitySettings", "parity", "tolerance_listing", "verdict_text"]
+__all__ = ["ParitySettings", "parity", "tolerance_listing", "verdict_text"]
 
 
-def checkpoint_dtype(model_dir: Path) -> str:
-    """The dtype config.json records (`dtype`, or `torch_dtype` before transformers 5); float32 if none."""
-    hf = read_config_json(model_dir / "config.json")
-    name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
-    if name not in DTYPES:
-        raise ConfigError(f"{model_dir / 'config.json'}: dtype {name!r} is not one of {sorted(DTYPES)}")
-    return name
+def verdict_text(result) -> str:
+    """The verdict for the terminal (moejax.parity.report.verdict_text)."""
+    from moejax.parity.report import verdict_text
+
+    return verdict_text(result)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +45,10 @@ class ParitySettings:
     dtype: str = option("auto", "moejax's parameter and compute dtype; auto: the checkpoint's (config.json dtype). "
                         "Every verdict includes the float32 implementation check; the end-to-end part is judged by "
                         "fixed bounds in float32, calibrated by transformers' own error in bfloat16/float16 "
-                        "(docs/parity.md)", choices=("auto", *DTYPES))
+                        "(docs/parity.md)", choices=("auto", *CHECKPOINT_DTYPES))
     reference_dtype: str = option("auto", "the 16-bit dtype transformers also runs in for a calibrated verdict "
                                   "(auto: moejax's); the reference always runs in float32 too",
-                                  choices=("auto", *DTYPES))
+                                  choices=("auto", *CHECKPOINT_DTYPES))
     seq_len: int = option(512, "tokens per sequence at most", kind=int, minimum=1)
     batch_size: int = option(4, "sequences per forward pass", kind=int, minimum=1)
     max_tokens: int = option(4096, "tokens compared in all", kind=int, minimum=1)
@@ -116,14 +102,26 @@ def tolerance_listing() -> str:
                      for name, bounds in TOLERANCES.items())
 
 
-def parity(settings: ParitySettings) -> ParityResult:
+def parity(settings: ParitySettings):
     """Runs the comparison; writes summary.json, layers.csv, groups.csv, flips.csv and drift_per_layer.png to OUT.
 
     The text: a UTF-8 file cut into seq_len-token sequences; otherwise a parallel corpus (default the built-in
     sample) in `langs`. dtype: moejax's ("auto": the checkpoint's); bfloat16 or float16 give the calibrated
     end-to-end verdict, where reference_dtype ("auto": moejax's) is the 16-bit dtype the reference also runs in.
-    dt_floor (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path.
+    dt_floor (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path. Returns a
+    moejax.parity.report.ParityResult.
     """
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.data.tokenize import HFTokenizer
+    from moejax.loading import from_pretrained, load_config
+    from moejax.parallel.mesh import describe, make_mesh
+    from moejax.parity.compare import compare
+    from moejax.parity.reference import ReferenceRun
+    from moejax.parity.report import judge, write
+    from moejax.parity.tokens import batches, corpus_sequences, text_sequences
+
     s = settings
     started = time.perf_counter()
     model_dir, out = Path(s.model), s.out
@@ -167,7 +165,8 @@ def parity(settings: ParitySettings) -> ParityResult:
               file=sys.stderr, flush=True)
     start = time.perf_counter()
     overrides = {"dt_floor": s.dt_floor} if "dt_floor" in {f.name for f in dataclasses.fields(cfg)} else {}
-    model = from_pretrained(model_dir, dtype=DTYPES[dtype], mesh=mesh, allow_nonfinite=s.allow_nonfinite, **overrides)
+    model = from_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, allow_nonfinite=s.allow_nonfinite,
+                            **overrides)
     timings["moejax_load_s"] = time.perf_counter() - start
     reference = ReferenceRun(model_dir, cfg, dtype, calibration_dtype, quiet=s.quiet, timings=timings)
     tallies = compare(model, all_batches, reference.batches(all_batches), lambda: reference.rules,

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from pathlib import Path
 
-from flax import nnx
-
 from moejax.commands.options import MESH_HELP, check_options, from_mapping, option
+from moejax.config import REMAT_NAMES
 from moejax.errors import SettingsError
-from moejax.layers.stack import REMAT_POLICIES
-from moejax.loading import load_config
-from moejax.models import abstract_model, builtin
-from moejax.routing.experts import read_selection
-from moejax.training.run import RunSettings, run_training
-from moejax.training.step import TrainConfig, trainable, trainable_budget
+from moejax.models import builtin
+from moejax.training.config import TrainConfig
 
 _STEP = TrainConfig()  # the step's defaults
 
@@ -89,7 +85,7 @@ class TrainSettings:
                        "model's chat template, packed whole with segment ids, the loss on the assistant tokens only",
                        kind=bool)
     remat: str = option(_STEP.remat, "recompute activations in the backward pass: full keeps only each layer's "
-                        "input, dots keeps matmul outputs", choices=tuple(REMAT_POLICIES))
+                        "input, dots keeps matmul outputs", choices=REMAT_NAMES)
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
     seed: int = option(0, "data order and mixture draws", kind=int, minimum=0, maximum=2**32 - 1)
     save_every: int = option(100, "checkpoint interval, steps (the last step is always saved)", kind=int, minimum=1)
@@ -105,6 +101,14 @@ class TrainSettings:
                                 f"{self.accum_steps}")
         if (self.train_routers or self.route_to_trained) and not self.train_experts:
             raise SettingsError("--train-routers and --route-to-trained need --train-experts FILE")
+        if self.train_experts and self.train_blocks:
+            raise SettingsError("--train-experts and --train-blocks both say what trains (selected experts, or whole "
+                                "blocks): give one of them; training their union is neither")
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise SettingsError(f"--trainable {self.trainable!r} is not a regular expression ({e})") from None
         if bool(self.eval_data) != bool(self.eval_every):
             raise SettingsError("--eval-data LANG=PATH,... and --eval-every N (steps between evaluations) go together")
 
@@ -119,8 +123,16 @@ class TrainSettings:
             raise SettingsError(f"--config {path}: cannot read it ({e})") from None
         return from_mapping(cls, {**values, **overrides}, where=f"--config {path}")
 
-    def run_settings(self) -> RunSettings:
+    def run_settings(self):
         """The run these settings make, every value resolved for the model and this machine (run.json)."""
+        from flax import nnx
+
+        from moejax.loading import load_config
+        from moejax.models import abstract_model
+        from moejax.routing.experts import read_selection
+        from moejax.training.run import RunSettings
+        from moejax.training.step import trainable, trainable_budget
+
         model = str(Path(self.model).absolute()) if self.model else None
         model_config = load_config(model) if model else builtin.builtin_config()
         lr = self.lr if self.lr is not None else (_STEP.learning_rate if model else builtin.LEARNING_RATE)
@@ -142,5 +154,7 @@ class TrainSettings:
 
 def train(settings: TrainSettings) -> Path:
     """Runs (or resumes) the run in settings.out; returns it."""
+    from moejax.training.run import run_training
+
     return run_training(settings.run_settings(), settings.out, show_progress=not settings.quiet,
                         allow_nonfinite=settings.allow_nonfinite)

@@ -1,5 +1,5 @@
 """Supervised fine-tuning data: chat records formatted with the model's own chat template, whole conversations packed
-into rows with segment ids, the loss on the assistant turns only (INTERVENTIONS.md section 4).
+into rows with segment ids, the loss on the assistant turns only (docs/training.md, supervised fine-tuning).
 
 A record is a JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]} (at least one assistant
 turn), or {"prompt": ..., "response": ...} (one user turn and its answer). Which tokens an assistant turn owns is
@@ -123,6 +123,25 @@ class ConversationRows:
         self._batches = 0
         self._used = [0] * len(self.langs)  # conversations consumed per language
         self.truncated = 0
+        self.supervision = self._supervision()
+
+    def _supervision(self) -> dict[str, tuple[int, int]]:
+        """{language: (assistant tokens a row of seq_len keeps, assistant tokens in all)}: a conversation longer than
+        a row is cut to it, and its first token is never a label. A language with nothing left to learn is a
+        DataError naming it."""
+        out = {}
+        for lang, (docs, trained) in zip(self.langs, self._docs, strict=True):
+            kept = total = 0
+            for start, end in zip(docs.offsets[:-1], docs.offsets[1:], strict=True):
+                mask = trained[start:end]
+                total += int(mask[1:].sum())
+                kept += int(mask[1:self.seq_len].sum())
+            if not kept:
+                raise DataError(f"--sft: no assistant token of language {lang!r} lies within --seq-len "
+                                f"{self.seq_len} (every conversation's answer comes later in it), so training would "
+                                "learn nothing from it; raise --seq-len or shorten the prompts")
+            out[lang] = (kept, total)
+        return out
 
     def _conversation(self, li: int, position: int) -> tuple[np.ndarray, np.ndarray]:
         docs, trained = self._docs[li]

@@ -1,11 +1,10 @@
-"""Tokenisers: the one in a model directory (local files only), or a byte-level one for the built-in model."""
+"""Tokenisers: the one in a model directory (local files only), or a byte-level one for the built-in model.
+transformers is imported when a transformers tokenizer is first made."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from moejax.data.corpus import DataError
 
@@ -22,6 +21,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [1, *(b + 3 for b in text.encode("utf-8"))]
 
+    @functools.cached_property
+    def _tok(self):
+        """The same tokenizer as transformers', with the chat template (what SFT formats records with)."""
+        return byte_level_tokenizer()
+
 
 def _byte_characters() -> list[str]:
     """The printable character byte-level BPE tokenizers (GPT-2's scheme) write for each byte 0..255: printable
@@ -31,30 +35,47 @@ def _byte_characters() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def byte_level_tokenizer() -> transformers.PreTrainedTokenizerFast:
+# The byte tokenizer's chat template: each turn as "<|role|>", a newline, its text, a newline; an assistant turn ends
+# with </s> (the end-of-sequence id generation stops at). A conversation's beginning renders as the beginning of the
+# whole, so SFT can tell the assistant tokens apart (moejax.data.sft).
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def byte_level_tokenizer():
     """ByteTokenizer as a transformers tokenizer (the same ids: <pad> 0, <s> 1, </s> 2, byte b -> b + 3; each text
-    starts with <s>; decoding gives the text back), for what needs a transformers tokenizer (generation's decoding,
-    lm-eval) with the built-in model, and for tiny test checkpoints."""
+    starts with <s>; decoding gives the text back; a chat template, BYTE_CHAT_TEMPLATE), for what needs a
+    transformers tokenizer (generation's decoding, lm-eval, SFT) with the built-in model, and for tiny test
+    checkpoints."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: b + 3 for b, ch in enumerate(_byte_characters())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>")
+                                                pad_token="<pad>", chat_template=BYTE_CHAT_TEMPLATE)
 
 
-def transformers_tokenizer(model_dir: str | Path, **kwargs) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer files of a model directory (local files only), or a DataError naming the directory."""
+def transformers_tokenizer(model_dir: str | Path, **kwargs):
+    """The tokenizer files of a model directory (local files only; a transformers PreTrainedTokenizerBase), or a
+    DataError naming the directory."""
+    import transformers
+
     model_dir = Path(model_dir)
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise DataError(f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
                         "model's tokenizer files into the checkpoint directory")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # transformers and huggingface_hub raise many kinds (a malformed config.json among them)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise DataError(f"{model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else e!r})") from None
+                        f"{' '.join(lines[:2]) if lines else repr(e)})") from None
 
 
 class HFTokenizer:

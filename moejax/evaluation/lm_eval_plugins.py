@@ -1,11 +1,15 @@
-"""Lets lm-evaluation-harness find the models that installed packages declare in the `lm_eval.models` entry-point
-group (moejax declares `moejax`), so that `lm_eval --model moejax ...` works once moejax is installed.
+"""Lets lm-evaluation-harness find what installed packages declare: the models of the `lm_eval.models` entry-point
+group (moejax declares `moejax`) and the task folders of the `lm_eval.tasks` group (moejax declares its bundled
+offline tasks), so that `lm_eval --model moejax --tasks moejax_choice_en ...` works once moejax is installed, with no
+--include_path.
 
 lm-eval 0.4 reads no entry points itself: its model registry is filled from its own table when `lm_eval.models` is
-first imported. moejax's installation adds a one-line .pth file (moejax-lm-eval.pth) that imports this module at
-interpreter start; it only places an import hook, which, right after `lm_eval.models` has been imported, adds each
-declared model to the registry as a lazy "module:Class" placeholder (a name lm-eval already knows is left alone).
-Nothing else is imported until lm-eval asks for the model.
+first imported, and its TaskManager scans its own folder plus --include_path. moejax's installation adds a one-line
+.pth file (moejax-lm-eval.pth) that imports this module at interpreter start; it only places an import hook, which,
+right after `lm_eval.models` has been imported, adds each declared model to the registry as a lazy "module:Class"
+placeholder (a name lm-eval already knows is left alone), and right after `lm_eval.tasks.manager`, makes every
+TaskManager scan the declared task folders too (after lm-eval's own, before --include_path's). Nothing else is
+imported until lm-eval asks for it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import importlib.abc
 import importlib.metadata
 import sys
 import warnings
+from pathlib import Path
 
 GROUP = "lm_eval.models"
-_TRIGGER = "lm_eval.models"
+TASK_GROUP = "lm_eval.tasks"  # name = a label; value = "module:ATTRIBUTE" giving a folder of task YAML files
 
 
 def register_entry_points() -> list[str]:
@@ -31,6 +36,33 @@ def register_entry_points() -> list[str]:
     return added
 
 
+def task_folders() -> list[Path]:
+    """The task folders the installed packages declare."""
+    return [Path(entry.load()) for entry in importlib.metadata.entry_points(group=TASK_GROUP)]
+
+
+def register_task_folders() -> None:
+    """Every TaskManager built from now on also scans task_folders() (once each)."""
+    from lm_eval.tasks.manager import TaskManager
+
+    if getattr(TaskManager.__init__, "_moejax", False):
+        return
+    original = TaskManager.__init__
+
+    def __init__(self, *args, include_path=None, **kwargs):
+        given = [] if include_path is None else list(include_path) if isinstance(include_path, list | tuple) \
+            else [include_path]
+        known = {Path(p).resolve() for p in given}
+        declared = [str(folder) for folder in task_folders() if folder.resolve() not in known]
+        original(self, *args, include_path=(declared + given) or None, **kwargs)
+
+    __init__._moejax = True
+    TaskManager.__init__ = __init__
+
+
+_AFTER = {"lm_eval.models": register_entry_points, "lm_eval.tasks.manager": register_task_folders}
+
+
 class _AfterImport(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
@@ -41,14 +73,14 @@ class _AfterImport(importlib.abc.Loader):
     def exec_module(self, module):
         self.loader.exec_module(module)
         try:
-            register_entry_points()
+            _AFTER[module.__name__]()
         except Exception as e:  # never break lm-eval's own import over a plugin
-            warnings.warn(f"moejax: could not add the {GROUP} entry points to lm-eval's registry: {e}", stacklevel=2)
+            warnings.warn(f"moejax: could not add the installed packages' lm-eval entry points: {e}", stacklevel=2)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != _TRIGGER:
+        if name not in _AFTER:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -62,10 +94,11 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Places the hook (once); if lm-eval's models are already imported, registers right away."""
-    if _TRIGGER in sys.modules:
-        register_entry_points()
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    """Places the hook (once); what lm-eval has already imported is registered right away."""
+    for name, register in _AFTER.items():
+        if name in sys.modules:
+            register()
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 

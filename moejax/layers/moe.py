@@ -35,8 +35,8 @@ class RouterOutput:
     weights: jax.Array
 
 
-# The router logit of an expert that training may not route to (INTERVENTIONS.md section 3): large, negative and
-# finite, so its softmax probability and sigmoid score are 0 without a NaN.
+# The router logit of an expert that training may not route to (docs/training.md, training only some experts): large,
+# negative and finite, so its softmax probability and sigmoid score are 0 without a NaN.
 RESTRICTED = -1e9
 
 
@@ -46,7 +46,7 @@ class RouterControl:
 
     Forcing: the tokens where `force_mask` [tokens] is set get the experts `force_ids` [tokens, k] instead of their
     top-k (their combine weights are still the router's own scores of those experts, normalised as usual).
-    Steering (INTERVENTIONS.md section 2), on every token's raw router logits z [E] before the softmax or sigmoid:
+    Steering (docs/steering.md, steering), on every token's raw router logits z [E] before the softmax or sigmoid:
     z + shift_e * std(z) (soft; std over the E logits, population), then experts in promote_e set to
     max(z) + eps_e and experts in suppress_e to min(z) - eps_e (hard; max and min of the unsteered z).
     """

@@ -15,13 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.config import REMAT_NAMES
+
 MAX_UNIT = 4
 
 # Rematerialisation policies for training (`LayerStack.remat`): what a layer's backward pass keeps from
 # its forward pass. "none" keeps everything; "full" keeps only each layer's input and recomputes the
 # rest; "dots" keeps matmul outputs and recomputes the elementwise work between them.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = dict(zip(REMAT_NAMES, (None, jax.checkpoint_policies.nothing_saveable,
+                                         jax.checkpoint_policies.dots_with_no_batch_dims_saveable), strict=True))
 
 
 def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:

@@ -1,4 +1,4 @@
-"""Router steering (INTERVENTIONS.md section 2): which experts of which MoE layers to promote or suppress, and how.
+"""Router steering (docs/steering.md, steering): which experts of which MoE layers to promote or suppress, and how.
 
 A spec is data: `Steering.control(config)` turns it into per-layer arrays [moe layers, E] that the jitted forward
 takes as an argument (RouterControl), so a new spec, lambda or layer window runs the same compiled program.
@@ -26,6 +26,21 @@ from moejax.layers.moe import RouterControl
 MODES = ("soft", "hard")
 DIRECTIONS = ("promote", "suppress")
 EPS_STD = 1e-6  # hard steering's tie-breaking noise: |N(0, 1e-6)| per layer and expert, seeded
+# Soft steering shifts a logit by lambda standard deviations of the token's logits. Beyond ~20 the shifted experts'
+# float32 probabilities are exactly 0 or 1 for typical logits (a logit gap above ~100 underflows exp), and which of
+# the zeroed experts fill the top-k is decided by ties: the routing degenerates. Paper (b) uses 0.5.
+MAX_LAMBDA = 20.0
+
+
+def _layer(key, where: str) -> int:
+    """An MoE-layer key as an int: "12", 12, or from the end, -1 for the last (numbered as in layers.csv)."""
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise ConfigError(f"{where}: layer key {key!r} is not an MoE-layer index")
+    try:
+        return int(key)
+    except ValueError:
+        raise ConfigError(f"{where}: layer key {key!r} is not an MoE-layer index (0, 1, ... as in layers.csv; "
+                          "-1 for the last MoE layer, -2 for the one before)") from None
 
 
 def _ids(value, where: str) -> tuple[int, ...]:
@@ -53,6 +68,10 @@ class Steering:
             raise ConfigError(f"steering: mode {self.mode!r} is not one of {', '.join(MODES)}")
         if isinstance(self.lam, bool) or not isinstance(self.lam, int | float) or not math.isfinite(self.lam):
             raise ConfigError(f"steering: lambda must be a finite number, got {self.lam!r}")
+        if abs(self.lam) > MAX_LAMBDA:
+            raise ConfigError(f"steering: lambda {self.lam:g} is beyond +-{MAX_LAMBDA:g} standard deviations, where "
+                              "the shifted experts' probabilities are exactly 0 or 1 and ties decide the routing; use "
+                              "mode hard to force experts in or out (paper b found 0.5 best)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"steering: seed must be an integer, got {self.seed!r}")
         for layer, (promote, suppress) in self.layers.items():
@@ -80,10 +99,7 @@ class Steering:
             raise ConfigError(f"{where}: layers must map MoE-layer indices to {{'promote': [...], 'suppress': [...]}}")
         layers = {}
         for key, entry in layers_spec.items():
-            try:
-                layer = int(key)
-            except ValueError:
-                raise ConfigError(f"{where}: layer key {key!r} is not an MoE-layer index") from None
+            layer = _layer(key, where)
             if not isinstance(entry, dict) or set(entry) - set(DIRECTIONS):
                 raise ConfigError(f"{where}: layer {key} must be {{'promote': [ids], 'suppress': [ids]}}, got "
                                   f"{entry!r}")
@@ -103,9 +119,9 @@ class Steering:
             raise ConfigError(f"{where}: no 'experts' mapping of MoE layers to selected experts")
         layers = {}
         for key, entry in selected.items():
-            ids = _ids(entry.get("ids") if isinstance(entry, dict) else entry, f"layer {key} ids")
+            ids = _ids(entry.get("ids") if isinstance(entry, dict) else entry, f"{where}: layer {key} ids")
             if ids:
-                layers[int(key)] = (ids, ()) if direction == "promote" else ((), ids)
+                layers[_layer(key, where)] = (ids, ()) if direction == "promote" else ((), ids)
         return cls(mode=mode, lam=lam, seed=seed, layers=layers)
 
     @classmethod
@@ -133,24 +149,41 @@ class Steering:
         named = any(p or s for p, s in self.layers.values())
         return not named or (self.mode == "soft" and self.lam == 0)
 
-    def check(self, config) -> None:
-        """A ConfigError naming the first layer that is not an MoE layer of `config`, or expert id >= E."""
-        moe_layers, experts = len(config.moe_layers), config.num_routed_experts
-        for layer, (promote, suppress) in sorted(self.layers.items()):
-            if not 0 <= layer < moe_layers:
-                raise ConfigError(f"steering: layer {layer} is not an MoE layer of this model (MoE layers 0-"
-                                  f"{moe_layers - 1}, numbered as in layers.csv)")
+    def resolved_layers(self, config) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The layers as MoE-layer indices of `config` (a negative one counted from the last), checked: a
+        ConfigError naming the first layer that is not an MoE layer of the model, a layer given twice, an expert id
+        >= E, or a layer whose suppressed experts leave fewer than top-k to choose from."""
+        moe_layers, experts, k = len(config.moe_layers), config.num_routed_experts, config.num_experts_per_tok
+        out = {}
+        for given, (promote, suppress) in sorted(self.layers.items()):
+            if not -moe_layers <= given < moe_layers:
+                raise ConfigError(f"steering: layer {given} is not an MoE layer of this model (MoE layers 0-"
+                                  f"{moe_layers - 1}, numbered as in layers.csv; -1 is the last)")
+            layer = given % moe_layers
+            if layer in out:
+                raise ConfigError(f"steering: MoE layer {layer} is given twice (as {layer} and as "
+                                  f"{layer - moe_layers})")
             beyond = [e for e in (*promote, *suppress) if e >= experts]
             if beyond:
-                raise ConfigError(f"steering: layer {layer} names expert id(s) {beyond}, but the model has "
+                raise ConfigError(f"steering: layer {given} names expert id(s) {beyond}, but the model has "
                                   f"{experts} experts (0-{experts - 1})")
+            if experts - len(set(suppress)) < k:
+                raise ConfigError(f"steering: layer {given} suppresses {len(set(suppress))} of its {experts} experts, "
+                                  f"leaving fewer than the {k} each token must choose; suppress at most {experts - k}")
+            out[layer] = (promote, suppress)
+        return out
 
-    def arrays(self, moe_layers: int, experts: int) -> dict[str, np.ndarray]:
+    def check(self, config) -> None:
+        """The spec fits `config` (resolved_layers' ConfigError otherwise)."""
+        self.resolved_layers(config)
+
+    def arrays(self, config) -> dict[str, np.ndarray]:
         """shift, promote, suppress and eps, each [moe layers, E] (RouterControl's steering fields)."""
+        moe_layers, experts = len(config.moe_layers), config.num_routed_experts
         shift = np.zeros((moe_layers, experts), np.float32)
         promote = np.zeros((moe_layers, experts), bool)
         suppress = np.zeros((moe_layers, experts), bool)
-        for layer, (up, down) in self.layers.items():
+        for layer, (up, down) in self.resolved_layers(config).items():
             if self.mode == "soft":
                 shift[layer, list(up)] = self.lam
                 shift[layer, list(down)] = -self.lam
@@ -165,7 +198,7 @@ class Steering:
         self.check(config)
         if self.changes_nothing:
             return None
-        return RouterControl(**self.arrays(len(config.moe_layers), config.num_routed_experts))
+        return RouterControl(**self.arrays(config))
 
 
 def as_steering(value) -> Steering | None:

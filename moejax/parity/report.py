@@ -11,15 +11,8 @@ import jax
 
 from moejax.io import output_directory, versions, write_csv
 from moejax.parity.compare import FLIP_COLUMNS
-from moejax.parity.verdict import (
-    UNIT_ROUNDOFF,
-    Tolerances,
-    first_drift_block,
-    first_wrong_block,
-    group_rows,
-    layer_rows,
-    verdict_checks,
-)
+from moejax.parity.tolerances import UNIT_ROUNDOFF, Tolerances
+from moejax.parity.verdict import first_drift_block, first_wrong_block, group_rows, layer_rows, verdict_checks
 from moejax.report.figures import drift_figure
 
 

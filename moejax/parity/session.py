@@ -10,7 +10,7 @@ from moejax.parity.compare import compare
 from moejax.parity.reference import ReferenceRun
 from moejax.parity.report import ParityResult, judge
 from moejax.parity.tokens import Batch
-from moejax.parity.verdict import Tolerances, tolerances_for
+from moejax.parity.tolerances import Tolerances, tolerances_for
 
 
 class Session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -11,13 +12,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# One colour per language, the same in every figure and every run: the common codes fixed, any other drawn from
+# the rest of the palette by a hash of its code.
+_PALETTE = [matplotlib.colormaps["tab20"](i) for i in range(20)]
+LANG_COLORS = {"en": _PALETTE[0], "he": _PALETTE[2], "ja": _PALETTE[4], "ar": _PALETTE[6], "zh": _PALETTE[8],
+               "de": _PALETTE[10], "fr": _PALETTE[12], "es": _PALETTE[14], "ru": _PALETTE[16], "ko": _PALETTE[18]}
+
+
+def lang_color(lang: str):
+    """The colour of a language (its code, or a FLORES-200 code such as heb_Hebr: its first three letters count)."""
+    key = str(lang).split("_")[0].lower()
+    if key in LANG_COLORS:
+        return LANG_COLORS[key]
+    aliases = {"eng": "en", "heb": "he", "jpn": "ja", "arb": "ar", "zho": "zh", "deu": "de", "fra": "fr",
+               "spa": "es", "rus": "ru", "kor": "ko"}
+    if key in aliases:
+        return LANG_COLORS[aliases[key]]
+    return _PALETTE[1 + 2 * (zlib.crc32(key.encode()) % 10)]  # the lighter shades: never a fixed language's
+
 
 def _rows(rows, **match):
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
-def _grid(n_models: int, n_rows: int = 1):
-    fig, axes = plt.subplots(n_rows, n_models, figsize=(5 * n_models, 3.4 * n_rows), squeeze=False)
+def _grid(n_models: int, n_rows: int = 1, sharey="row"):
+    """Panels compared side by side share their y-axis (per row)."""
+    fig, axes = plt.subplots(n_rows, n_models, figsize=(5 * n_models, 3.4 * n_rows), squeeze=False, sharey=sharey)
     return fig, axes
 
 
@@ -27,11 +47,11 @@ def _per_layer(ax, tables, model, langs, metric, ylabel, with_std=True):
         x = [r["layer"] for r in rows]
         y = np.array([r[metric] for r in rows])
         err = np.array([r[f"{metric}_chunk_std"] for r in rows]) if with_std else None
-        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=lang, color=f"C{langs.index(lang)}")
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=lang, color=lang_color(lang))
     ax.set_xlabel("MoE layer")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="language", title_fontsize=8)
 
 
 def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, str]:
@@ -49,7 +69,7 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         for i, target in enumerate(targets):
             rows = _rows(tables["layers"], model=model, lang=target)
             gaps = [r["usage_entropy_bits"] - base[r["layer"]] for r in rows]
-            color = f"C{langs.index(target)}"
+            color = lang_color(target)
             axes[1, col].bar(np.array([r["layer"] for r in rows]) + i * width, gaps, width, label=f"{target} - {ref}",
                              color=color)
             floor = tables["summary"][model]["noise_floor"][target]["usage_entropy_bits"]
@@ -58,31 +78,42 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         axes[1, col].set_xlabel("MoE layer")
         axes[1, col].set_ylabel("entropy gap (bits)")
         axes[1, col].set_title("gap to the reference (band: same-language split noise floor)", fontsize=9)
-        axes[1, col].legend(fontsize=8)
+        if targets:
+            axes[1, col].legend(fontsize=8)
     written["entropy"] = save_figure(fig, out, "entropy_per_layer.png")
 
     fig, axes = _grid(len(models), 2)
     for col, model in enumerate(models):
-        _per_layer(axes[0, col], tables, model, langs, "gini", "Gini (top-K counts)")
-        _per_layer(axes[1, col], tables, model, langs, "active_experts", "active experts", with_std=False)
+        _per_layer(axes[0, col], tables, model, langs, "gini", "Gini of top-K counts (0 = even)")
+        _per_layer(axes[1, col], tables, model, langs, "active_experts", "active experts (count)", with_std=False)
         axes[0, col].set_title(model, fontsize=9)
     written["gini_active"] = save_figure(fig, out, "gini_active_per_layer.png")
 
+    written["usage"] = usage_heatmap(out, tables, models, langs)
+
     panels = [(model, target) for model in models for target in targets]
-    fig, axes = _grid(len(panels), 3)
-    for col, (model, target) in enumerate(panels):
-        mean = np.array([r["lsi"] for r in _rows(tables["lsi"], model=model, lang_a=target, layer="mean")])
-        order = np.argsort(mean)
-        axes[0, col].bar(range(len(mean)), mean[order], color=np.where(mean[order] > 0, "tab:red", "tab:blue"))
-        axes[0, col].axhline(0.1, ls="--", c="k", lw=0.8)
-        axes[0, col].axhline(-0.1, ls="--", c="k", lw=0.8)
-        axes[0, col].set_title(f"{model}: LSI {target} vs {ref}, mean over MoE layers (sorted)", fontsize=9)
-        axes[1, col].hist(mean, bins=21, range=(-1, 1))
-        axes[1, col].set_xlabel("LSI")
-        cats = [int((mean > 0.1).sum()), int((np.abs(mean) <= 0.1).sum()), int((mean < -0.1).sum())]
-        axes[2, col].bar([f"{target}-specific", "shared", f"{ref}-specific"], cats)
-        axes[2, col].set_ylabel("experts (theta 0.1)")
-    written["lsi"] = save_figure(fig, out, "lsi.png")
+    if panels:
+        fig, axes = _grid(len(panels), 3)
+        for col, (model, target) in enumerate(panels):
+            mean = np.array([r["lsi"] for r in _rows(tables["lsi"], model=model, lang_a=target, layer="mean")])
+            order = np.argsort(mean)
+            axes[0, col].bar(range(len(mean)), mean[order],
+                             color=np.where(mean[order] > 0, "tab:red", "tab:blue"))
+            axes[0, col].axhline(0.1, ls="--", c="k", lw=0.8, label="theta = +-0.1")
+            axes[0, col].axhline(-0.1, ls="--", c="k", lw=0.8)
+            axes[0, col].set_ylim(-1.05, 1.05)
+            axes[0, col].set_xlabel("expert (sorted by LSI)")
+            axes[0, col].set_ylabel(f"LSI ({target} vs {ref})")
+            axes[0, col].legend(fontsize=8)
+            axes[0, col].set_title(f"{model}: LSI {target} vs {ref}, mean over MoE layers", fontsize=9)
+            axes[1, col].hist(mean, bins=21, range=(-1, 1), color="0.5")
+            axes[1, col].set_xlabel("LSI")
+            axes[1, col].set_ylabel("experts")
+            cats = [int((mean > 0.1).sum()), int((np.abs(mean) <= 0.1).sum()), int((mean < -0.1).sum())]
+            axes[2, col].bar([f"{target}-specific", "shared", f"{ref}-specific"], cats,
+                             color=[lang_color(target), "0.6", lang_color(ref)])
+            axes[2, col].set_ylabel("experts (theta 0.1)")
+        written["lsi"] = save_figure(fig, out, "lsi.png")
 
     for metric, label, name in (("cosine", "cosine of usage (f)", "cosine_per_layer.png"),
                                 ("njsd", "normalised JS divergence", "divergence_per_layer.png")):
@@ -91,14 +122,47 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
             pairs = sorted({(r["lang_a"], r["lang_b"]) for r in _rows(tables["pairs"], model=model)})
             for a, b in pairs:
                 rows = _rows(tables["pairs"], model=model, lang_a=a, lang_b=b)
-                ax.plot([r["layer"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=f"{a}-{b}")
+                ax.plot([r["layer"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=f"{a}-{b}",
+                        color=lang_color(b if a == ref else a))
             ax.set_xlabel("MoE layer")
             ax.set_ylabel(label)
             ax.set_title(model, fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if pairs:
+                ax.legend(fontsize=8, title="pair", title_fontsize=8)
         written[metric] = save_figure(fig, out, name)
     return written
+
+
+def usage_heatmap(out: Path, tables: dict, models: list[str], langs: list[str]) -> str:
+    """usage_heatmap.png: per model (column) and language (row), the share of the top-K assignments each expert gets
+    in each MoE layer (layers down, experts across), on one colour scale; its uniform value is 1/E."""
+    rows = tables["experts"]
+    layers = 1 + max(r["layer"] for r in rows)
+    experts = 1 + max(r["expert"] for r in rows)
+    grids = {}
+    for model in models:
+        for lang in langs:
+            grid = np.zeros((layers, experts))
+            for r in _rows(rows, model=model, lang=lang):
+                grid[r["layer"], r["expert"]] = r["topk_fraction"]
+            grids[model, lang] = grid
+    top = max(float(g.max()) for g in grids.values()) or 1.0
+    fig, axes = plt.subplots(len(langs), len(models), squeeze=False, sharex=True, sharey=True, layout="constrained",
+                             figsize=(max(4.0, 0.09 * experts + 2.5) * len(models), 0.15 * layers * len(langs) + 2))
+    for col, model in enumerate(models):
+        for row, lang in enumerate(langs):
+            ax = axes[row, col]
+            image = ax.imshow(grids[model, lang], aspect="auto", cmap="viridis", vmin=0, vmax=top,
+                              interpolation="nearest")
+            ax.set_title(f"{model}: {lang}", fontsize=9, color=lang_color(lang))
+            ax.set_ylabel("MoE layer")
+            if row == len(langs) - 1:
+                ax.set_xlabel("expert")
+    fig.colorbar(image, ax=axes, label=f"share of top-K assignments (uniform: 1/{experts})", shrink=0.8)
+    fig.savefig(out / "usage_heatmap.png", dpi=110)
+    plt.close(fig)
+    return "usage_heatmap.png"
 
 
 def save_figure(fig, out: Path, name: str) -> str:
@@ -183,7 +247,8 @@ def entropy_by_layer(metrics: dict[str, np.ndarray], last_fraction: float = 0.1)
     for name, values in metrics.items():
         if name.startswith("entropy_L"):
             layer, lang = name[len("entropy_L"):].split("_", 1)
-            out.setdefault(lang, {})[int(layer)] = float(np.nanmean(values[tail]))
+            seen = values[tail][np.isfinite(values[tail])]  # a language with no row in those steps: NaN
+            out.setdefault(lang, {})[int(layer)] = float(seen.mean()) if len(seen) else float("nan")
     return out
 
 
@@ -205,11 +270,11 @@ def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
     axes[0, 0].plot(step, m["loss"], lw=0.9)
     axes[0, 0].set_ylabel("cross-entropy (nats)")
     axes[0, 1].plot(step, m["aux_loss"], lw=0.9, c="tab:orange")
-    axes[0, 1].set_ylabel("balance loss")
+    axes[0, 1].set_ylabel("load-balancing loss")
     per_layer = entropy_by_layer(m)
     for lang, layers in per_layer.items():
-        axes[1, 0].plot(step, mean_entropy(m, lang), lw=0.9, label=lang)
-        axes[1, 1].plot(list(layers), list(layers.values()), marker="o", ms=3, label=lang)
+        axes[1, 0].plot(step, mean_entropy(m, lang), lw=0.9, label=lang, color=lang_color(lang))
+        axes[1, 1].plot(list(layers), list(layers.values()), marker="o", ms=3, label=lang, color=lang_color(lang))
     axes[1, 0].set_ylabel("usage entropy, mean over layers (bits)")
     axes[1, 1].set_ylabel("usage entropy, last 10% of steps (bits)")
     axes[1, 1].set_xlabel("MoE layer")
@@ -225,18 +290,30 @@ def training_figure(metrics_path: Path, path: Path, title: str = "") -> None:
 
 
 def scores_figure(path: Path, rows: list[dict], title: str) -> None:
-    """Downstream scores: one panel per task family (the task name without its language), a bar per language, the
-    first metric of each task with its standard error."""
+    """Downstream scores: one panel per task family (the task name without its language), a bar per language (its
+    colour) with its standard error, the first metric of each task; a dashed line at chance where the task has one
+    (a row's "chance"); a panel whose scores are all 0 says so instead of showing nothing."""
     families = sorted({r["family"] for r in rows})
-    fig, axes = plt.subplots(1, len(families), figsize=(3.2 * len(families) + 1, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(3.2 * len(families) + 1, 3.4), squeeze=False)
     for ax, family in zip(axes[0], families, strict=True):
-        chosen = [r for r in rows if r["family"] == family and r["metric"] == _rows(rows, family=family)[0]["metric"]]
+        metric = _rows(rows, family=family)[0]["metric"]
+        chosen = [r for r in rows if r["family"] == family and r["metric"] == metric]
         labels = [r["language"] or r["task"] for r in chosen]
         errors = [r["stderr"] if isinstance(r["stderr"], float) else 0.0 for r in chosen]
-        ax.bar(labels, [r["value"] for r in chosen], yerr=errors, capsize=3,
-               color=[f"C{i}" for i in range(len(chosen))])
-        ax.set_title(f"{family}\n{chosen[0]['metric']}", fontsize=9)
-        ax.set_ylim(0, max(1.0, max(r["value"] for r in chosen) * 1.1))
+        values = [r["value"] for r in chosen]
+        ax.bar(labels, values, yerr=errors, capsize=3, color=[lang_color(label) for label in labels])
+        chances = [r["chance"] for r in chosen if isinstance(r.get("chance"), float)]
+        if chances:
+            ax.axhline(float(np.mean(chances)), ls="--", c="k", lw=0.9, label="chance")
+            ax.legend(fontsize=8)
+        if not any(values):
+            ax.text(0.5, 0.5, f"all scores 0 ({len(values)} task{'s' if len(values) > 1 else ''})",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+        ax.set_title(family, fontsize=9)
+        ax.set_ylabel(metric)
+        ax.set_xlabel("language")
+        ax.set_ylim(0, max(1.0, max(values) * 1.1))
+        ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -31,7 +31,9 @@ def write_report(path: Path, tables: dict, settings: dict, figures: dict[str, st
             lines.append(f"| {name} | {lang} | {c['usage_entropy_bits']:+.3f} | {c['gini']:+.3f} | "
                          f"{nf['usage_entropy_bits']:.3f} | {nf['gini']:.3f} |")
     lines += ["", f"![usage entropy per layer]({figures['entropy']})", "",
-              f"![Gini and active experts per layer]({figures['gini_active']})", "", "## Language specialisation", ""]
+              f"![Gini and active experts per layer]({figures['gini_active']})", "",
+              f"![usage of each expert per layer and language]({figures['usage']})", "", "## Language specialisation",
+              ""]
     for name, s in settings["summary"].items():
         for pair, sweep in s["lsi_sweep"].items():
             t = sweep["0.1"]
@@ -43,7 +45,8 @@ def write_report(path: Path, tables: dict, settings: dict, figures: dict[str, st
             flags = s["flags"][pair]
             lines.append(f"  Layers where the {pair} usage-entropy gap exceeds one std across chunks: "
                          f"{flags if flags else 'none'}.")
-    lines += ["", f"![LSI]({figures['lsi']})", "", "## Cross-lingual similarity", ""]
+    lines += ["", f"![LSI]({figures['lsi']})" if "lsi" in figures else "(one language: no LSI)", "",
+              "## Cross-lingual similarity", ""]
     for name in settings["models"]:
         for a, b in sorted({(r["lang_a"], r["lang_b"]) for r in tables["pairs"] if r["model"] == name}):
             rows = [r for r in tables["pairs"] if r["model"] == name and r["lang_a"] == a and r["lang_b"] == b]

@@ -1,4 +1,4 @@
-"""Routing analysis of a parallel corpus: per-chunk statistics of each language (`collect`) and the METRICS.md
+"""Routing analysis of a parallel corpus: per-chunk statistics of each language (`collect`) and the docs/metrics.md
 tables built from them (`build_tables`), for `moejax analyze`.
 
 Each language's chunks run in their own forward passes (never mixed with another language), packed into rows of
@@ -19,10 +19,9 @@ import numpy as np
 from moejax.data.packing import one_per_row, pack, passes
 from moejax.errors import DataError
 from moejax.models.common import ForcedRouting, check_ids
+from moejax.routing import PAIRS_PER_CHUNK
 from moejax.routing import metrics as M
 from moejax.routing.stats import segment_stats, stats_cache_size
-
-PAIRS_PER_CHUNK = 64
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Finding the experts to act on (INTERVENTIONS.md section 1), from per-sequence top-K counts.
+"""Finding the experts to act on (docs/steering.md, finding experts), from per-sequence top-K counts.
 
 Inputs per corpus: counts a_i[l, e] (tokens of sequence i whose chosen set at MoE layer l contains e) and content
 token counts L_i, as the in-jit routing statistics give them (moejax.routing.analysis.collect). Everything here is
@@ -39,7 +39,7 @@ class Counts:
         return (counts[kept] / tokens[kept, None, None]).mean(0)
 
     def usage(self) -> np.ndarray:
-        """q[l, e] = c_e / (K |T|), METRICS.md's usage fraction f, pooled over the corpus."""
+        """q[l, e] = c_e / (K |T|), docs/metrics.md's usage fraction f, pooled over the corpus."""
         return np.asarray(self.topk_counts, np.float64).sum(0) / max(self.k * float(np.sum(self.tokens)), 1.0)
 
 
@@ -166,4 +166,7 @@ def read_selection(spec: str) -> dict[str, list[int]]:
         if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
             raise DataError(f"--train-experts {path}: layer {layer} must list expert ids, got {ids!r}")
         out[str(int(layer))] = sorted(set(ids))
+    if not any(out.values()):
+        raise DataError(f"--train-experts {spec}: selects no expert (every layer's list is empty); an empty selection "
+                        "would train nothing, so name at least one expert")
     return out

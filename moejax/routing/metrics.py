@@ -1,9 +1,9 @@
-"""The routing metrics of ../shared/METRICS.md, as pure numpy functions of routing statistics.
+"""The routing metrics of docs/metrics.md, as pure numpy functions of routing statistics.
 
 Inputs are the reductions `moejax.routing.stats` accumulates in the forward pass: top-K counts c_e,
 top-1 counts, sums of routing probabilities, summed per-token selection entropy and token counts,
 per layer (and per chunk). Each function states the variant it computes; options are arguments.
-Logarithms: entropies of usage are in bits, JS divergence in nats, as METRICS.md defines them.
+Logarithms: entropies of usage are in bits, JS divergence in nats, as docs/metrics.md defines them.
 """
 
 from __future__ import annotations

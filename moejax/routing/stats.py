@@ -1,6 +1,6 @@
 """Routing statistics reduced inside the jitted forward pass: the router logits never leave the device.
 
-Per chunk of text (the unit of METRICS.md's per-chunk spreads and paired divergences) and per MoE layer, over
+Per chunk of text (the unit of docs/metrics.md's per-chunk spreads and paired divergences) and per MoE layer, over
 content tokens only: top-K and top-1 counts [E], sums of the routing probabilities P_t [E], the summed per-token
 selection entropy (bits), the content-token count, and the summed Jaccard overlap of sampled token pairs (routing
 consistency). A row of the batch may pack several chunks, one segment each (segment ids 1, 2, ...; 0 is padding);
@@ -22,8 +22,7 @@ from moejax.errors import DataError
 from moejax.models.common import ForcedRouting, segment_positions
 from moejax.models.steering import Steering, with_steering
 from moejax.parallel.mesh import on_mesh
-
-PROBABILITIES = ("softmax", "native")
+from moejax.routing import PROBABILITIES
 
 
 @struct.dataclass

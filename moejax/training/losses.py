@@ -87,7 +87,7 @@ def expert_counts(expert_ids: tuple[jax.Array, ...], num_experts: int, group_b: 
 
 
 def usage_entropy_bits(counts_ge: jax.Array) -> jax.Array:
-    """-sum_e f_e log2 f_e of each row's expert usage (METRICS.md); NaN where a row has no tokens."""
+    """-sum_e f_e log2 f_e of each row's expert usage (docs/metrics.md); NaN where a row has no tokens."""
     total_g1 = jnp.sum(counts_ge, axis=-1, keepdims=True).astype(jnp.float32)
     f_ge = counts_ge / jnp.maximum(total_g1, 1)
     h_g = -jnp.sum(jnp.where(f_ge > 0, f_ge * jnp.log2(jnp.where(f_ge > 0, f_ge, 1)), 0), axis=-1)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from moejax.errors import RunError
 from moejax.io import refuse_unsafe
 from moejax.loading import from_pretrained, load_config
 from moejax.models import abstract_model, model_class
-from moejax.models.builtin import builtin_config, builtin_model
+from moejax.models.builtin import builtin_model, save_builtin_files
 from moejax.parallel.mesh import make_mesh, shard_model
 from moejax.report.figures import training_figure
 from moejax.training.step import (
@@ -58,6 +59,7 @@ from moejax.training.step import (
 )
 
 RUN_FILE = "run.json"
+LOST_WARNING = 0.5  # warn when a row length keeps less than this share of a language's supervised tokens
 CHECKPOINTS = "checkpoint"
 BASE_COLUMNS = ("step", "loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
 
@@ -175,9 +177,6 @@ def prepare(settings: RunSettings, out: Path, allow_nonfinite: bool = False):
     held_out = parse_mixture(settings.eval_data, with_ratios=False) if settings.eval_data else []
     refuse_unsafe(out, [settings.model, *(s.path for s in sources + held_out)])
     resume = _check_run_dir(out, settings)
-    if settings.sft and settings.model is None:
-        raise RunError("--sft: the built-in model has no chat template; give --model DIR with the model's tokenizer "
-                       "files (chat_template included)")
     model, tokenizer = _load_model(settings, allow_nonfinite)
     limit = model.config.max_positions
     if limit is not None and settings.seq_len > limit:
@@ -191,8 +190,14 @@ def _stream(settings: RunSettings, sources, tokenizer, vocab_size: int):
     """The packed training rows of `sources`: a CPT Mixture of documents, or, with --sft, whole conversations."""
     if settings.sft:
         conversations = {s.lang: load_conversations(s, tokenizer, vocab_size) for s in sources}
-        return ConversationRows(sources, conversations, seq_len=settings.seq_len, batch_size=settings.batch_size,
+        rows = ConversationRows(sources, conversations, seq_len=settings.seq_len, batch_size=settings.batch_size,
                                 seed=settings.seed)
+        for lang, (kept, total) in rows.supervision.items():
+            if kept < LOST_WARNING * total and jax.process_index() == 0:
+                print(f"moejax train: warning: --seq-len {settings.seq_len} leaves {kept} of the {total} assistant "
+                      f"tokens of {lang!r} ({1 - kept / total:.0%} lost: conversations longer than a row are cut); "
+                      "raise --seq-len to train on them", file=sys.stderr)
+        return rows
     documents = {s.lang: load_documents(s, tokenizer, vocab_size) for s in sources}
     return Mixture(sources, documents, seq_len=settings.seq_len, batch_size=settings.batch_size, seed=settings.seed)
 
@@ -247,8 +252,9 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
     if primary:
         _keep_rows(metrics_path, start)
         _keep_rows(eval_path, start)
-    writer = _TensorBoard(out / "tensorboard", purge_step=start + 1) if primary else None
-    progress = _progress(start, settings.steps, show_progress and primary)
+        _keep_events(out / "tensorboard", start)
+    writer = _TensorBoard(out / "tensorboard") if primary else None
+    progress = _Progress(start, settings.steps, show_progress and primary)
     try:
         with open(metrics_path, "a", newline="") if primary else open(os.devnull, "w") as f:
             rows = csv.writer(f)
@@ -274,9 +280,8 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
                     _write_eval(eval_path, writer, step, _evaluate(evaluate, state.params, eval_batches), primary)
                 if step % settings.save_every == 0 or step == settings.steps:
                     _save(manager, step, state, mixture)
-                progress.update(1)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", aux=f"{row['aux_loss']:.3f}",
-                                     tok_s=f"{row['tokens_per_s']:.0f}")
+                progress.step(step, loss=f"{row['loss']:.4f}", aux=f"{row['aux_loss']:.3f}",
+                              tok_s=f"{row['tokens_per_s']:.0f}")
         with orbax_errors(manager.directory):
             manager.wait_until_finished()
     finally:
@@ -308,7 +313,7 @@ def _start_run_dir(out: Path, settings: RunSettings) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     if settings.model is None:
-        (out / "config.json").write_text(json.dumps(builtin_config().to_hf(), indent=2))
+        save_builtin_files(out)
     else:
         for name in COPIED:
             if (Path(settings.model) / name).is_file():
@@ -333,10 +338,11 @@ def _non_finite_report(step: int, metrics: dict, last_saved: int, out: Path) -> 
 
 
 class _TensorBoard:
-    """Scalars to TensorBoard event files (tensorboardX); a resume purges events past its checkpoint."""
+    """Scalars to TensorBoard event files (tensorboardX); a resume first drops the events past its checkpoint
+    (_keep_events), so no step appears twice."""
 
-    def __init__(self, directory: Path, purge_step: int):
-        self._writer = SummaryWriter(str(directory), purge_step=purge_step if purge_step > 1 else None)
+    def __init__(self, directory: Path):
+        self._writer = SummaryWriter(str(directory))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -347,8 +353,55 @@ class _TensorBoard:
         self._writer.close()
 
 
-def _progress(start: int, total: int, show: bool):
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
+def _keep_events(directory: Path, last_step: int) -> None:
+    """Drops from the TensorBoard event files the events of steps past `last_step` (written after the checkpoint a
+    resume starts from, and computed again), each file rewritten atomically."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    for path in sorted(directory.glob("events.out.tfevents.*")) if directory.is_dir() else ():
+        data, kept, at, dropped = path.read_bytes(), [], 0, False
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            record = data[at + 12:at + 12 + length]
+            at += 12 + length + 4
+            if len(record) < length:  # a record cut short by a kill: dropped with what follows
+                dropped = True
+                break
+            event = Event.FromString(record)
+            if event.step > last_step:
+                dropped = True
+                continue
+            kept.append(record)
+        if dropped:
+            rewritten = b"".join(struct.pack("<Q", len(r)) + struct.pack("<I", masked_crc32c(struct.pack("<Q", len(r))))
+                              + r + struct.pack("<I", masked_crc32c(r)) for r in kept)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(rewritten)
+            os.replace(tmp, path)
+
+
+class _Progress:
+    """The progress bar: the first step (which compiles the step, minutes for a large model) is announced, and the
+    bar, with its rate and ETA, starts after it."""
+
+    def __init__(self, start: int, total: int, show: bool):
+        self.start, self.total, self.show, self.bar = start, total, show, None
+        if show and start < total:
+            print(f"moejax train: compiling the train step (step {start + 1} of {total}) ...", file=sys.stderr,
+                  flush=True)
+
+    def step(self, step: int, **postfix) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step, desc="train", unit="step", disable=not self.show,
+                            dynamic_ncols=True)
+        else:
+            self.bar.update(1)
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _locate(path: Path) -> tuple[Path, int | None] | None:

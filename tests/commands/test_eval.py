@@ -124,7 +124,7 @@ def test_steered_scores_equal_the_hooked_hugging_face_backend(checkpoint, tmp_pa
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf = HFLM(pretrained=reference, tokenizer=str(path), max_length=CONTEXT, batch_size=4)
     manager = TaskManager(include_path=str(tasks))
-    with steered(reference, steering.arrays(len(ours_config(path).moe_layers), ours_config(path).num_routed_experts)):
+    with steered(reference, steering.arrays(ours_config(path))):
         want = lm_eval.simple_evaluate(model=hf, tasks=["local_mc", "local_gen"], task_manager=manager,
                                        log_samples=True)
     got = lm_eval.simple_evaluate(model="moejax", model_args={"pretrained": str(path), "max_length": CONTEXT,

@@ -1,7 +1,8 @@
-"""What a command writes never costs the user anything else: outputs replace only what the same command wrote, in one
-atomic exchange; a killed or terminated run leaves OUT absent or complete (old or new) and its temporaries are gone
-after the next run; outputs get the user's normal permissions; a full disk is one clear line; corpora exported by
-spreadsheets and Python's csv module read as they are; a broken checkpoint compared on purpose reports NaN."""
+"""What a command writes never costs the user anything else: outputs replace only what the same command wrote (and
+refuse while anything else is inside), in one atomic exchange; a killed or terminated run leaves OUT absent or
+complete (old or new) and its temporaries are gone after the next run; outputs get the user's normal permissions; a
+full disk is one clear line; corpora exported by spreadsheets and Python's csv module read as they are; a broken
+checkpoint compared on purpose reports NaN."""
 
 from __future__ import annotations
 
@@ -42,10 +43,13 @@ def test_same_command_replaces_its_output_atomically_with_normal_permissions(tmp
     assert main(args) == 0
     first = json.loads((out / MARKER).read_text())
     assert first["command"] == "analyze"
-    (out / "extra.txt").write_text("from the first run")
+    (out / "extra.txt").write_text("the user's")
+    assert main(args) == 2  # the marker proves the directory is moejax's, not that all inside is
+    assert (out / "extra.txt").read_text() == "the user's"
+    (out / "extra.txt").unlink()
     inode = out.stat().st_ino
     assert main(args) == 0
-    assert not (out / "extra.txt").exists() and (out / "layers.csv").is_file()
+    assert (out / "layers.csv").is_file()
     assert out.stat().st_ino != inode and leftovers(out) == []  # a new directory took the old one's place
     mask = os.umask(0)
     os.umask(mask)
@@ -133,20 +137,23 @@ def test_killed_runs_leave_out_absent_or_complete(checkpoint, tmp_path, command)
         index = json.loads((out / "model.safetensors.index.json").read_text())
         return all((out / shard).is_file() for shard in set(index["weight_map"].values()))
 
+    def mark_earlier():  # the marker of this output, told apart from the next one's (its list of files kept)
+        (out / MARKER).write_text(json.dumps(json.loads((out / MARKER).read_text()) | {"written": "the earlier run"}))
+
     for point in ("loaded", "writing", "exchanging"):
         done = subprocess.run([sys.executable, "-c", DIE_AT, point, "SIGKILL", *args], capture_output=True, text=True)
         assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
         assert not out.exists(), point
     assert main(args) == 0 and complete() and leftovers(out) == []
     stamp = json.loads((out / MARKER).read_text())["written"]
-    (out / MARKER).write_text(json.dumps({"command": command, "written": "the earlier run"}))
+    mark_earlier()
     for point in ("writing", "exchanging", "exchanged"):
         done = subprocess.run([sys.executable, "-c", DIE_AT, point, "SIGKILL", *args], capture_output=True, text=True)
         assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
         assert complete(), point
         earlier = json.loads((out / MARKER).read_text())["written"] == "the earlier run"
         assert earlier == (point != "exchanged"), point
-        (out / MARKER).write_text(json.dumps({"command": command, "written": "the earlier run"}))
+        mark_earlier()
     assert leftovers(out)  # what the kills left; the next run removes it
     assert main(args) == 0 and complete() and leftovers(out) == [] and stamp
     done = subprocess.run([sys.executable, "-c", DIE_AT, "writing", "SIGTERM", *args], capture_output=True, text=True)

@@ -37,8 +37,8 @@ import torch
 import transformers
 
 import moejax
-import moejax.commands.parity as parity_module
 import moejax.layers.moe as moe
+import moejax.loading
 from moejax.cli import main
 from moejax.commands.parity import ParitySettings, parity
 from moejax.data.tokenize import HFTokenizer
@@ -81,10 +81,10 @@ def bf16(request, tmp_path_factory):
 @pytest.fixture
 def edit_moejax(monkeypatch):
     """edit(fn): the command's moejax model passes through fn after loading (the reference is untouched)."""
-    load = parity_module.from_pretrained
+    load = moejax.loading.from_pretrained
 
     def edit(fn):
-        monkeypatch.setattr(parity_module, "from_pretrained", lambda *a, **k: fn(load(*a, **k)) or load)
+        monkeypatch.setattr(moejax.loading, "from_pretrained", lambda *a, **k: fn(load(*a, **k)) or load)
     return edit
 
 

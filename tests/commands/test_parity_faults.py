@@ -39,7 +39,7 @@ from moejax.parity.report import judge
 from moejax.parity.session import Session
 from moejax.parity.tally import ImplementationTally, SideTally, UpdateTally
 from moejax.parity.tokens import batches, corpus_sequences
-from moejax.parity.verdict import UNIT_ROUNDOFF, tolerances_for
+from moejax.parity.tolerances import UNIT_ROUNDOFF, tolerances_for
 from moejax.reference import make_checkpoint
 
 pytestmark = pytest.mark.torch

@@ -23,7 +23,8 @@ from moejax.data.sft import ConversationRows, format_chat, load_conversations, r
 from moejax.data.tokenize import HFTokenizer
 from moejax.errors import DataError
 from moejax.reference import make_checkpoint, save_byte_tokenizer
-from moejax.training.step import TrainConfig, init_state, make_train_step
+from moejax.training.config import TrainConfig
+from moejax.training.step import init_state, make_train_step
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"

@@ -1,9 +1,8 @@
-"""Expert-selective training (INTERVENTIONS.md section 3): only the selected experts' slices of the stacked expert
-tensors train (optionally the routers of their layers), everything else comes out of every step bit for bit,
-weight decay included; the gradients of the selected slices equal torch autograd's; the training-time routing
-restriction reaches only the selected experts and leaves evaluation and export unrestricted; the optimizer keeps
-moments for the trained slices alone.
-"""
+"""Expert-selective training (docs/training.md, training only some experts): only the selected experts' slices of the
+stacked expert tensors train (optionally the routers of their layers), everything else comes out of every step bit
+for bit, weight decay included; the gradients of the selected slices equal torch autograd's; the training-time
+routing restriction reaches only the selected experts and leaves evaluation and export unrestricted; the optimizer
+keeps moments for the trained slices alone."""
 
 from __future__ import annotations
 
@@ -27,8 +26,9 @@ from moejax.errors import DataError, SettingsError
 from moejax.layers.stack import layer_position, segment_layer_ids
 from moejax.reference import make_checkpoint, steered
 from moejax.routing.experts import read_selection
+from moejax.training.config import TrainConfig
 from moejax.training.losses import load_balancing_loss, next_token_loss, sigmoid_balance_loss
-from moejax.training.step import TrainConfig, _dotted, init_state, make_train_step, route_control
+from moejax.training.step import _dotted, init_state, make_train_step, route_control
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 # MoE layers 0 and 1 (the Nemotron-H tiny model has two), k = 3 experts each, for Nemotron-H within one group of its

@@ -1,4 +1,4 @@
-"""Router steering (INTERVENTIONS.md section 2) against a PyTorch reference and against its own formula.
+"""Router steering (docs/steering.md, steering) against a PyTorch reference and against its own formula.
 
 The reference is moejax.reference.steered: hooks on transformers' router modules that make the router's own
 `F.linear` return steered logits, so transformers' softmax top-k (Qwen3-MoE) or sigmoid + correction bias + group
@@ -86,7 +86,7 @@ def test_zero_arrays_through_the_steering_path_change_nothing(checkpoint):
 def plain_top_k(model):
     """A copy of a Nemotron-H model whose routers choose by the sigmoid alone (correction bias 0, one group), as
     Qwen3-MoE's choose by the softmax: only there does hard steering decide membership on its own. With a bias or a
-    group limit, the steered score feeds the choice as usual (INTERVENTIONS.md section 2), and a large bias can
+    group limit, the steered score feeds the choice as usual (docs/steering.md, steering), and a large bias can
     still choose a suppressed expert (the PyTorch comparison below covers that case)."""
     copy = nnx.clone(model)
     for _, module in nnx.iter_modules(copy):
@@ -133,7 +133,7 @@ def test_steered_logits_equal_the_formula(checkpoint, mode):
     content = mask.astype(bool)
     layer = len(model.config.moe_layers) - 1
     steering = Steering(mode=mode, lam=0.7, seed=3, layers={layer: ((2, 6), (4,))})
-    arrays = steering.arrays(len(model.config.moe_layers), model.config.num_routed_experts)
+    arrays = steering.arrays(model.config)
     raw = np.asarray(model(ids, mask, return_router_logits=True).router_logits[layer])[content]
     got = np.asarray(model(ids, mask, return_router_logits=True, steering=steering).router_logits[layer])[content]
     want = numpy_steer(raw, *(arrays[name][layer] for name in ("shift_e", "promote_e", "suppress_e", "eps_e")))
@@ -150,7 +150,7 @@ def test_steered_forward_equals_pytorch_hooks(checkpoint, mode, lam):
     logits (1e-5), chosen experts identical, at every content token of a left-padded batch."""
     _, reference, model = checkpoint
     steering = spec(model, mode, lam, seed=7)
-    arrays = steering.arrays(len(model.config.moe_layers), model.config.num_routed_experts)
+    arrays = steering.arrays(model.config)
     ids, mask = batch(3)
     with steered(reference, arrays):
         assert_parity(functools.partial(model, steering=steering), reference, ids, mask)
@@ -161,7 +161,7 @@ def test_steered_forward_equals_pytorch_hooks(checkpoint, mode, lam):
 def test_steered_generation_equals_pytorch_hooks(checkpoint):
     _, reference, model = checkpoint
     steering = spec(model, "soft", 1.5)
-    arrays = steering.arrays(len(model.config.moe_layers), model.config.num_routed_experts)
+    arrays = steering.arrays(model.config)
     ids, mask = batch(4)
     with steered(reference, arrays), torch.no_grad():
         want = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),

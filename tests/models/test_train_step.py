@@ -17,7 +17,8 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 
 from moejax.errors import DataError
 from moejax.reference import make_checkpoint
-from moejax.training.step import TrainConfig, _dotted, init_state, make_train_step
+from moejax.training.config import TrainConfig
+from moejax.training.step import _dotted, init_state, make_train_step
 
 pytestmark = pytest.mark.torch
 

@@ -254,7 +254,8 @@ def test_sharded_train_step_equals_one_device(tmp_path, spec, exchange):
     """Three float32 train steps (AdamW, load-balancing and z-loss on; rows packing two documents, two
     languages) on the mesh give the same parameters as on one device (<= 1e-5 of each parameter's scale)
     and the same expert counts; the parameters keep their shardings. With either expert exchange."""
-    from moejax.training.step import TrainConfig, init_state, make_train_step
+    from moejax.training.config import TrainConfig
+    from moejax.training.step import init_state, make_train_step
 
     path = tmp_path / "model"
     make_checkpoint("qwen3_moe", path, seed=4, vocab_size=259)

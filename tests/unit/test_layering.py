@@ -1,6 +1,6 @@
 """The package's imports run one way, and only configs, models and key maps know which architecture is which.
 
-Layers, low to high (../shared/DESIGN.md): errors, config, data, report, io, process -> parallel -> layers -> models ->
+Layers, low to high: errors, config, data, report, io, process -> parallel -> layers -> models ->
 converters (key maps and readers) -> loading, checkpoints, export, the PyTorch reference helpers -> routing,
 training, evaluation -> commands -> cli. A module may import its own layer or lower ones, never higher; module-level
 imports form no cycle; `moejax/__init__.py` imports nothing of the package at module level (its public names
