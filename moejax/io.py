@@ -44,12 +44,13 @@ def refuse_unsafe(out: str | Path, inputs=(), flag: str = "--out") -> Path:
     directory, or is, contains or lies inside one of `inputs` (a model, a corpus, a checkpoint): then an OutputError
     saying what and what to do."""
     resolved = _resolved(out)
-    for place, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory"),
-                        (Path.cwd(), "the working directory")):
-        place = place.resolve()
+    places = [(Path.cwd().resolve(), "the working directory"), (Path.home().resolve(), "your home directory"),
+              (Path("/"), "the root directory")]
+    for place, what in places:
         if place == resolved:
             raise OutputError(f"{flag} {out} is {what}; moejax writes a directory of its own and will not replace it "
                               f"there: give a new path, e.g. {Path(out) / 'moejax-output'}")
+    for place, what in places:
         if place.is_relative_to(resolved):
             raise OutputError(f"{flag} {out} contains {what} ({place}); moejax would replace it with what it writes: "
                               "give a new path instead")

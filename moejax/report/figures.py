@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moejax.data.corpus import FLORES_CODES  # noqa: E402
+
 # One colour per language, the same in every figure and every run: the common codes fixed, any other drawn from
 # the rest of the palette by a hash of its code.
 _PALETTE = [matplotlib.colormaps["tab20"](i) for i in range(20)]
@@ -20,15 +22,14 @@ LANG_COLORS = {"en": _PALETTE[0], "he": _PALETTE[2], "ja": _PALETTE[4], "ar": _P
 
 
 def lang_color(lang: str):
-    """The colour of a language (its code, or a FLORES-200 code such as heb_Hebr: its first three letters count)."""
-    key = str(lang).split("_")[0].lower()
+    """The colour of a language: its code, or its FLORES-200 code (heb_Hebr is he's colour)."""
+    key = _SHORT.get(str(lang), str(lang)).lower()
     if key in LANG_COLORS:
         return LANG_COLORS[key]
-    aliases = {"eng": "en", "heb": "he", "jpn": "ja", "arb": "ar", "zho": "zh", "deu": "de", "fra": "fr",
-               "spa": "es", "rus": "ru", "kor": "ko"}
-    if key in aliases:
-        return LANG_COLORS[aliases[key]]
     return _PALETTE[1 + 2 * (zlib.crc32(key.encode()) % 10)]  # the lighter shades: never a fixed language's
+
+
+_SHORT = {flores: code for code, flores in FLORES_CODES.items()}
 
 
 def _rows(rows, **match):

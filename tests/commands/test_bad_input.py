@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 
 from safetensors.numpy import load_file, save_file
 
+import moejax.report.figures  # noqa: F401 (matplotlib's caches settle in the real home, before a test moves HOME)
 from moejax.cli import main
 from moejax.data.corpus import SAMPLE_DIR
 from moejax.reference import make_checkpoint, save_byte_tokenizer
@@ -28,11 +30,14 @@ pytestmark = pytest.mark.torch
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    """Every file under the roots (and every directory), with a hash of its bytes."""
+    """Every file under the roots (and every directory and link, links not followed), with a hash of its bytes."""
     found = {}
     for root in roots:
-        for path in sorted(root.rglob("*")):
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                path = Path(folder) / name
+                found[str(path)] = ("link to " + os.readlink(path) if path.is_symlink() else
+                                    hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir")
     return found
 
 
@@ -182,7 +187,118 @@ CASES = [
     ("corpus-jsonl-not-object", lambda t, c: (t / "c.jsonl").write_text('["en", "he"]\n') and
      ["analyze", "--langs", "en,he", "--data", str(t / "c.jsonl")], 2, ["c.jsonl:1", "JSON object"]),
     ("corpus-unknown-language", lambda t, c: ["analyze", "--langs", "en,xx"], 2, ["unknown language code", "xx"]),
+    # An output directory that contains the working or home directory, however it is spelled, even when it holds an
+    # earlier output of the same command (its marker proves the directory is moejax's, not all that is inside).
+    ("analyze-out-parent-of-cwd", lambda t, c: ["analyze", "--out", ".."], 2, ["contains the working directory"]),
+    ("analyze-out-grandparent-marked", lambda t, c: marker_in(t, "analyze") and ["analyze", "--out", "../cwd/.."], 2,
+     ["contains the working directory"]),
+    ("export-out-ancestor-absolute", lambda t, c: ["export", str(c), str(t)], 2, ["contains the working directory"]),
+    ("parity-out-trailing-slash", lambda t, c: ["parity", "--model", str(c), "--out", f"{t}/", "--quiet"], 2,
+     ["contains the working directory"]),
+    ("eval-out-symlink-to-ancestor", lambda t, c: (t / "cwd" / "link").symlink_to(t) or
+     ["eval", "--out", "link"], 2, ["contains the working directory"]),
+    ("train-out-spelled-through-home", lambda t, c: ["train", "--out", str(t / "home" / ".."), "--quiet"], 2,
+     ["contains the working directory"]),
+    # Re-running into an earlier output that holds what the user added: refused, naming the first such file.
+    ("export-again-with-user-results", lambda t, c: exported(t, c) and (t / "e" / "eval" / "x").mkdir(parents=True)
+     or (t / "e" / "eval" / "x" / "results.json").write_text("{}") and ["export", str(c), str(t / "e")], 2,
+     ["eval/", "moejax did not write"]),
+    ("analyze-again-with-user-notes", lambda t, c: analyzed(t) and (t / "a" / "notes").mkdir() or
+     (t / "a" / "notes" / "README").write_text("mine") and ["analyze", "--out", str(t / "a"), "--quiet"], 2,
+     ["notes/", "moejax did not write"]),
+    ("analyze-again-with-edited-report", lambda t, c: analyzed(t) and
+     (t / "a" / "report.md").write_text("my own edits") and ["analyze", "--out", str(t / "a"), "--quiet"], 2,
+     ["report.md", "changed since moejax wrote it"]),
+    # Selections and flags that would train something else than what was meant.
+    ("train-experts-empty", lambda t, c: (t / "s.json").write_text("{}") and
+     ["train", "--train-experts", str(t / "s.json"), "--out", str(t / "run"), "--quiet"], 2, ["selects no expert"]),
+    ("train-experts-empty-lists", lambda t, c: (t / "s.json").write_text('{"0": [], "3": []}') and
+     ["train", "--model", str(c), "--train-experts", str(t / "s.json"), "--out", str(t / "run"), "--quiet"], 2,
+     ["selects no expert"]),
+    ("train-experts-empty-seft", lambda t, c: (t / "s.json").write_text('{"he": {"seft": {"7": []}}}') and
+     ["train", "--train-experts", f"{t / 's.json'}:he:seft", "--out", str(t / "run"), "--quiet"], 2,
+     ["selects no expert"]),
+    ("train-experts-and-blocks", lambda t, c: ["train", "--train-experts", "s.json", "--train-blocks", "1"], 2,
+     ["--train-experts and --train-blocks"]),
+    ("train-sft-answers-beyond-seq-len", lambda t, c: ["train", "--sft", "--data", f"en={chats(t, 'en')}:1",
+                                                       "--seq-len", "16", "--out", str(t / "run"), "--quiet"], 2,
+     ["no assistant token", "'en'", "--seq-len 16"]),
+    ("train-sft-one-language-beyond", lambda t, c: ["train", "--sft", "--data", f"en={chats(t, 'en', 2)}:0.5,"
+                                                    f"he={chats(t, 'he')}:0.5", "--seq-len", "40", "--out",
+                                                    str(t / "run"), "--quiet"], 2, ["no assistant token", "'he'"]),
+    ("train-nothing-trainable", lambda t, c: ["train", "--trainable", "nomatch", "--out", str(t / "run"),
+                                              "--quiet"], 2, ["matches no parameter"]),
+    ("train-all-data-blank", lambda t, c: (t / "blank.txt").write_text("\n  \n\n") and
+     ["train", "--data", f"en={t / 'blank.txt'}:1", "--out", str(t / "run"), "--quiet"], 2,
+     ["blank.txt is empty"]),
+    # What used to end in a traceback: one line naming the file, the key and what is allowed.
+    ("steering-layer-last", lambda t, c: spec(t, {"experts": {"last": [1]}, "mode": "hard", "direction": "promote"})
+     and ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["layer key 'last'", "-1 for the last"]),
+    ("steering-layer-word", lambda t, c: spec(t, {"layers": {"x1": {"promote": [1]}}}) and
+     ["analyze", "--steering", str(t / "spec.json"), "--out", str(t / "a"), "--quiet"], 2, ["layer key 'x1'"]),
+    ("steering-layer-out-of-range", lambda t, c: spec(t, {"layers": {"-9": {"promote": [1]}}}) and
+     ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["layer -9 is not an MoE layer", "MoE layers 0-3"]),
+    ("trainable-bad-regex", lambda t, c: ["train", "--trainable", "(("], 2,
+     ["--trainable '(('", "not a regular expression"]),
+    ("trainable-bad-regex-config", lambda t, c: (t / "c.toml").write_text('trainable = "[a-"\n') and
+     ["train", "--config", str(t / "c.toml")], 2, ["not a regular expression"]),
+    ("config-int-as-string-generate", lambda t, c: ["generate", "--model", str(with_config(c, t / "m",
+                                                                                         num_experts="12")),
+                                                    "--prompt", "hi"], 2, ["num_experts", '"12"', "an integer"]),
+    ("config-int-as-string-eval", lambda t, c: ["eval", "--model", str(with_config(c, t / "m",
+                                                                                 num_experts_per_tok="3")),
+                                                "--out", str(t / "e")], 2, ["num_experts_per_tok", "an integer"]),
+    ("config-float-size-export", lambda t, c: ["export", str(with_config(c, t / "m", hidden_size=48.5)),
+                                               str(t / "e")], 2, ["hidden_size", "an integer"]),
+    # Nonsense that used to run: magnitudes that make the routing degenerate, specs leaving fewer than top-k.
+    ("steering-lambda-huge", lambda t, c: spec(t, {"mode": "soft", "lambda": 1e38, "layers": {"0": {"suppress": [1]}}})
+     and ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["lambda 1e+38", "standard deviations"]),
+    ("steering-lambda-negative-huge", lambda t, c: spec(t, {"lambda": -25, "layers": {"0": {"promote": [1]}}}) and
+     ["analyze", "--steering", str(t / "spec.json"), "--out", str(t / "a"), "--quiet"], 2, ["lambda -25"]),
+    ("steering-lambda-string", lambda t, c: spec(t, {"lambda": "0.5", "layers": {"0": {"promote": [1]}}}) and
+     ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["lambda must be a finite number"]),
+    ("steering-hard-suppress-all", lambda t, c: spec(t, {"mode": "hard", "layers": {"1": {"suppress": list(range(8))}}})
+     and ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["suppresses 8 of its 8 experts", "suppress at most 5"]),
+    ("steering-soft-suppress-too-many", lambda t, c: spec(t, {"layers": {"2": {"suppress": [0, 1, 2, 3, 4, 5]}}}) and
+     ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2,
+     ["fewer than the 3"]),
+    ("steering-layer-twice", lambda t, c: spec(t, {"layers": {"3": {"promote": [1]}, "-1": {"promote": [2]}}}) and
+     ["generate", "--model", str(c), "--prompt", "hi", "--steering", str(t / "spec.json")], 2, ["given twice"]),
 ]
+
+
+def marker_in(place: Path, command: str) -> bool:
+    """The test's root marked as an earlier output of `command` (the case that used to be replaced)."""
+    (place / ".moejax-output.json").write_text(json.dumps({"command": command, "files": {}}))
+    return True
+
+
+def exported(t: Path, checkpoint: Path) -> bool:
+    assert main(["export", str(checkpoint), str(t / "e")]) == 0
+    return True
+
+
+def analyzed(t: Path) -> bool:
+    assert main(["analyze", "--langs", "en,he", "--chunk-words", "400", "--out", str(t / "a"), "--quiet"]) == 0
+    return True
+
+
+def spec(t: Path, record: dict) -> bool:
+    (t / "spec.json").write_text(json.dumps(record))
+    return True
+
+
+def chats(t: Path, lang: str, prompt_words: int = 40) -> Path:
+    """SFT records whose answers come after a prompt of `prompt_words` words."""
+    path = t / f"{lang}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(["word"] * prompt_words), "response": "yes"}) + "\n"
+                            for _ in range(4)))
+    return path
 
 
 @pytest.mark.parametrize("name, setup, status, words", CASES, ids=[c[0] for c in CASES])
@@ -206,4 +322,4 @@ def test_bad_input(name, setup, status, words, checkpoint, tmp_path, monkeypatch
 
 
 def test_enough_cases():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 70

@@ -84,6 +84,9 @@ def edit_moejax(monkeypatch):
     load = moejax.loading.from_pretrained
 
     def edit(fn):
+        # The command's load, not the public name: moejax.from_pretrained stays the honest loader (its lazy lookup
+        # would otherwise find, and keep, the edited one).
+        monkeypatch.setattr(moejax, "from_pretrained", load, raising=False)
         monkeypatch.setattr(moejax.loading, "from_pretrained", lambda *a, **k: fn(load(*a, **k)) or load)
     return edit
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("moejax.models",),
     ("converters",),
     ("moejax.loading", "moejax.checkpoint", "moejax.export", "moejax.reference"),
-    ("moejax.routing", "moejax.training", "moejax.evaluation", "moejax.parity"),
+    ("moejax.routing", "moejax.training", "moejax.evaluation", "moejax.parity", "moejax.planning"),
     ("moejax.commands",),
     ("moejax.cli",),
 ]
