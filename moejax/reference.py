@@ -200,8 +200,8 @@ def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
     return out.logits.double().numpy(), logits, ids_out
 
 
-def save_byte_tokenizer(directory: Path) -> None:
+def save_byte_tokenizer(directory: Path, chat_template: bool = True) -> None:
     """A byte-level transformers tokenizer (259 ids: <pad> 0, <s> 1, </s> 2, then byte b as b + 3, as
     moejax.data.tokenize.ByteTokenizer) that prefixes <s>: tiny test checkpoints carry it so the analysis, generation
     and evaluation read a real tokenizer from the model directory."""
-    byte_level_tokenizer().save_pretrained(directory)
+    byte_level_tokenizer(chat_template).save_pretrained(directory)

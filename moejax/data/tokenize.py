@@ -44,9 +44,10 @@ BYTE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer(chat_template: bool = True):
     """ByteTokenizer as a transformers tokenizer (the same ids: <pad> 0, <s> 1, </s> 2, byte b -> b + 3; each text
-    starts with <s>; decoding gives the text back; a chat template, BYTE_CHAT_TEMPLATE), for what needs a
+    starts with <s>; decoding gives the text back; a chat template, BYTE_CHAT_TEMPLATE, unless chat_template is
+    False), for what needs a
     transformers tokenizer (generation's decoding, lm-eval, SFT) with the built-in model, and for tiny test
     checkpoints."""
     import transformers
@@ -58,7 +59,8 @@ def byte_level_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", chat_template=BYTE_CHAT_TEMPLATE)
+                                                pad_token="<pad>",
+                                                chat_template=BYTE_CHAT_TEMPLATE if chat_template else None)
 
 
 def transformers_tokenizer(model_dir: str | Path, **kwargs):

@@ -161,7 +161,7 @@ def test_eval_command_writes_lm_eval_results_and_scores(checkpoint, tmp_path):
     assert len(results) == 1 and set(results[0]["results"]) == {"local_mc", "local_gen"}
     assert len(list(out.glob("*/samples_local_mc_*.jsonl"))) == 1
     csv_rows = (out / "scores.csv").read_text().splitlines()
-    assert csv_rows[0] == "task,language,family,metric,filter,value,stderr,samples"
+    assert csv_rows[0] == "task,language,family,metric,filter,value,stderr,samples,chance"
     assert {row.split(",")[0] for row in csv_rows[1:]} == {"local_mc", "local_gen"}
     assert (out / "scores.png").stat().st_size > 0
 
@@ -221,7 +221,7 @@ def test_generate_bad_input(case, tmp_path, capsys):
     reference_dir = tmp_path / "model"
     make_checkpoint("qwen3_moe", reference_dir, vocab_size=259, max_position_embeddings=32)
     if case != "no_tokenizer":
-        save_byte_tokenizer(reference_dir)
+        save_byte_tokenizer(reference_dir, chat_template=case != "chat_without_template")
     capsys.readouterr()
     args = {"no_tokenizer": ["--prompt", "hi"], "chat_without_template": ["--prompt", "hi", "--chat"],
             "prompt_too_long": ["--prompt", "x" * 40], "no_prompt": [],
@@ -241,7 +241,7 @@ def test_eval_bad_input(case, tmp_path, capsys):
     model = tmp_path / "model"
     make_checkpoint("qwen3_moe", model, vocab_size=259)
     if case != "no_tokenizer":
-        save_byte_tokenizer(model)
+        save_byte_tokenizer(model, chat_template=case != "chat_without_template")
     tasks = write_tasks(tmp_path / "tasks")
     (tasks / "hub.yaml").write_text("task: needs_the_hub\ndataset_path: someone/some_dataset_that_is_not_here\n"
                                     'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\n'

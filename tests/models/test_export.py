@@ -62,7 +62,7 @@ def test_export_loads_in_transformers(converted):
 def test_bf16_export(converted):
     arch, root = converted
     out = root / "export-bf16"
-    assert main(["export", str(root / "orbax"), str(out)]) == 0
+    assert main(["export", str(root / "orbax"), str(out), "--dtype", "bfloat16"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     ids = np.random.default_rng(2).integers(3, 259, (2, 13))
     ours = np.asarray(moejax.from_pretrained(out, dtype=jnp.bfloat16, **overrides(arch))(ids).logits, np.float64)

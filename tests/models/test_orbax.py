@@ -54,7 +54,7 @@ def test_round_trip_is_exact(checkpoints, tmp_path, arch):
 
 def test_bf16_conversion_and_dtype_on_restore(checkpoints, tmp_path):
     out = tmp_path / "orbax"
-    assert main(["convert", str(checkpoints / "qwen"), str(out)]) == 0  # default bfloat16
+    assert main(["convert", str(checkpoints / "qwen"), str(out), "--dtype", "bfloat16"]) == 0
     restored = moejax.from_pretrained(out, dtype=jnp.bfloat16)
     original = moejax.from_pretrained(checkpoints / "qwen", dtype=jnp.bfloat16)
     for key, value in params(original).items():
