@@ -143,7 +143,7 @@ def main() -> None:
     from bench_forward import CONFIGS
     from bench_load import cpu_model
 
-    from moejax.reference import randomize, save_byte_tokenizer
+    from moejax.parity.fixtures import randomize, save_byte_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "qwen3-bench"

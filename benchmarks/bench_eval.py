@@ -34,7 +34,7 @@ from lm_eval.tasks import TaskManager
 
 from moejax.data.corpus import SAMPLE_DIR
 from moejax.evaluation.harness import MoejaxLM
-from moejax.reference import randomize, save_byte_tokenizer
+from moejax.parity.fixtures import randomize, save_byte_tokenizer
 
 OVERRIDES = {"qwen3_moe": {}, "nemotron_h": {"dt_floor": "time_step_min"}}  # transformers' Mamba-2 dt floor
 TASK = """task: bench_choice

@@ -28,7 +28,7 @@ from flax import nnx
 import moejax
 from moejax.layers.moe import SoftmaxMoE
 from moejax.layers.ssd import ssd_chunked
-from moejax.reference import randomize
+from moejax.parity.fixtures import randomize
 
 CONFIGS = {
     "qwen3_moe": transformers.Qwen3MoeConfig(

@@ -25,7 +25,7 @@ from bench_forward import CONFIGS
 from bench_load import cpu_model
 
 import moejax
-from moejax.reference import randomize
+from moejax.parity.fixtures import randomize
 
 
 def best(fn, repeats: int) -> tuple[float, object]:

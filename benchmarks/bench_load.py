@@ -27,7 +27,7 @@ from flax import nnx
 
 import moejax
 from moejax.loading import check_finite
-from moejax.reference import randomize
+from moejax.parity.fixtures import randomize
 
 
 def cpu_model() -> str:

@@ -26,7 +26,7 @@ import transformers
 from bench_forward import CONFIGS
 
 from moejax.commands.parity import ParitySettings, parity
-from moejax.reference import randomize, save_byte_tokenizer
+from moejax.parity.fixtures import randomize, save_byte_tokenizer
 
 
 def make(arch: str, directory: Path, dtype: str) -> Path:

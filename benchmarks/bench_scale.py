@@ -117,7 +117,7 @@ def forward_benchmark(args) -> None:
 
     import moejax
     from moejax.checkpoint import save_params
-    from moejax.reference import randomize
+    from moejax.parity.fixtures import randomize
 
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,9 +71,10 @@ import transformers
 from bench_forward import CONFIGS, best_time
 
 import moejax
-from moejax.config import NemotronHConfig, Qwen3MoeConfig
+from moejax.models.nemotron_h import NemotronHConfig
+from moejax.models.qwen3_moe import Qwen3MoeConfig
+from moejax.parity.fixtures import randomize
 from moejax.process import HUGE_PAGES, with_huge_pages
-from moejax.reference import randomize
 from moejax.training.config import TrainConfig
 from moejax.training.step import init_state, make_train_step
 

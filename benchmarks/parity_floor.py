@@ -4,7 +4,7 @@ and dtype, and the honest margins (no false alarm) over several seeds.
     python benchmarks/parity_floor.py                       # both architectures, float32 and bfloat16, 10 seeds
     python benchmarks/parity_floor.py --arch qwen3_moe --dtype bfloat16 --seeds 3 --json floors.json
 
-For each architecture and dtype, a tiny checkpoint (moejax.reference's test config, byte vocabulary, every
+For each architecture and dtype, a tiny checkpoint (moejax.parity.fixtures's test config, byte vocabulary, every
 parameter random) is written by save_pretrained and the reference is run once on the built-in en/he/ja sample
 (--tokens in --seq-len sequences). Each fault kind of moejax.parity.faults is then injected into the moejax side at
 decreasing magnitudes (scales x(1+m), epsilon factors, shifts, windows) until the verdict passes; the table gives the
@@ -37,10 +37,10 @@ from bench_load import cpu_model
 import moejax
 from moejax.data.tokenize import HFTokenizer
 from moejax.parity.faults import KINDS, Fault, FaultMissed, inject, kinds_for, rare_expert
+from moejax.parity.fixtures import make_checkpoint
 from moejax.parity.session import Session
 from moejax.parity.tally import STATISTICS
 from moejax.parity.tokens import batches, corpus_sequences
-from moejax.reference import make_checkpoint
 
 LADDERS = {
     "scale": [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6],

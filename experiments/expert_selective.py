@@ -58,7 +58,7 @@ def downstream(run_dir: Path, args) -> dict[str, float]:
     from moejax.commands.evaluate import BUNDLED_TASKS
     from moejax.commands.export import ExportSettings, export
     from moejax.evaluation.harness import MoejaxLM
-    from moejax.reference import save_byte_tokenizer
+    from moejax.parity.fixtures import save_byte_tokenizer
 
     hf = export(ExportSettings(src=run_dir / "checkpoint", out_dir=run_dir.parent / "hf" / run_dir.name,
                                dtype="float32"))

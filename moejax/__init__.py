@@ -13,7 +13,8 @@ _PUBLIC = {
     "CausalLMOutput": "moejax.models.common", "ForcedRouting": "moejax.models.common",
     "Steering": "moejax.models.steering",
     "Qwen3MoeForCausalLM": "moejax.models.qwen3_moe", "NemotronHForCausalLM": "moejax.models.nemotron_h",
-    "Qwen3MoeConfig": "moejax.config", "NemotronHConfig": "moejax.config", "RopeConfig": "moejax.config",
+    "Qwen3MoeConfig": "moejax.models.qwen3_moe", "NemotronHConfig": "moejax.models.nemotron_h",
+    "RopeConfig": "moejax.config",
     "MoejaxError": "moejax.errors", "ConfigError": "moejax.errors",
 }
 __all__ = sorted(_PUBLIC)

@@ -15,48 +15,61 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from converters import keymap as keymap_of
-from converters.keymap import KeyMap, Rule, keys_of
-from converters.safetensors_io import INDEX_NAME, write_safetensors
 from moejax.checkpoint import COPIED
 from moejax.config import read_config_json
 from moejax.errors import CheckpointError
 from moejax.io import output_directory
+from moejax.keymap import KeyMap, Rule, keys_of
 from moejax.layers.stack import layer_position
+from moejax.models import keymap as keymap_of
+from moejax.safetensors_io import INDEX_NAME, write_safetensors
 
 
-def _to_hf(rule: Rule, value: np.ndarray) -> np.ndarray:
-    """The on-disk tensor that `rule.to_moejax` turns into `value`."""
+def _positions(rule: Rule, value: np.ndarray) -> np.ndarray:
+    """Where in the on-disk tensor (flat indices, shaped as `value`) `rule.to_moejax` takes each entry of `value`
+    from: the transform must be a rearrangement, or a selection (a parameter that is part of a fused tensor, e.g.
+    GPT-OSS's interleaved gate_up_proj)."""
     source = np.arange(int(np.prod(rule.hf_shape))).reshape(rule.hf_shape)
     positions = np.asarray(rule.to_moejax(source))
-    if positions.shape != value.shape or positions.size != source.size:
+    if positions.shape != value.shape or len(np.unique(positions)) != positions.size:
         raise CheckpointError(f"{rule.template}: its transform is not a rearrangement; it cannot be written back")
-    flat = np.empty(source.size, value.dtype)
-    flat[positions.ravel()] = value.ravel()
-    return flat.reshape(rule.hf_shape)
+    return positions
 
 
 def _tensors(model, keymap: KeyMap):
-    """(key, on-disk tensor) for every parameter, a layer's worth fetched from the devices at a time."""
+    """(key, on-disk tensor) for every tensor of the checkpoint, layer after layer, each layer's worth fetched from
+    the devices at a time. A tensor that several parameters fill (a fused one) is given once all of them have."""
+    entries = []  # (layer or -1, path, var, repeat index or None, rule, key array)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         located = layer_position(path)
         if located is None:
-            rule, layers = keymap.top[tuple(str(p) for p in path)][0], None
-        else:
-            s, u, local = located
-            rule, layers = keymap.layer[local][0], model.layers.layer_ids[s][u]
-        keys = keys_of(rule.template, layers, keymap.num_experts)
-        value = var[...]
-        if keys.ndim == 0:
-            yield str(keys[()]), _to_hf(rule, np.asarray(value))
+            rule = keymap.top[tuple(str(p) for p in path)][0]
+            entries.append((-1, path, var, None, rule, keys_of(rule.template, None, keymap.num_experts)))
             continue
-        for index in range(keys.shape[0]):
-            part = np.asarray(value[index])
-            if keys.ndim == 1:
-                yield keys[index], _to_hf(rule, part)
-            else:
-                for expert, key in enumerate(keys[index]):
-                    yield key, _to_hf(rule, part[expert])
+        s, u, local = located
+        rule, layers = keymap.layer[local][0], model.layers.layer_ids[s][u]
+        keys = keys_of(rule.template, layers, keymap.num_experts)
+        entries += [(layer, path, var, index, rule, np.asarray(keys[index], dtype=object))
+                    for index, layer in enumerate(layers)]
+    pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def fill(key: str, rule: Rule, value: np.ndarray):
+        size = int(np.prod(rule.hf_shape))
+        flat, filled = pending.pop(key, None) or (np.empty(size, value.dtype), np.zeros(size, bool))
+        positions = _positions(rule, value).ravel()
+        flat[positions], filled[positions] = value.ravel(), True
+        if filled.all():
+            return key, flat.reshape(rule.hf_shape)
+        pending[key] = (flat, filled)
+        return None
+
+    for _, _, var, index, rule, keys in sorted(entries, key=lambda entry: entry[0]):
+        value = np.asarray(var[...] if index is None else var[...][index])
+        done = ([fill(str(keys[()]), rule, value)] if keys.ndim == 0
+                else [fill(key, rule, value[expert]) for expert, key in enumerate(keys)])
+        yield from (item for item in done if item is not None)
+    if pending:
+        raise CheckpointError(f"{sorted(pending)[0]}: no parameter fills all of it; it cannot be written back")
 
 
 def _special_ids(source: str | Path | None) -> dict:

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters import keymap
-from converters.keymap import load_params
-from converters.safetensors_io import SafetensorsCheckpoint
 from moejax.checkpoint import is_orbax_dir, restore_params
 from moejax.config import read_config_json
 from moejax.errors import CheckpointError, ConfigError
-from moejax.models import abstract_model, config_class
+from moejax.keymap import load_params
+from moejax.models import abstract_model, config_class, keymap
 from moejax.parallel.mesh import as_moejax_mesh, make_mesh
+from moejax.safetensors_io import SafetensorsCheckpoint
 
 
 def token_ids(value, where: str) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax.errors import MeshError, SettingsError
 from moejax.layers.moe import resolve_exchange
 from moejax.loading import load_config
-from moejax.models import PRESETS, abstract_model
+from moejax.models import abstract_model, presets
 from moejax.models.common import jitted_forward
 from moejax.parallel.hlo import exchange_bytes
 from moejax.parallel.mesh import BATCH_AXES, batch_sharding, describe, make_mesh, param_sharding, parse_mesh
@@ -35,7 +36,11 @@ GiB = 1024 ** 3
 
 def resolve(model: str, mesh_spec: str | None, topology: str | None, expert_exchange: str = "auto"):
     """(config, mesh sizes, Topology or None) for a preset name or a checkpoint directory."""
-    cfg = PRESETS[model]() if model in PRESETS else load_config(model)
+    known = presets()
+    if model not in known and not Path(model).is_dir():
+        raise SettingsError(f"--model {model!r} is neither a published shape ({', '.join(sorted(known))}) nor a "
+                            "checkpoint directory")
+    cfg = known[model]() if model in known else load_config(model)
     cfg = dataclasses.replace(cfg, expert_exchange=expert_exchange)
     chip = None
     if topology is not None:
@@ -177,7 +182,7 @@ def moe_dispatch_bytes(cfg, mesh, tokens: int, itemsize: int) -> int:
         return 0
     group_tokens = -(-tokens // math.prod(mesh.shape[a] for a in BATCH_AXES)) * mesh.shape["expert"]
     width = cfg.expert_input_size
-    ffn = cfg.moe_intermediate_size // mesh.shape["tensor"]
+    ffn = cfg.expert_ffn_size // mesh.shape["tensor"]
     return group_tokens * cfg.num_experts_per_tok * (2 * width + 3 * ffn) * itemsize
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from moejax.reference import run_reference
+from moejax.parity.fixtures import run_reference
 
 LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
 
@@ -42,9 +42,9 @@ def assert_parity(model, reference, ids, mask, logits_tol=LOGITS_TOL, router_tol
 def tie_forcing(model, run_a, run_b) -> tuple[dict, int]:
     """Two collect(keep_routing=True) runs of the same chunks (a: the reference computation, b: another order of
     summation): asserts that every token whose expert set (or first expert) differs is a proven near tie on a's
-    selection scores (moejax.routing.ties), and returns ({chunk: (mask [L, n], a's experts [L, n, k])}, flips):
+    selection scores (moejax.parity.ties), and returns ({chunk: (mask [L, n], a's experts [L, n, k])}, flips):
     forced into b's computation, a's choices at those tokens make the two runs comparable like for like."""
-    from moejax.routing.ties import OTHER, classify_flips, router_rules
+    from moejax.parity.ties import OTHER, classify_flips, router_rules
 
     rules = router_rules(model)
     forced, flips = {}, 0
@@ -80,7 +80,7 @@ def forward_up_to_ties(reference, other, ids, mask):
     forced there. Returns (reference's output, other's output, tokens forced) so that the outputs compare like for
     like at every token."""
     from moejax.models.common import ForcedRouting
-    from moejax.routing.ties import OTHER, classify_flips, router_rules
+    from moejax.parity.ties import OTHER, classify_flips, router_rules
 
     want = reference(ids, mask, return_router_logits=True)
     got = other(ids, mask, return_router_logits=True)

@@ -34,8 +34,8 @@ def verdict_text(result) -> str:
 class ParitySettings:
     """Everything `moejax parity` takes."""
 
-    model: Path | None = option(None, "Hugging Face checkpoint directory (config.json, safetensors, tokenizer); "
-                                "qwen3_moe or nemotron_h", kind=Path, metavar="DIR")
+    model: Path | None = option(None, "Hugging Face checkpoint directory (config.json, safetensors, tokenizer) of "
+                                "an architecture in docs/models.md", kind=Path, metavar="DIR")
     text: Path | None = option(None, "a UTF-8 text file, tokenised and cut into --seq-len sequences (instead of "
                                "--data)", kind=Path, metavar="FILE")
     langs: tuple[str, ...] = option(("en", "he", "ja"), "with --data (or the built-in sample): comma-separated "
@@ -56,9 +56,6 @@ class ParitySettings:
                                   + ", ".join(f.name for f in dataclasses.fields(Tolerances)),
                                   metavar="NAME=VALUE", repeat=True)
     list_tolerances: bool = option(False, "print the default tolerances of each verdict and exit", kind=bool)
-    dt_floor: str = option("time_step_min", "Nemotron-H only: where moejax floors the Mamba-2 dt; time_step_min is "
-                           "what transformers' PyTorch path does (moejax's own default is time_step_limit)",
-                           choices=("time_step_min", "time_step_limit"))
     skip_incomplete: bool = option(False, "with --data: drop the corpus rows where a language's cell is empty "
                                    "instead of stopping at the first", kind=bool)
     allow_nonfinite: bool = option(False, "load a checkpoint holding NaN or infinite weights (the comparison then "
@@ -108,7 +105,8 @@ def parity(settings: ParitySettings):
     The text: a UTF-8 file cut into seq_len-token sequences; otherwise a parallel corpus (default the built-in
     sample) in `langs`. dtype: moejax's ("auto": the checkpoint's); bfloat16 or float16 give the calibrated
     end-to-end verdict, where reference_dtype ("auto": moejax's) is the 16-bit dtype the reference also runs in.
-    dt_floor (Nemotron-H): "time_step_min" reproduces transformers' PyTorch path. Returns a
+    moejax runs with the architecture's `transformers_overrides` (where transformers' PyTorch code computes
+    differently from the published model, e.g. Nemotron-H's dt floor). Returns a
     moejax.parity.report.ParityResult.
     """
     import jax
@@ -164,7 +162,7 @@ def parity(settings: ParitySettings):
         print(f"loading {model_dir} in moejax ({dtype}, JAX backend {jax.default_backend()}, {where})",
               file=sys.stderr, flush=True)
     start = time.perf_counter()
-    overrides = {"dt_floor": s.dt_floor} if "dt_floor" in {f.name for f in dataclasses.fields(cfg)} else {}
+    overrides = dict(cfg.transformers_overrides)
     model = from_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, allow_nonfinite=s.allow_nonfinite,
                             **overrides)
     timings["moejax_load_s"] = time.perf_counter() - start
@@ -174,7 +172,7 @@ def parity(settings: ParitySettings):
                       max_logit_diff=bounds.tie_logit_limit, quiet=s.quiet, timings=timings)
     timings["total_s"] = time.perf_counter() - started
     info = {"model": str(model_dir), "mesh": where, "sequences": len(sequences), "seq_len": s.seq_len,
-            "batch_size": s.batch_size, "dt_floor": overrides.get("dt_floor"),
+            "batch_size": s.batch_size, "overrides": overrides,
             "source": str(s.text) if s.text is not None else (s.data or "builtin sample corpus")}
     result = judge(cfg, tallies, bounds, mode=mode, dtype=dtype, calibration_dtype=calibration_dtype, info=info)
     if out is not None:

@@ -48,8 +48,8 @@ GiB = 1024 ** 3
 class PlanSettings:
     """Everything `moejax plan` takes."""
 
-    model: str | None = option(None, "qwen3-30b-a3b, nemotron-3-nano-30b-a3b, or a checkpoint directory (only its "
-                               "config.json is read)")
+    model: str | None = option(None, "a published shape by name (qwen3-30b-a3b, ...: docs/models.md; a wrong name "
+                               "lists them) or a checkpoint directory (only its config.json is read)")
     mesh: str | None = option(None, "e.g. data=2,expert=4 (default with --topology: expert=<chips>)",
                               metavar="AXIS=N,...")
     topology: str | None = option(None, "TPU slice: sets the chip count the mesh must use and the HBM per chip to "
@@ -74,7 +74,7 @@ class PlanSettings:
     def __post_init__(self):
         check_options(self)
         if self.model is None:
-            raise SettingsError("--model is required: a preset (qwen3-30b-a3b, nemotron-3-nano-30b-a3b) or a "
+            raise SettingsError("--model is required: a published shape by name (e.g. qwen3-30b-a3b) or a "
                                 "checkpoint directory")
         if not self.train and (self.remat != "none" or self.accum_steps != 1 or self.train_experts):
             raise SettingsError("--remat, --accum-steps and --train-experts plan the train step: add --train")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from moejax.errors import DataError
@@ -41,19 +42,35 @@ class ParallelCorpus(dict):
         self.skipped = skipped or {}
 
 
-def _read_text(path: Path, what: str) -> str:
+# What ends a line in a text file: Unix, Windows and old Mac line ends, nothing else (str.splitlines would also split
+# at form feeds and Unicode line separators, which a JSON string may hold unescaped).
+LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def read_text(path: Path, what: str | None = None) -> str:
+    """A UTF-8 file's text, a leading byte-order mark dropped (line ends as they are); a DataError naming the file,
+    and what it was read as, if it is not UTF-8."""
     try:
-        return path.read_bytes().decode("utf-8-sig")  # a leading BOM is dropped
+        return Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}; {what}); re-encode it as "
+        detail = f"; {what}" if what else ""
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}{detail}); re-encode it as "
                         "UTF-8") from None
+
+
+def read_lines(path: Path, what: str | None = None) -> list[str]:
+    """A UTF-8 text file's lines, without their ends: a leading byte-order mark dropped, lines ended by "\\n",
+    "\\r\\n" or "\\r", a final line end starting no further line (as str.splitlines); what every line-per-record
+    reader of moejax (corpora, training data, SFT records) reads."""
+    lines = LINE_END.split(read_text(path, what))
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def _lines(path: Path, lang: str) -> list[str]:
     """The lines of one language's file, stripped, in order (empty ones kept: `_complete` judges them)."""
     if not path.is_file():
         raise DataError(f"{path}: missing file for language {lang!r}")
-    lines = [line.strip() for line in _read_text(path, f"language {lang!r}").splitlines()]
+    lines = [line.strip() for line in read_lines(path, f"language {lang!r}")]
     if not any(lines):
         raise DataError(f"{path}: no text (language {lang!r})")
     return lines
@@ -124,7 +141,7 @@ def _read_table(path: Path, langs: list[str], skip_incomplete: bool) -> Parallel
     line ends, an optional UTF-8 BOM."""
     rows, lines = [], []
     if path.suffix == ".jsonl":
-        for i, line in enumerate(_read_text(path, "a JSONL corpus").splitlines(), 1):
+        for i, line in enumerate(read_lines(path, "a JSONL corpus"), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -136,7 +153,7 @@ def _read_table(path: Path, langs: list[str], skip_incomplete: bool) -> Parallel
                 lines.append(i)
         row_name = lambda i: f"row {i + 1} (line {lines[i]})"  # noqa: E731
     elif path.suffix in (".tsv", ".txt", ".csv"):
-        reader = csv.reader(io.StringIO(_read_text(path, "a parallel corpus table"), newline=""),
+        reader = csv.reader(io.StringIO(read_text(path, "a parallel corpus table"), newline=""),
                             delimiter="," if path.suffix == ".csv" else "\t")
         try:
             header = [h.strip() for h in next(reader, [])]

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from moejax.data.corpus import read_lines
 from moejax.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".npy", ".npz")
-IGNORE_ID = -100
+# The label the loss ignores (PyTorch's ignore_index, transformers' -100): a token no loss is taken on.
+IGNORE_INDEX = -100
 STATE_VERSION = 1
 _LANG_RE = re.compile(r"[A-Za-z0-9_-]+")
 # Row-language draws use the key [seed, _ROWS_KEY, batch]. Keys [seed, batch] would collide with the
@@ -46,7 +48,7 @@ class Batch:
     input_ids: np.ndarray     # int32 [b, t]
     segment_ids: np.ndarray   # int32 [b, t], 1, 2, ... per document piece within a row
     position_ids: np.ndarray  # int32 [b, t], 0 at the start of every segment
-    labels: np.ndarray        # int32 [b, t], input_ids with IGNORE_ID where a segment starts past position 0
+    labels: np.ndarray        # int32 [b, t], input_ids with IGNORE_INDEX where a segment starts past position 0
     lang_ids: np.ndarray      # int32 [b], index into Mixture.langs
 
 
@@ -91,17 +93,10 @@ def parse_mixture(spec: str, *, with_ratios: bool = True) -> list[Source]:
     return sources
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode the file as UTF-8") from None
-
-
 def jsonl_texts(path: Path) -> list[str]:
     """The "text" field of each line of a JSONL file (a DataError naming the line otherwise)."""
     texts = []
-    for i, line in enumerate(_read_text(path).split("\n"), 1):
+    for i, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -153,7 +148,7 @@ def load_documents(source: Source, tokenizer, vocab_size: int) -> Documents:
     if not path.is_file():
         raise DataError(f"language {source.lang!r}: data file {path} does not exist")
     if suffix == ".txt":
-        lines = [line.removesuffix("\r") for line in _read_text(path).split("\n")]
+        lines = read_lines(path, f"language {source.lang!r}")
         tokens, offsets = _encode([line for line in lines if line.strip()], tokenizer)
     elif suffix == ".jsonl":
         tokens, offsets = _encode(jsonl_texts(path), tokenizer)
@@ -272,7 +267,7 @@ class Mixture:
         new_bt[:, 0] = True
         cols_t = np.arange(t)
         seg_start_bt = np.maximum.accumulate(np.where(new_bt, cols_t, 0), axis=1)
-        labels_bt = np.where(starts_bt & (cols_t > 0), IGNORE_ID, ids_bt).astype(np.int32)
+        labels_bt = np.where(starts_bt & (cols_t > 0), IGNORE_INDEX, ids_bt).astype(np.int32)
         return Batch(input_ids=ids_bt, segment_ids=np.cumsum(new_bt, axis=1, dtype=np.int32),
                      position_ids=(cols_t - seg_start_bt).astype(np.int32), labels=labels_bt, lang_ids=lang_ids_b)
 

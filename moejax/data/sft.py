@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.data.mixture import IGNORE_ID, STATE_VERSION, Batch, Documents, Source, _check_ratios, _count, _read_text
+from moejax.data.corpus import read_lines
+from moejax.data.mixture import IGNORE_INDEX, STATE_VERSION, Batch, Documents, Source, _check_ratios, _count
 from moejax.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -25,7 +26,7 @@ ROLES = ("system", "user", "assistant", "tool")
 def read_records(path: Path) -> list[list[dict]]:
     """Each line's conversation as a list of {"role", "content"} messages, checked (a DataError naming the line)."""
     conversations = []
-    for number, line in enumerate(_read_text(path).split("\n"), 1):
+    for number, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -156,9 +157,9 @@ class ConversationRows:
         rng = np.random.default_rng([self.seed, 2**32 - 1, self._batches])
         lang_ids_b = rng.choice(len(self.langs), size=b, p=self._probs).astype(np.int32)
         ids = np.zeros((b, t), np.int32)
-        segments = np.zeros((b, t), np.int32)
+        segment_ids = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
-        labels = np.full((b, t), IGNORE_ID, np.int32)
+        labels = np.full((b, t), IGNORE_INDEX, np.int32)
         for row, li in enumerate(lang_ids_b.tolist()):
             at, segment = 0, 0
             while at < t:
@@ -170,16 +171,16 @@ class ConversationRows:
                     self.truncated += 1
                     tokens, trained = tokens[:t], trained[:t]
                 n, segment = len(tokens), segment + 1
-                ids[row, at:at + n], segments[row, at:at + n] = tokens, segment
+                ids[row, at:at + n], segment_ids[row, at:at + n] = tokens, segment
                 positions[row, at:at + n] = np.arange(n)
                 # The label at j is the token predicted from position j - 1: trained tokens only, never a
                 # conversation's first token.
                 keep = trained.copy()
                 keep[0] = False
-                labels[row, at:at + n] = np.where(keep, tokens, IGNORE_ID)
+                labels[row, at:at + n] = np.where(keep, tokens, IGNORE_INDEX)
                 at += n
         self._batches += 1
-        return Batch(input_ids=ids, segment_ids=segments, position_ids=positions, labels=labels, lang_ids=lang_ids_b)
+        return Batch(input_ids=ids, segment_ids=segment_ids, position_ids=positions, labels=labels, lang_ids=lang_ids_b)
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": "sft", "seed": self.seed, "seq_len": self.seq_len,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
+
 from moejax.data.corpus import DataError
 
 
@@ -93,3 +95,13 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+
+def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
+    """A DataError naming the first token id of `ids` (any shape) outside [0, vocab_size), with its position."""
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        where = tuple(int(i) for i in bad[0])
+        raise DataError(f"{source} holds token id {int(ids[where])} at position {where}, outside the model's "
+                        f"vocabulary of {vocab_size} tokens: the tokenizer and the model do not belong together")

@@ -56,11 +56,11 @@ DEFAULT_MAX_LENGTH = 2048  # as lm-eval's Hugging Face backend, when neither con
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _score(graphdef, state, ids_bt, segments_bt, positions_bt, targets_bt, last_bt, extra_btx, control):
+def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, last_bt, extra_btx, control):
     """Per position t: the log-probability of targets_bt[t] and whether it is the argmax; at the positions where
     last_bt is set, the log-probabilities of the extra_btx tokens too (the last tokens of several continuations
     sharing one input)."""
-    logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segments_bt, positions_bt, False, control=control).logits
+    logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segment_ids_bt, positions_bt, False, control=control).logits
     logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     target_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
     greedy_bt = jnp.argmax(logp_btv, axis=-1)
@@ -210,7 +210,7 @@ class MoejaxLM(TemplateLM):
         with on_mesh(state) as place:
             for rows, size in passes(layout, self.batch_size):
                 ids = np.zeros((size, layout.width), np.int32)
-                segments = np.zeros((size, layout.width), np.int32)
+                segment_ids = np.zeros((size, layout.width), np.int32)
                 targets = np.zeros((size, layout.width), np.int32)
                 last = np.zeros((size, layout.width), bool)
                 extras = np.zeros((size, layout.width, extra), np.int32)
@@ -218,11 +218,11 @@ class MoejaxLM(TemplateLM):
                     for slot, (i, at) in enumerate(row):
                         tokens = inputs[i]
                         n = len(tokens)
-                        ids[r, at:at + n], segments[r, at:at + n] = tokens, slot + 1
+                        ids[r, at:at + n], segment_ids[r, at:at + n] = tokens, slot + 1
                         targets[r, at:at + n - 1] = tokens[1:]
                         last[r, at + n - 1] = True
                         extras[r, at + n - 1, :len(finals[i])] = finals[i]
-                got = jax.device_get(_score(graphdef, state, *place(ids, segments, segment_positions(segments),
+                got = jax.device_get(_score(graphdef, state, *place(ids, segment_ids, segment_positions(segment_ids),
                                                                      targets, last, extras), self._control))
                 target_logp, greedy, extra_logp = got
                 for r, row in enumerate(rows):

@@ -1,5 +1,14 @@
 """Grouped-query attention with optional QK-norm (before RoPE), optional RoPE, causal + padding mask, and a
-key/value cache for generation."""
+key/value cache for generation.
+
+Parameters of `Attention` (n query heads, k key/value heads, head_dim h, hidden d):
+- q_dnh [d, n, h], k_dkh [d, k, h], v_dkh [d, k, h], o_nhd [n, h, d];
+- with bias: q_bias_nh [n, h], k_bias_kh [k, h], v_bias_kh [k, h], o_bias_d [d];
+- QK-norm per head (Qwen3, qk_norm_over="head"): q_norm.weight [h], k_norm.weight [h];
+- QK-norm over the whole projection (OLMoE, qk_norm_over="all"): q_norm_all.weight [n, h] and k_norm_all.weight
+  [k, h], transformers' self_attn.q_norm.weight [n * h] and self_attn.k_norm.weight [k * h] reshaped head-major;
+- with sinks (GPT-OSS): sinks_n [n], one logit per query head (transformers' self_attn.sinks).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
-from moejax.layers.norms import RMSNorm
+from moejax.layers.norms import RMSNorm, rms_normalize
 from moejax.layers.params import param
 from moejax.layers.rope import apply_rope
 
@@ -66,8 +75,11 @@ def cache_attention_mask(valid_bs: jax.Array, first_slot, seq_len: int) -> jax.A
 
 
 def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,
-                     first_key: int | None = 0) -> jax.Array:
+                     first_key: int | None = 0, sinks_kg: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(h)) v over allowed keys, for g query heads per kv head -> [b, t, k, g, h].
+
+    sinks_kg: GPT-OSS's attention sinks, one logit per query head [k, g]: each row's softmax runs over its scores and
+    the sink's logit, whose column is then dropped, so the weights of a row sum to less than one.
 
     first_key: the key index of the first query (0 when the keys are the queries' own tokens, a static cache slot
     when they were written into a cache there), or None (a position known only at run time: every key is scored,
@@ -83,19 +95,43 @@ def causal_attention(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, m
         keys = k_bskh.shape[1] if first_key is None else first_key + end
         scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh[:, start:end], k_bskh[:, :keys],
                                   preferred_element_type=jnp.float32) * h**-0.5
-        # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN.
+        # A fully masked row (a left-padding query) gets finite uniform weights instead of NaN; with sinks, all its
+        # weight goes to the sink (zero output), as in transformers.
         allowed = mask_bts[:, None, None, start:end, :keys]
         scores_bkgts = jnp.where(allowed, scores_bkgts, jnp.finfo(jnp.float32).min)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+        if sinks_kg is None:
+            probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+        else:
+            probs_bkgts = _softmax_with_sink(scores_bkgts, sinks_kg).astype(v_bskh.dtype)
         outs.append(jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh[:, :keys]))
     return jnp.concatenate(outs, axis=1)
 
 
+def _softmax_with_sink(scores_bkgts: jax.Array, sinks_kg: jax.Array) -> jax.Array:
+    """The float32 softmax over each row's scores and its head's sink logit, the sink's column left out."""
+    sink_1kg11 = sinks_kg.astype(jnp.float32)[None, :, :, None, None]
+    top_bkgt1 = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores_bkgts, axis=-1, keepdims=True), sink_1kg11))
+    exp_bkgts = jnp.exp(scores_bkgts - top_bkgt1)
+    return exp_bkgts / (jnp.sum(exp_bkgts, axis=-1, keepdims=True) + jnp.exp(sink_1kg11 - top_bkgt1))
+
+
+QK_NORM_OVER = ("head", "all")
+
+
 class Attention(nnx.Module):
-    """Multi-head attention where n_heads query heads share n_kv_heads key/value heads."""
+    """Multi-head attention where n_heads query heads share n_kv_heads key/value heads.
+
+    qk_norm_eps: RMS-normalise queries and keys before RoPE, over each head's head_dim (qk_norm_over="head", Qwen3)
+    or over the whole projection, all heads together (qk_norm_over="all", OLMoE). clip_qkv: clamp queries, keys and
+    values to [-clip_qkv, clip_qkv] after the projections and the QK-norm (OLMoE's order). sinks: one learned logit
+    per query head that takes part in the softmax and is then dropped (GPT-OSS).
+    """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm_eps: float | None = None, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 qk_norm_eps: float | None = None, qk_norm_over: str = "head", clip_qkv: float | None = None,
+                 sinks: bool = False, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        if qk_norm_over not in QK_NORM_OVER:
+            raise ValueError(f"qk_norm_over {qk_norm_over!r} is not one of {QK_NORM_OVER}")
         d, n, k, h = hidden, n_heads, n_kv_heads, head_dim
         self.q_dnh = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
         self.k_dkh = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
@@ -107,10 +143,18 @@ class Attention(nnx.Module):
             self.v_bias_kh = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
             self.o_bias_d = param(rngs, (d,), ("embed",), dtype, init="zeros")
         self.bias = bias
-        if qk_norm_eps is not None:
+        if qk_norm_eps is not None and qk_norm_over == "head":
             self.q_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(h, qk_norm_eps, axis_name="head_dim", dtype=dtype, rngs=rngs)
+        if qk_norm_eps is not None and qk_norm_over == "all":
+            self.q_norm_all = RMSNorm((n, h), qk_norm_eps, axis_name=("q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+            self.k_norm_all = RMSNorm((k, h), qk_norm_eps, axis_name=("kv_heads", "head_dim"), dtype=dtype,
+                                      rngs=rngs)
         self.qk_norm = qk_norm_eps is not None
+        self.qk_norm_over, self.clip_qkv = qk_norm_over, clip_qkv
+        if sinks:
+            self.sinks_n = param(rngs, (n,), ("q_heads",), dtype, init="zeros")
+        self.sinks = sinks
         # A sliding window: a query sees the keys less than `window` tokens before it (transformers' rule,
         # q - k < window), on top of the mask it is given.
         self.window = window
@@ -139,8 +183,16 @@ class Attention(nnx.Module):
         if self.bias:
             q_btnh, k_btkh, v_btkh = (q_btnh + self.q_bias_nh[...], k_btkh + per_device(self.k_bias_kh[...]),
                                       v_btkh + per_device(self.v_bias_kh[...]))
-        if self.qk_norm:
+        if self.qk_norm and self.qk_norm_over == "head":
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        if self.qk_norm and self.qk_norm_over == "all":
+            # Each KV head's copies (kv_heads_on_mesh) are as many as the others': the mean square over them all is
+            # the mean over the k_dkh heads, with each weight row copied alike.
+            k_norm = self.k_norm_all
+            q_btnh = self.q_norm_all(q_btnh)
+            k_btkh = per_device(k_norm.weight[...]) * rms_normalize(k_btkh, k_norm.eps, 2).astype(k_btkh.dtype)
+        if self.clip_qkv is not None:
+            q_btnh, k_btkh, v_btkh = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q_btnh, k_btkh, v_btkh))
         if rope_cos_sin is not None:
             q_btnh, k_btkh = apply_rope(q_btnh, *rope_cos_sin), apply_rope(k_btkh, *rope_cos_sin)
         b, t, n, h = q_btnh.shape
@@ -153,8 +205,9 @@ class Attention(nnx.Module):
                               for c, a in ((cache.k_bskh, k_btkh), (cache.v_bskh, v_btkh))))
             k_btkh, v_btkh = cache.k_bskh, cache.v_bskh
             first_key = cache_slot if isinstance(cache_slot, int) else None
+        sinks_kg = self.sinks_n[...].reshape(heads, n // heads) if self.sinks else None
         out_btnh = causal_attention(q_btnh.reshape(b, t, heads, n // heads, h), k_btkh, v_btkh, mask_bts,
-                                    first_key).reshape(b, t, n, h)
+                                    first_key, sinks_kg).reshape(b, t, n, h)
         y_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_nhd[...])
         y_btd = y_btd + self.o_bias_d[...] if self.bias else y_btd
         return y_btd if cache is None else (y_btd, cache)

@@ -1,6 +1,8 @@
-"""Dense feed-forward blocks: SwiGLU (Qwen3) and relu^2 (Nemotron-H)."""
+"""Dense feed-forward blocks: SwiGLU (Qwen3) and relu^2 (Nemotron-H); the activations the experts share."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,28 @@ from moejax.layers.params import param
 ACTIVATIONS = ("swiglu", "relu2")
 
 
-def activate(kind: str, up: jax.Array, gate: jax.Array | None) -> jax.Array:
-    """silu(gate) * up for "swiglu"; relu(up)^2 for "relu2"."""
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation, its constants carried with it (hashable: a static argument under jit):
+    (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+GPT_OSS_SWIGLU = ClampedSwiGLU(alpha=1.702, limit=7.0)  # transformers' GptOssConfig defaults
+
+
+def has_gate(kind: str | ClampedSwiGLU) -> bool:
+    """Whether the activation takes a gate projection beside the up projection."""
+    return kind == "swiglu" or isinstance(kind, ClampedSwiGLU)
+
+
+def activate(kind: str | ClampedSwiGLU, up: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """silu(gate) * up for "swiglu"; relu(up)^2 for "relu2"; GPT-OSS's clamped SwiGLU for a ClampedSwiGLU."""
+    if isinstance(kind, ClampedSwiGLU):
+        gate = jnp.minimum(gate, kind.limit)
+        return (jnp.clip(up, -kind.limit, kind.limit) + 1) * (gate * jax.nn.sigmoid(gate * kind.alpha))
     if kind == "swiglu":
         return jax.nn.silu(gate) * up
     return jnp.square(jax.nn.relu(up))

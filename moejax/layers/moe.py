@@ -9,6 +9,10 @@ is dropped, and no expert runs on tokens it was not given. `dispatch_tiles` alon
   the gather of its token rows, the whole expert MLP, and the weighted scatter-add into the output,
   so no [rows, d] intermediate is ever materialised (fresh large buffers cost page faults here).
   A custom VJP recomputes each tile's activations for the backward pass.
+
+Expert weights, as `mix_experts` takes them in `w`: gate_edf [E, d, f] (gated activations), up_edf [E, d, f],
+down_efd [E, f, d] and, for experts with biases (GPT-OSS), gate_bias_ef [E, f] (gated activations), up_bias_ef [E, f]
+and down_bias_ed [E, d]: expert e computes down(act(x up_e + up_bias_e, x gate_e + gate_bias_e)) + down_bias_e.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
-from moejax.layers.mlp import MLP, activate
+from moejax.layers.mlp import GPT_OSS_SWIGLU, MLP, ClampedSwiGLU, activate, has_gate
 from moejax.layers.params import param
 from moejax.parallel.mesh import BATCH_AXES
 
@@ -67,8 +71,13 @@ class RouterControl:
         if self.shift_e is not None:
             z_te = logits_te.astype(jnp.float32)
             steered_te = z_te + self.shift_e * jnp.std(z_te, axis=-1, keepdims=True)
-            steered_te = jnp.where(self.promote_e, jnp.max(z_te, axis=-1, keepdims=True) + self.eps_e, steered_te)
-            logits_te = jnp.where(self.suppress_e, jnp.min(z_te, axis=-1, keepdims=True) - self.eps_e, steered_te)
+            # At least one float32 step beyond max(z) (min(z)): an eps below half a step of |z| would round away and
+            # leave the expert tied with the one it must pass.
+            top_t1, bottom_t1 = jnp.max(z_te, axis=-1, keepdims=True), jnp.min(z_te, axis=-1, keepdims=True)
+            promoted_te = jnp.maximum(top_t1 + self.eps_e, jnp.nextafter(top_t1, jnp.inf))
+            suppressed_te = jnp.minimum(bottom_t1 - self.eps_e, jnp.nextafter(bottom_t1, -jnp.inf))
+            steered_te = jnp.where(self.promote_e, promoted_te, steered_te)
+            logits_te = jnp.where(self.suppress_e, suppressed_te, steered_te)
         if self.allowed_e is not None:
             logits_te = jnp.where(self.allowed_e, logits_te, jnp.asarray(RESTRICTED, logits_te.dtype))
         return logits_te
@@ -90,6 +99,18 @@ def softmax_topk(logits_te: jax.Array, k: int, normalize: bool,
     weights_tk = jnp.take_along_axis(probs_te, ids_tk, axis=-1)
     if normalize:
         weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+    return weights_tk, ids_tk.astype(jnp.int32)
+
+
+def topk_softmax(logits_te: jax.Array, k: int,
+                 control: RouterControl | None = None) -> tuple[jax.Array, jax.Array]:
+    """GPT-OSS routing: top-k of the raw logits, then a float32 softmax over the k chosen (or forced) experts' logits
+    -> weights, ids [tokens, k]."""
+    logits_te = logits_te.astype(jnp.float32)
+    _, ids_tk = jax.lax.top_k(logits_te, k)
+    if control is not None:
+        ids_tk = control.select(ids_tk)
+    weights_tk = jax.nn.softmax(jnp.take_along_axis(logits_te, ids_tk, axis=-1), axis=-1)
     return weights_tk, ids_tk.astype(jnp.int32)
 
 
@@ -160,11 +181,12 @@ def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
 
 
 def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
-                activation: str, tiles: tuple[int, ...] | None = None,
+                activation: str | ClampedSwiGLU, tiles: tuple[int, ...] | None = None,
                 first_expert: jax.Array | None = None, repeat: jax.Array | None = None) -> jax.Array:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, d], dropless.
 
-    `w` holds "up_edf", "down_efd" and, for swiglu, "gate_edf". `tiles` defaults to the backend's
+    `w` holds "up_edf", "down_efd", for a gated activation "gate_edf" and, with biases, their "*_bias_*" arrays
+    (module docstring). `tiles` defaults to the backend's
     choice (`dispatch_tiles`); () forces the ragged_dot path. With `first_expert`, `w` holds only the
     experts first_expert, first_expert + 1, ... (one device's share): pairs routed to any other expert
     are grouped last and never computed, so they contribute nothing. With `repeat`, `w` holds a layer stack's
@@ -192,11 +214,16 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
         w = {name: value[repeat] for name, value in w.items()}
     x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
 
-    def project(name, a):  # rows past the groups (other devices' experts) come out as zeros
-        return jax.lax.ragged_dot(a, w[name], group_sizes_e)
+    def project(name, a, bias):  # rows past the groups (other devices' experts) come out as zeros
+        y = jax.lax.ragged_dot(a, w[name], group_sizes_e)
+        if bias not in w:
+            return y
+        # Each grouped row's expert: num_experts past the groups, whose bias row is zero.
+        expert_m = jnp.searchsorted(jnp.cumsum(group_sizes_e), jnp.arange(a.shape[0]), side="right")
+        return y + _with_zero_row(w[bias])[expert_m].astype(y.dtype)
 
-    gate = project("gate_edf", x_md) if "gate_edf" in w else None
-    y_md = project("down_efd", activate(activation, project("up_edf", x_md), gate))
+    gate = project("gate_edf", x_md, "gate_bias_ef") if "gate_edf" in w else None
+    y_md = project("down_efd", activate(activation, project("up_edf", x_md, "up_bias_ef"), gate), "down_bias_ed")
     return jnp.einsum("tkd,tk->td", y_md[plan.row_tk], weights_tk.astype(jnp.float32),
                       preferred_element_type=jnp.float32).astype(x_td.dtype)
 
@@ -231,9 +258,18 @@ def _for_each_tile(group_sizes_e: jax.Array, tiles: tuple[int, ...], run_expert,
 
 
 def _tile_mlp(x_td, w_e):
-    up = jnp.dot(x_td, w_e["up_edf"], preferred_element_type=jnp.float32)
-    gate = jnp.dot(x_td, w_e["gate_edf"], preferred_element_type=jnp.float32) if "gate_edf" in w_e else None
-    return up, gate
+    """One tile's float32 pre-activations up, gate (None without a gate), biases included."""
+    def project(name, bias):
+        y = jnp.dot(x_td, w_e[name], preferred_element_type=jnp.float32)
+        return y + w_e[bias].astype(jnp.float32) if bias in w_e else y
+
+    return project("up_edf", "up_bias_ef"), project("gate_edf", "gate_bias_ef") if "gate_edf" in w_e else None
+
+
+def _tile_down(h_tf, w_e):
+    """One tile's float32 expert outputs from its activations, the down bias included."""
+    y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
+    return y_td + w_e["down_bias_ed"].astype(jnp.float32) if "down_bias_ed" in w_e else y_td
 
 
 def _with_zero_row(a_td):
@@ -259,8 +295,7 @@ def _tiled_forward(x_td, weights_m, source_m, group_sizes_e, w, tiles, activatio
                 kept = {name: jax.lax.dynamic_update_slice_in_dim(kept[name], a, row, 0)
                         for name, a in (("up_edf", up), ("gate_edf", gate)) if name in kept}
             h_tf = activate(activation, up, gate).astype(x_td.dtype)
-            y_td = jnp.dot(h_tf, w_e["down_efd"], preferred_element_type=jnp.float32)
-            y_td = y_td * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
+            y_td = _tile_down(h_tf, w_e) * jax.lax.dynamic_slice_in_dim(weights_m, row, size)[:, None]
             return out_td.at[tokens_t].add(y_td), kept
 
         return over_tiles(visit, carry)
@@ -282,7 +317,8 @@ def _tiled_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, w, tiles, activ
 
 def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
     """Six matmuls per tile from the forward's kept pre-activations; weight gradients accumulate per
-    expert in float32. d weight = h . (dout @ down^T), so the expert outputs need not be kept."""
+    expert in float32. d weight = h . (dout @ down^T) (+ dout . down_bias), so the expert outputs need not be
+    kept."""
     x_td, weights_m, source_m, group_sizes_e, w, kept = residuals
     f32 = jnp.float32
     x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
@@ -296,17 +332,24 @@ def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
             pre = [jax.lax.dynamic_slice_in_dim(kept[name], row, size) if name in kept else None
                    for name in ("up_edf", "gate_edf")]
             h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *pre)
-            dh_unweighted_tf = dout_pad[tokens_t] @ w_e["down_efd"].T
+            dout_td = dout_pad[tokens_t]
+            dh_unweighted_tf = dout_td @ w_e["down_efd"].T
             weights_t = jax.lax.dynamic_slice_in_dim(weights_m, row, size)
-            dweights_m = jax.lax.dynamic_update_slice_in_dim(
-                dweights_m, jnp.sum(h_tf * dh_unweighted_tf, axis=-1), row, 0)
+            dweight_t = jnp.sum(h_tf * dh_unweighted_tf, axis=-1)
+            if "down_bias_ed" in w_e:
+                dweight_t = dweight_t + dout_td @ w_e["down_bias_ed"]
+            dweights_m = jax.lax.dynamic_update_slice_in_dim(dweights_m, dweight_t, row, 0)
             d_up, d_gate = act_vjp(dh_unweighted_tf * weights_t[:, None])
             x32 = x_pad[tokens_t].astype(f32)
-            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ (dout_pad[tokens_t] * weights_t[:, None])}
+            dy_td = dout_td * weights_t[:, None]
+            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
             dx_td = d_up @ w_e["up_edf"].T
             if d_gate is not None:
                 grads["gate_edf"] = x32.T @ d_gate
                 dx_td = dx_td + d_gate @ w_e["gate_edf"].T
+            for name, d in (("up_bias_ef", d_up), ("gate_bias_ef", d_gate), ("down_bias_ed", dy_td)):
+                if name in w_e:
+                    grads[name] = jnp.sum(d, axis=0)
             return dx_pad.at[tokens_t].add(dx_td), dweights_m, {n: dw_e[n] + grads[n] for n in dw_e}
 
         zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
@@ -364,7 +407,7 @@ def resolve_exchange(setting: str, expert_devices: int, platform: str | None = N
 
 
 def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: dict[str, jax.Array],
-                    activation: str, mesh: jax.sharding.Mesh, repeat: jax.Array | None = None,
+                    activation: str | ClampedSwiGLU, mesh: jax.sharding.Mesh, repeat: jax.Array | None = None,
                     exchange: str = "auto") -> jax.Array:
     """mix_experts over a mesh: the experts are split over its "expert" axis (their ffn dimension over "tensor"),
     the tokens over BATCH_AXES; each device runs its own experts on the pairs routed to them (dropless, as on one
@@ -380,7 +423,8 @@ def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w
         x_td, ids_tk, weights_tk = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_td, ids_tk, weights_tk))
     tok = P(BATCH_AXES, None)
     specs = {"gate_edf": ("expert", None, "tensor"), "up_edf": ("expert", None, "tensor"),
-             "down_efd": ("expert", "tensor", None)}
+             "down_efd": ("expert", "tensor", None), "gate_bias_ef": ("expert", "tensor"),
+             "up_bias_ef": ("expert", "tensor"), "down_bias_ed": ("expert", None)}
     stacked = () if repeat is None else (None,)  # a layer stack's repeats lead, unsplit
     local = _all_to_all_local if resolve_exchange(exchange, mesh.shape["expert"]) == "all_to_all" else _all_gather_local
     y_td = jax.shard_map(functools.partial(local, activation=activation), mesh=mesh,
@@ -389,7 +433,17 @@ def expert_parallel(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w
     return y_td[:tokens]
 
 
+def _down_bias_once(w: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """w with the down bias kept on the first "tensor" device only: the tensor devices' partial expert outputs are
+    summed, so the bias, whole on each of them, must enter that sum once."""
+    if "down_bias_ed" not in w:
+        return w
+    first = jax.lax.axis_index("tensor") == 0
+    return w | {"down_bias_ed": jnp.where(first, w["down_bias_ed"], jnp.zeros_like(w["down_bias_ed"]))}
+
+
 def _all_gather_local(x_td, ids_tk, weights_tk, w, repeat, activation):
+    w = _down_bias_once(w)
     x_td, ids_tk, weights_tk = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x_td, ids_tk, weights_tk))
     first = jax.lax.axis_index("expert") * w["up_edf"].shape[-3]
     y_td = jax.lax.psum(mix_experts(x_td, ids_tk, weights_tk, w, activation, first_expert=first, repeat=repeat),
@@ -404,6 +458,7 @@ def _all_to_all_local(x_td, ids_tk, weights_tk, w, repeat, activation):
     its k ids and weights (the receiver computes only its own experts, weight 0 for the rest); unused slots hold id
     -1, which no device computes. The receiver's slots [n, T] mirror them (from device i at row i), its weighted sums
     go back into the sender's slots, and each token adds up the rows it got back."""
+    w = _down_bias_once(w)
     devices, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
     tokens, k = ids_tk.shape
     per_device = w["up_edf"].shape[-3]
@@ -452,24 +507,33 @@ def _exchange(send_n, send_sizes_n: jax.Array, recv_sizes_n: jax.Array, fill) ->
 
 
 class Experts(nnx.Module):
-    """E feed-forward experts, "swiglu" (gate, up, down) or "relu2" (up, down), run dropless."""
+    """E feed-forward experts, "swiglu" (gate, up, down), "relu2" (up, down) or GPT-OSS's ClampedSwiGLU (gate, up,
+    down), run dropless; with `bias`, each projection has a per-expert bias (module docstring)."""
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int, *, activation: str = "swiglu",
-                 exchange: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, hidden: int, ffn: int, *, activation: str | ClampedSwiGLU = "swiglu",
+                 bias: bool = False, exchange: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         e, d, f = num_experts, hidden, ffn
-        self.activation, self.exchange = activation, exchange
-        if activation == "swiglu":
+        self.activation, self.exchange, self.bias = activation, exchange, bias
+        if has_gate(activation):
             self.gate_edf = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, fan_in=d)
         self.up_edf = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, fan_in=d)
         self.down_efd = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype, fan_in=f)
+        if bias:
+            if has_gate(activation):
+                self.gate_bias_ef = param(rngs, (e, f), ("expert", "expert_mlp"), dtype, init="zeros")
+            self.up_bias_ef = param(rngs, (e, f), ("expert", "expert_mlp"), dtype, init="zeros")
+            self.down_bias_ed = param(rngs, (e, d), ("expert", "embed"), dtype, init="zeros")
 
     def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array,
                  repeat: jax.Array | None = None) -> jax.Array:
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [tokens, hidden]. repeat: the weights are a layer
         stack's ([repeats, E, ...]; LayerStack.index_experts) and this is the layer's index among them."""
-        w = {"up_edf": self.up_edf[...], "down_efd": self.down_efd[...]}
-        if self.activation == "swiglu":
-            w["gate_edf"] = self.gate_edf[...]
+        names = ["up_edf", "down_efd"]
+        if self.bias:
+            names += ["up_bias_ef", "down_bias_ed"]
+        if has_gate(self.activation):
+            names += ["gate_edf", "gate_bias_ef"] if self.bias else ["gate_edf"]
+        w = {name: getattr(self, name)[...] for name in names}
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.size > 1:
             return expert_parallel(x_td, ids_tk, weights_tk, w, self.activation, mesh, repeat, self.exchange)
@@ -477,14 +541,35 @@ class Experts(nnx.Module):
 
 
 class Router(nnx.Module):
-    """Linear router; its logits are computed in float32 whatever the parameter dtype."""
+    """Linear router w_de [hidden, E]; its logits are computed in float32 whatever the parameter dtype.
 
-    def __init__(self, hidden: int, num_experts: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    With `bias` (GPT-OSS: b_e [E]), it is transformers' nn.Linear run in the input's dtype instead: float32 products
+    and bias, rounded once to the input's dtype (a no-op in float32), then widened to float32."""
+
+    def __init__(self, hidden: int, num_experts: int, *, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         self.w_de = param(rngs, (hidden, num_experts), ("embed", "expert_router"), dtype)
+        if bias:
+            self.b_e = param(rngs, (num_experts,), ("expert_router",), dtype, init="zeros")
+        self.bias = bias
 
     def __call__(self, x_td: jax.Array) -> jax.Array:
         """[tokens, hidden] -> float32 logits [tokens, E]."""
-        return jnp.dot(x_td.astype(jnp.float32), self.w_de[...].astype(jnp.float32))
+        if not self.bias:
+            return jnp.dot(x_td.astype(jnp.float32), self.w_de[...].astype(jnp.float32))
+        logits_te = jnp.dot(x_td, self.w_de[...], preferred_element_type=jnp.float32) + self.b_e[...].astype(
+            jnp.float32)
+        return logits_te.astype(x_td.dtype).astype(jnp.float32)
+
+
+def _route(router: Router, x_btd: jax.Array, control: RouterControl | None) -> tuple[jax.Array, jax.Array]:
+    """The MoE blocks' common start: [batch, seq, hidden] -> tokens x_td [b*s, hidden] and their router logits
+    [b*s, E], steered when `control` says so."""
+    b, s, d = x_btd.shape
+    x_td = x_btd.reshape(b * s, d)
+    logits_te = router(x_td)
+    if control is not None:
+        logits_te = control.steer(logits_te)
+    return x_td, logits_te
 
 
 class SoftmaxMoE(nnx.Module):
@@ -501,14 +586,10 @@ class SoftmaxMoE(nnx.Module):
                  repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
         """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens (repeat: see
         Experts)."""
-        b, s, d = x_btd.shape
-        x_td = x_btd.reshape(b * s, d)
-        logits_te = self.router(x_td)
-        if control is not None:
-            logits_te = control.steer(logits_te)
+        x_td, logits_te = _route(self.router, x_btd, control)
         weights_tk, ids_tk = softmax_topk(logits_te, self.top_k, self.normalize, control)
         y_td = self.experts(x_td, ids_tk, weights_tk, repeat)
-        return y_td.reshape(b, s, d), RouterOutput(logits_te, ids_tk, weights_tk)
+        return y_td.reshape(x_btd.shape), RouterOutput(logits_te, ids_tk, weights_tk)
 
 
 class SigmoidMoE(nnx.Module):
@@ -535,16 +616,34 @@ class SigmoidMoE(nnx.Module):
                  repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
         """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens (repeat: see
         Experts)."""
-        b, s, d = x_btd.shape
-        x_td = x_btd.reshape(b * s, d)
-        logits_te = self.router(x_td)
-        if control is not None:
-            logits_te = control.steer(logits_te)
+        x_td, logits_te = _route(self.router, x_btd, control)
         weights_tk, ids_tk = sigmoid_group_topk(logits_te, self.correction_e[...], self.top_k, self.n_group,
                                                 self.topk_group, self.normalize, self.scale, control)
         h_td = x_td if self.latent is None else x_td @ self.to_latent_dl[...]
         y_td = self.experts(h_td, ids_tk, weights_tk, repeat)
         if self.latent is not None:
             y_td = y_td @ self.from_latent_ld[...]
-        y_btd = y_td.reshape(b, s, d) + self.shared(x_btd)
+        y_btd = y_td.reshape(x_btd.shape) + self.shared(x_btd)
         return y_btd, RouterOutput(logits_te, ids_tk, weights_tk)
+
+
+class GptOssMoE(nnx.Module):
+    """GPT-OSS sparse block (transformers' GptOssMLP): a router with a bias, top-k of its raw logits softmaxed over
+    the k chosen, and clamped-SwiGLU experts with biases."""
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
+                 activation: ClampedSwiGLU = GPT_OSS_SWIGLU, exchange: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.top_k = top_k
+        self.router = Router(hidden, num_experts, bias=True, dtype=dtype, rngs=rngs)
+        self.experts = Experts(num_experts, hidden, ffn, activation=activation, bias=True, exchange=exchange,
+                               dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, control: RouterControl | None = None,
+                 repeat: jax.Array | None = None) -> tuple[jax.Array, RouterOutput]:
+        """[batch, seq, hidden] -> output [batch, seq, hidden] and the routing of its b*s tokens (repeat: see
+        Experts)."""
+        x_td, logits_te = _route(self.router, x_btd, control)
+        weights_tk, ids_tk = topk_softmax(logits_te, self.top_k, control)
+        y_td = self.experts(x_td, ids_tk, weights_tk, repeat)
+        return y_td.reshape(x_btd.shape), RouterOutput(logits_te, ids_tk, weights_tk)

@@ -26,6 +26,12 @@ REMAT_POLICIES = dict(zip(REMAT_NAMES, (None, jax.checkpoint_policies.nothing_sa
                                          jax.checkpoint_policies.dots_with_no_batch_dims_saveable), strict=True))
 
 
+def is_moe(kind: str) -> bool:
+    """Whether layers of this kind route tokens to experts (and return their routing): "moe", or a kind named
+    "moe_<variant>" (e.g. GPT-OSS's "moe_sliding", an MoE layer with windowed attention)."""
+    return kind == "moe" or kind.startswith("moe_")
+
+
 def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
     """Greedy split of `kinds` into (unit, repeats) covering the sequence in order."""
     kinds, out, i = tuple(kinds), [], 0
@@ -143,13 +149,13 @@ class LayerStack(nnx.Module):
         """
         aux_by_layer: list = [None] * len(self.kinds)
         new_caches = []
-        moe_row = {layer: row for row, layer in enumerate(i for i, kind in enumerate(self.kinds) if kind == "moe")}
+        moe_row = {layer: row for row, layer in enumerate(i for i, kind in enumerate(self.kinds) if is_moe(kind))}
         for s, (unit, ids) in enumerate(zip(self.units, self.layer_ids, strict=True)):
             if self.index_experts:
                 graphdef, whole, state = nnx.split(unit, _expert_weight, ...)
             else:
                 (graphdef, state), whole = nnx.split(unit), None
-            rows = [None if moe_inputs is None or self.kinds[repeats[0]] != "moe"
+            rows = [None if moe_inputs is None or not is_moe(self.kinds[repeats[0]])
                     else jax.tree.map(lambda a, at=tuple(moe_row[i] for i in repeats): jnp.asarray(a)[np.asarray(at)],
                                       moe_inputs)
                     for repeats in ids]

@@ -1,35 +1,61 @@
-"""The architectures moejax implements, by Hugging Face model_type: the one place that maps a config to its model.
+"""The architectures moejax implements, by Hugging Face model_type: the one place that names them.
 
-The model classes are named, not imported: an architecture's module (and JAX) loads when a model is first built, so
-that importing the registry (as the command line does to parse its flags) costs nothing.
+Each architecture is one module, moejax/models/<model_type>.py, holding all of it: `Config` (read from config.json
+and written back), `keymap(cfg)` (its Hugging Face tensor names), `Model` (its modules and forward), `PRESETS` (the
+published shapes `moejax plan` knows) and `tiny_reference_config(**overrides)` (the tiny transformers config the
+tests build). Adding one is a module and a line here (docs/adding-a-model.md).
+
+The modules are named, not imported: an architecture (and JAX) loads when it is first asked for, so that importing
+the registry (as the command line does to parse its flags) costs nothing.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
-from moejax.config import NemotronHConfig, Qwen3MoeConfig
 from moejax.errors import ConfigError
 
-CONFIGS = {cls.model_type: cls for cls in (Qwen3MoeConfig, NemotronHConfig)}
-MODELS = {"qwen3_moe": "moejax.models.qwen3_moe:Qwen3MoeForCausalLM",
-          "nemotron_h": "moejax.models.nemotron_h:NemotronHForCausalLM"}
-# The published shapes `moejax plan` knows by name.
-PRESETS = {"qwen3-30b-a3b": Qwen3MoeConfig.qwen3_30b_a3b,
-           "nemotron-3-nano-30b-a3b": NemotronHConfig.nemotron_3_nano_30b_a3b}
+ARCHITECTURES = {
+    "qwen3_moe": "moejax.models.qwen3_moe",
+    "nemotron_h": "moejax.models.nemotron_h",
+    "olmoe": "moejax.models.olmoe",
+    "gpt_oss": "moejax.models.gpt_oss",
+}
 
 
-def config_class(model_type: str | None, source: str) -> type:
+def architecture(model_type: str | None, source: str = "config.json") -> ModuleType:
+    """The module of a config.json's model_type, or a ConfigError naming the supported ones."""
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; moejax implements "
+                          f"{sorted(ARCHITECTURES)}")
+    return importlib.import_module(ARCHITECTURES[model_type])
+
+
+def config_class(model_type: str | None, source: str = "config.json") -> type:
     """The config class for a config.json's model_type, or a ConfigError naming the supported ones."""
-    if model_type not in CONFIGS:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; moejax implements {sorted(CONFIGS)}")
-    return CONFIGS[model_type]
+    return architecture(model_type, source).Config
 
 
 def model_class(cfg) -> type:
     """The model class of a config."""
-    module, name = MODELS[cfg.model_type].split(":")
-    return getattr(importlib.import_module(module), name)
+    return architecture(cfg.model_type).Model
+
+
+def keymap(cfg):
+    """The Hugging Face key map (moejax.keymap.KeyMap) of a config's architecture."""
+    return architecture(cfg.model_type).keymap(cfg)
+
+
+def presets() -> dict:
+    """The published shapes `moejax plan` knows, by name: name -> a function returning the config."""
+    return {name: make for model_type in ARCHITECTURES for name, make in architecture(model_type).PRESETS.items()}
+
+
+def tiny_reference_config(model_type: str, **overrides):
+    """The tiny transformers config of an architecture that the tests and benchmarks build (overrides replace its
+    fields)."""
+    return architecture(model_type).tiny_reference_config(**overrides)
 
 
 def abstract_model(cfg, dtype=None):

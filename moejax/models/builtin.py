@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moejax.config import Qwen3MoeConfig
 from moejax.data.tokenize import ByteTokenizer, byte_level_tokenizer
 
 NAME = "builtin-tiny-qwen3-moe"
@@ -18,7 +17,10 @@ NAME = "builtin-tiny-qwen3-moe"
 LEARNING_RATE = 1e-3
 
 
-def builtin_config() -> Qwen3MoeConfig:
+def builtin_config():
+    """Its Qwen3MoeConfig."""
+    from moejax.models.qwen3_moe import Qwen3MoeConfig
+
     return Qwen3MoeConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, num_hidden_layers=8,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
                           moe_intermediate_size=32, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True)

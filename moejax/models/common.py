@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
 from moejax.layers.attention import attention_mask, cache_attention_mask
 from moejax.layers.moe import RouterControl
+from moejax.models import generation
 from moejax.models.steering import as_steering, with_steering
 from moejax.parallel.mesh import on_mesh
 
@@ -64,24 +66,14 @@ class ForcedRouting:
                              force_mask=jnp.asarray(self.mask, bool).reshape(layers, batch * seq))
 
 
-def segment_positions(segments_bt: np.ndarray) -> np.ndarray:
+def segment_positions(segment_ids_bt: np.ndarray) -> np.ndarray:
     """[b, t] int32: each token's position within its segment (a run of equal segment ids), from 0."""
-    segments_bt = np.asarray(segments_bt)
-    columns_t = np.arange(segments_bt.shape[1])
-    starts_bt = np.ones(segments_bt.shape, bool)
-    starts_bt[:, 1:] = segments_bt[:, 1:] != segments_bt[:, :-1]
+    segment_ids_bt = np.asarray(segment_ids_bt)
+    columns_t = np.arange(segment_ids_bt.shape[1])
+    starts_bt = np.ones(segment_ids_bt.shape, bool)
+    starts_bt[:, 1:] = segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]
     first_bt = np.maximum.accumulate(np.where(starts_bt, columns_t, 0), axis=1)
     return (columns_t - first_bt).astype(np.int32)
-
-
-def check_ids(ids, vocab_size: int, source: str = "the input") -> None:
-    """A DataError naming the first token id of `ids` outside [0, vocab_size), with its position."""
-    ids = np.asarray(ids)
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if len(bad):
-        where = tuple(int(i) for i in bad[0])
-        raise DataError(f"{source} holds token id {int(ids[where])} at position {where}, outside the model's "
-                        f"vocabulary of {vocab_size} tokens: the tokenizer and the model do not belong together")
 
 
 class CausalLM(nnx.Module):
@@ -140,10 +132,9 @@ class CausalLM(nnx.Module):
 
     def generate(self, input_ids, attention_mask=None, **options):
         """Continues each prompt (greedy by default; steering= as in __call__); see moejax.models.generation.generate
-        for the options."""
-        from moejax.models.generation import generate
-
-        return generate(self, input_ids, attention_mask, **options)
+        for the options. attention_mask keeps transformers' name: it is the segment ids of one document per row
+        (1 = a prompt token, 0 = left padding)."""
+        return generation.generate(self, input_ids, attention_mask, **options)
 
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, position_ids=None,
                  return_router_logits: bool = False, return_hidden_states: bool = False,
@@ -153,8 +144,10 @@ class CausalLM(nnx.Module):
         segment_ids [batch, seq] (0 = padding, 1, 2, ... = the documents of a row): a token interacts only with
         earlier tokens of its own document, in every block, and positions restart at each document unless
         position_ids [batch, seq] are given (default with an attention mask: 0, 1, ... along the row, as
-        transformers' forward numbers them). steering: a moejax.Steering (or its dict, or a JSON path) applied to the
-        router logits, as data (router_logits then returns the steered logits the experts were chosen with).
+        transformers' forward numbers them). attention_mask keeps transformers' name for its callers but is read as
+        segment ids, what forward takes (a row's nonzero values that differ are separate documents there too).
+        steering: a moejax.Steering (or its dict, or a JSON path) applied to the router logits, as data
+        (router_logits then returns the steered logits the experts were chosen with).
         check_token_ids: an id outside the vocabulary is a DataError naming it (the commands check; unchecked, the
         embedding lookup clamps it, as JAX indexing does)."""
         if check_token_ids:
@@ -162,18 +155,18 @@ class CausalLM(nnx.Module):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise DataError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        segments = segment_ids if segment_ids is not None else attention_mask
-        if segments is None:
-            segments = np.ones(input_ids.shape, np.int32)
-        segments = np.asarray(segments, np.int32)
+        segment_ids_bt = segment_ids if segment_ids is not None else attention_mask
+        if segment_ids_bt is None:
+            segment_ids_bt = np.ones(input_ids.shape, np.int32)
+        segment_ids_bt = np.asarray(segment_ids_bt, np.int32)
         if segment_ids is not None and attention_mask is not None:
-            segments = np.where(np.asarray(attention_mask) != 0, segments, 0)
-        if segments.shape != input_ids.shape:
-            raise DataError(f"attention_mask / segment_ids shape {segments.shape} != input_ids shape {input_ids.shape}")
+            segment_ids_bt = np.where(np.asarray(attention_mask) != 0, segment_ids_bt, 0)
+        if segment_ids_bt.shape != input_ids.shape:
+            raise DataError(f"attention_mask / segment_ids shape {segment_ids_bt.shape} != input_ids shape "
+                            f"{input_ids.shape}")
         if position_ids is None:
-            position_ids = (segment_positions(segments) if segment_ids is not None
+            position_ids = (segment_positions(segment_ids_bt) if segment_ids is not None
                             else np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int32), input_ids.shape))
-        attention_mask = jnp.asarray(segments)
         if forced_routing is not None:
             want = (len(self.config.moe_layers), *input_ids.shape, self.config.num_experts_per_tok)
             if tuple(np.shape(forced_routing.expert_ids)) != want or np.shape(forced_routing.mask) != want[:-1]:
@@ -182,7 +175,7 @@ class CausalLM(nnx.Module):
                                  f"{np.shape(forced_routing.mask)}")
         graphdef, state = nnx.split(self)
         with on_mesh(state) as place:
-            return jitted_forward(graphdef, state, *place(input_ids, attention_mask,
+            return jitted_forward(graphdef, state, *place(input_ids, jnp.asarray(segment_ids_bt),
                                                            jnp.asarray(position_ids, jnp.int32)),
                                    return_router_logits, return_hidden_states,
                                    with_steering(None if forced_routing is None else forced_routing.control(),
@@ -192,11 +185,11 @@ class CausalLM(nnx.Module):
 # jax.jit over (graphdef, state) rather than nnx.jit: nnx.jit's per-call graph bookkeeping measured
 # ~80 ms here, as much as a small forward pass.
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, return_router_logits,
-                    return_hidden_states, control=None):
+def jitted_forward(graphdef, state, input_ids, segment_ids, position_ids, return_router_logits,
+                   return_hidden_states, control=None):
     """The compiled forward of a model given as (graphdef, state): what `model(...)` runs (`moejax plan` lowers it
     from shapes alone)."""
-    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, return_router_logits,
+    return nnx.merge(graphdef, state).forward(input_ids, segment_ids, position_ids, return_router_logits,
                                               return_hidden_states, control)
 
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
-from moejax.models.common import check_ids
 from moejax.models.steering import as_steering, with_steering
 from moejax.parallel.mesh import on_mesh
 
@@ -95,10 +95,10 @@ def _finish(token_b, finished_b, pad_id, eos_ids):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _prefill(graphdef, state, ids_bt, mask_bt, positions_bt, length: int, sampler: Sampler, key, pad_id, eos_ids,
-             control):
+def _prefill(graphdef, state, ids_bt, segment_ids_bt, positions_bt, length: int, sampler: Sampler, key, pad_id,
+             eos_ids, control):
     model = nnx.merge(graphdef, state)
-    out = model.forward(ids_bt, mask_bt, positions_bt, False, control=control,
+    out = model.forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
                         cache=model.init_cache(ids_bt.shape[0], length))
     logits_bv = out.logits[:, -1].astype(jnp.float32)
     token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, 0)),
@@ -110,8 +110,8 @@ def _prefill(graphdef, state, ids_bt, mask_bt, positions_bt, length: int, sample
 def _decode(graphdef, state, cache, token_b, position_b, finished_b, sampler: Sampler, key, step, pad_id, eos_ids,
             control):
     model = nnx.merge(graphdef, state)
-    ones_b1 = jnp.ones((token_b.shape[0], 1), jnp.int32)
-    out = model.forward(token_b[:, None], ones_b1, position_b[:, None], False, control=control, cache=cache)
+    segment_ids_b1 = jnp.ones((token_b.shape[0], 1), jnp.int32)
+    out = model.forward(token_b[:, None], segment_ids_b1, position_b[:, None], False, control=control, cache=cache)
     logits_bv = out.logits[:, 0].astype(jnp.float32)
     token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, step)), finished_b, pad_id, eos_ids)
     return token_b, finished_b, logits_bv, out.cache
@@ -128,9 +128,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              stop: Callable[[np.ndarray], np.ndarray] | None = None, return_logits: bool = False,
              steering=None) -> GenerateOutput:
-    """Continues each prompt of input_ids [batch, prompt] (left-padded where attention_mask [batch, prompt] is 0)
+    """Continues each prompt of input_ids [batch, prompt] (left-padded where attention_mask [batch, prompt] is 0:
+    transformers' name for what is here the segment ids of one document per row, 1 = a prompt token)
     by up to max_new_tokens tokens; greedy unless do_sample. eos_token_id (one id or several): a row stops there
-    and is padded with pad_token_id (default: the config's pad id, else the first end-of-sequence id, else 0).
+    and is padded with pad_token_id (default: the first end-of-sequence id, else 0).
     stop: a stopping criterion, as transformers' StoppingCriteria: given the new tokens so far [batch, n], the rows
     that are done; generation ends once every row is done or has ended, and, as transformers does, a done row is
     padded from then on only when eos_token_id is set. Sampling is reproducible from `seed`. steering: a
@@ -163,7 +164,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     sampler = Sampler(do_sample, float(temperature), top_k, top_p).check() if do_sample else Sampler()
     eos = _eos_list(eos_token_id)
     if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else (eos or [0])[0]
+        pad_token_id = (eos or [0])[0]
 
     # Left-pad to the prompt bucket: extra masked columns change no token's result.
     columns = _round_up(prompt, PROMPT_BUCKET)

@@ -1,74 +1,266 @@
-"""Qwen3-MoE (e.g. Qwen3-30B-A3B): decoder layers of QK-normed GQA + softmax-routed SwiGLU experts."""
+"""Qwen3-MoE (e.g. Qwen3-30B-A3B): decoder layers of QK-normed GQA + softmax-routed SwiGLU experts.
+
+The whole architecture, top to bottom: its config (read from and written back to config.json), its Hugging Face key
+map, its modules, the published shapes `moejax plan` knows, and the tiny transformers config the tests build.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import Qwen3MoeConfig
+from moejax.config import Fields, RopeConfig, check_hf, require, require_exchange
+from moejax.keymap import KeyMap, Rule
 from moejax.layers.attention import Attention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import SoftmaxMoE
 from moejax.layers.norms import RMSNorm
-from moejax.layers.params import param
-from moejax.layers.rope import inverse_frequencies, rope_tables
-from moejax.layers.stack import LayerStack
-from moejax.models.common import CausalLM
+from moejax.models.decoder import DecoderLayer, DecoderLM
+
+# --- config -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeConfig:
+    """Every Qwen3-MoE config.json field that changes the forward pass."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig(theta=1_000_000.0)
+    max_position_embeddings: int = 40960
+    router_aux_loss_coef: float | None = None  # the load-balancing coefficient the model was trained with
+    sliding_window: int | None = None  # every layer's attention window (use_sliding_window), None: full attention
+    expert_exchange: str = "auto"
+
+    model_type = "qwen3_moe"
+    _READ = {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts",
+        "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+        "tie_word_embeddings", "attention_bias", "rms_norm_eps", "rope_theta", "rope_scaling",
+        "rope_parameters", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
+        "max_position_embeddings", "original_max_position_embeddings", "router_aux_loss_coef",
+    }
+    _INERT = frozenset()
+
+    def __post_init__(self):
+        src = f"{self.model_type} config"
+        require(self.num_attention_heads % self.num_key_value_heads == 0, src,
+                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                 f"num_key_value_heads={self.num_key_value_heads}")
+        require(0 < self.num_experts_per_tok <= self.num_experts or not self.moe_layers, src,
+                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+        require(self.decoder_sparse_step >= 1, src, "decoder_sparse_step must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        require(not bad, src, f"mlp_only_layers {bad} are outside [0, {self.num_hidden_layers})")
+        require_exchange(self)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> Qwen3MoeConfig:
+        """Builds the config from a parsed Qwen3-MoE config.json; unsupported values raise ConfigError."""
+        check_hf(cls, d, source)
+        act = d.get("hidden_act", "silu")
+        require(act == "silu", source, f"hidden_act={act!r} is not supported (Qwen3-MoE uses 'silu')")
+        f = Fields(d, source)
+        # transformers windows every layer's attention when use_sliding_window is set (max_window_layers is unused).
+        window = f.int("sliding_window", None, minimum=1) if f.bool("use_sliding_window", False) else None
+        experts_field = "num_experts" if "num_experts" in d else "num_local_experts"
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
+        return cls(
+            vocab_size=f.int("vocab_size", minimum=1), hidden_size=hidden,
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1), num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            head_dim=f.int("head_dim", hidden // heads, minimum=1),
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            moe_intermediate_size=f.int("moe_intermediate_size", minimum=1),
+            num_experts=f.int(experts_field, minimum=0), num_experts_per_tok=f.int("num_experts_per_tok", minimum=1),
+            norm_topk_prob=f.bool("norm_topk_prob", False), decoder_sparse_step=f.int("decoder_sparse_step", 1),
+            mlp_only_layers=f.ints("mlp_only_layers"), tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=f.bool("attention_bias", False), rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(d, source),
+            max_position_embeddings=f.int("max_position_embeddings", 40960, minimum=1),
+            router_aux_loss_coef=f.float("router_aux_loss_coef", None), sliding_window=window,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json transformers reads for this model."""
+        skip = ("rope", "expert_exchange")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if self.router_aux_loss_coef is None:
+            del d["router_aux_loss_coef"]
+        d.update(model_type=self.model_type, architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
+                 rope_parameters=self.rope.to_hf(), use_sliding_window=self.sliding_window is not None)
+        return d
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Per decoder layer: "moe" or "mlp", by transformers' rule."""
+        return tuple(
+            "moe" if i not in self.mlp_only_layers and self.num_experts > 0
+            and (i + 1) % self.decoder_sparse_step == 0 else "mlp"
+            for i in range(self.num_hidden_layers)
+        )
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts
+
+    router_kind = "softmax"  # softmax top-k over the raw logits
+    transformers_overrides = ()  # transformers computes the published model (see NemotronHConfig)
+    router_groups = (1, 1)  # (groups, groups kept): no group limit
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """The intermediate width of each routed expert."""
+        return self.moe_intermediate_size
+
+    @property
+    def expert_input_size(self) -> int:
+        """The width of the rows the routed experts take (and give back)."""
+        return self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model's positions cover (RoPE's trained range)."""
+        return self.max_position_embeddings
+
+    def parameter_count(self) -> int:
+        """The number of parameters, counted from the architecture's definition (not from a model)."""
+        d, h, n, k = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attention = d * h * (2 * n + 2 * k) + 2 * h + (n * h + 2 * k * h + d if self.attention_bias else 0)
+        mixer = {"moe": d * self.num_experts + 3 * self.num_experts * d * self.moe_intermediate_size,
+                 "mlp": 3 * d * self.intermediate_size}
+        layers = sum(attention + 2 * d + mixer[kind] for kind in self.layer_kinds)
+        return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d + layers
+
+    @classmethod
+    def qwen3_30b_a3b(cls) -> Qwen3MoeConfig:
+        """Qwen/Qwen3-30B-A3B (base and instruct share this shape)."""
+        return cls(
+            vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
+            rope=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960, router_aux_loss_coef=0.001,
+        )
 
 
-class DecoderLayer(nnx.Module):
-    """x + attn(norm(x)), then + mlp(norm(x)); the mlp is the sparse MoE block when kind == "moe"."""
+# --- Hugging Face key map -----------------------------------------------------------------------------------
 
-    def __init__(self, cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                   bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window,
-                                   dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
-        if kind == "moe":
-            self.mlp = SoftmaxMoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                  normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype,
-                                  rngs=rngs)
-        else:
-            self.mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
-        self.kind = kind
-
-    def cache(self, batch: int, length: int, dtype):
-        return self.self_attn.cache(batch, length, dtype)
-
-    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None, cache=None, cache_slot=0, repeat=None):
-        """-> (x, the MoE routing or None, the updated KV cache or None); repeat: see LayerStack.index_experts."""
-        h_btd = self.input_layernorm(x_btd)
-        if cache is None:
-            x_btd = x_btd + self.self_attn(h_btd, mask_bts, rope_cos_sin)
-        else:
-            y_btd, cache = self.self_attn(h_btd, mask_bts, rope_cos_sin, cache, cache_slot)
-            x_btd = x_btd + y_btd
-        if self.kind == "moe":
-            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control, repeat)
-            return x_btd + y_btd, routing, cache
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None, cache
+def _t(a):
+    return a.T
 
 
-class Qwen3MoeForCausalLM(CausalLM):
+def keymap(cfg: Qwen3MoeConfig) -> KeyMap:
+    """The key map of Qwen3MoeForCausalLM checkpoints (per-expert tensors, or fused gate_up_proj)."""
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    e, f, ff, v = cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.vocab_size
+    p = "model.layers.{i}."
+
+    def heads(count):  # [count*h, d] -> [d, count, h]
+        return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
+
+    layer = {
+        ("input_layernorm", "weight"): [Rule(p + "input_layernorm.weight", (d,))],
+        ("post_attention_layernorm", "weight"): [Rule(p + "post_attention_layernorm.weight", (d,))],
+        ("self_attn", "q_dnh"): [Rule(p + "self_attn.q_proj.weight", (n * h, d), heads(n))],
+        ("self_attn", "k_dkh"): [Rule(p + "self_attn.k_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "v_dkh"): [Rule(p + "self_attn.v_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "o_nhd"): [Rule(p + "self_attn.o_proj.weight", (d, n * h),
+                                      lambda a: a.reshape(d, n, h).transpose(1, 2, 0))],
+        ("self_attn", "q_bias_nh"): [Rule(p + "self_attn.q_proj.bias", (n * h,), lambda a: a.reshape(n, h))],
+        ("self_attn", "k_bias_kh"): [Rule(p + "self_attn.k_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
+        ("self_attn", "v_bias_kh"): [Rule(p + "self_attn.v_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
+        ("self_attn", "o_bias_d"): [Rule(p + "self_attn.o_proj.bias", (d,))],
+        ("self_attn", "q_norm", "weight"): [Rule(p + "self_attn.q_norm.weight", (h,))],
+        ("self_attn", "k_norm", "weight"): [Rule(p + "self_attn.k_norm.weight", (h,))],
+        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), _t)],
+        ("mlp", "experts", "gate_edf"): [
+            Rule(p + "mlp.experts.{e}.gate_proj.weight", (f, d), _t),
+            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, :f].transpose(0, 2, 1))],
+        ("mlp", "experts", "up_edf"): [
+            Rule(p + "mlp.experts.{e}.up_proj.weight", (f, d), _t),
+            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, f:].transpose(0, 2, 1))],
+        ("mlp", "experts", "down_efd"): [
+            Rule(p + "mlp.experts.{e}.down_proj.weight", (d, f), _t),
+            Rule(p + "mlp.experts.down_proj", (e, d, f), lambda a: a.transpose(0, 2, 1))],
+        ("mlp", "gate_df"): [Rule(p + "mlp.gate_proj.weight", (ff, d), _t)],
+        ("mlp", "up_df"): [Rule(p + "mlp.up_proj.weight", (ff, d), _t)],
+        ("mlp", "down_fd"): [Rule(p + "mlp.down_proj.weight", (d, ff), _t)],
+    }
+    top = {
+        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
+        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
+        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
+    }
+    # A tied checkpoint may still carry the (identical) head; it is not read.
+    optional = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    return KeyMap(top=top, layer=layer, num_experts=e, optional_keys=optional)
+
+
+# --- modules ------------------------------------------------------------------------------------------------
+
+def make_layer(cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """One decoder layer: QK-normed attention (per head), and the sparse MoE block when kind == "moe", else the
+    dense SwiGLU MLP."""
+    d = cfg.hidden_size
+
+    def norm():
+        return RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+
+    attention = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias,
+                          qk_norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window, dtype=dtype, rngs=rngs)
+    if kind == "moe":
+        mlp = SoftmaxMoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                         normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
+    else:
+        mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
+    return DecoderLayer(kind, norm(), attention, norm(), mlp)
+
+
+class Qwen3MoeForCausalLM(DecoderLM):
     """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
 
     def __init__(self, cfg: Qwen3MoeConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.config = cfg
-        self.embed_vd = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=1)
-        self.layers = LayerStack(
-            cfg.layer_kinds, lambda kind, rngs: DecoderLayer(cfg, kind, dtype=dtype, rngs=rngs), rngs=rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        super().__init__(cfg, lambda kind, rngs: make_layer(cfg, kind, dtype=dtype, rngs=rngs),
+                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype,
+                                         rngs=rngs), dtype=dtype, rngs=rngs)
 
-    def layer_context(self, segment_ids_bt, position_ids_bt, dtype) -> dict:
-        """What every decoder layer takes besides x and the mask: the RoPE tables of these positions."""
-        inv_freq_h = inverse_frequencies(self.config.rope, self.config.head_dim)
-        return {"rope_cos_sin": rope_tables(position_ids_bt, inv_freq_h, self.config.rope.mscale, dtype)}
 
-    def head(self, x_btd):
-        """The last block's output [batch, seq, d] -> logits [batch, seq, vocab]: final norm, then the LM head."""
-        head_dv = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
-        return self.norm(x_btd) @ head_dv
+# The published shapes `moejax plan` knows by name.
+PRESETS = {"qwen3-30b-a3b": Qwen3MoeConfig.qwen3_30b_a3b}
+
+
+def tiny_reference_config(**overrides):
+    """A tiny transformers Qwen3MoeConfig for tests and benchmarks (overrides replace its fields)."""
+    import transformers
+
+    base = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                moe_intermediate_size=24, norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return transformers.Qwen3MoeConfig(**(base | overrides))
+
+
+Config, Model = Qwen3MoeConfig, Qwen3MoeForCausalLM

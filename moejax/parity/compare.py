@@ -18,8 +18,8 @@ from moejax.layers.moe import RouterControl
 from moejax.models.common import ForcedRouting
 from moejax.parity.reference import ReferenceBatch
 from moejax.parity.tally import ImplementationTally, Outputs, SideTally, moejax_outputs
+from moejax.parity.ties import OTHER, classify_flips, differing
 from moejax.parity.tokens import Batch, fill_rows
-from moejax.routing.ties import OTHER, classify_flips, differing
 
 FLIP_COLUMNS = ("check", "moe_layer", "block", "group", "batch", "sequence", "position", "token_id",
                 "reference_experts", "moejax_experts", "kind", "score_gap", "window", "boundary_score",

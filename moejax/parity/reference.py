@@ -19,12 +19,14 @@ from tqdm import tqdm
 
 from moejax.errors import CheckpointError
 from moejax.parity.tally import Outputs
+from moejax.parity.ties import RouterRule
 from moejax.parity.tokens import Batch
-from moejax.routing.ties import RouterRule
 
 
 def load_reference(model_dir: Path, dtype: str, quiet: bool = False):
-    """transformers' model for the checkpoint, in `dtype`, on the CPU, in eval mode (no remote code)."""
+    """transformers' model for the checkpoint, in `dtype`, on the CPU, in eval mode (no remote code), its experts run
+    by transformers' reference loop ("eager": its grouped_mm path refuses 16-bit tensors whose rows are not a
+    multiple of 16 bytes, e.g. a hidden size of 44, on the CPU)."""
     import torch
     import transformers
 
@@ -32,7 +34,8 @@ def load_reference(model_dir: Path, dtype: str, quiet: bool = False):
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                              local_files_only=True, trust_remote_code=False)
+                                                              local_files_only=True, trust_remote_code=False,
+                                                              experts_implementation="eager")
     return model.eval()
 
 
@@ -69,8 +72,8 @@ class Recorder:
     def rules(self) -> list[RouterRule]:
         """Each MoE layer's selection rule, with the reference's own correction bias (Nemotron-H)."""
         cfg = self.cfg
-        if cfg.router_kind == "softmax":
-            return [RouterRule("softmax", cfg.num_experts_per_tok) for _ in cfg.moe_layers]
+        if cfg.router_kind != "sigmoid":
+            return [RouterRule(cfg.router_kind, cfg.num_experts_per_tok) for _ in cfg.moe_layers]
         return [RouterRule("sigmoid", cfg.num_experts_per_tok, self.routers[b].e_score_correction_bias.double().numpy(),
                            *cfg.router_groups) for b in cfg.moe_layers]
 

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from moejax.routing.ties import EXACT_TIE, OTHER, differing
+from moejax.parity.ties import EXACT_TIE, OTHER, differing
 
 
 @dataclasses.dataclass
@@ -183,7 +183,7 @@ class RouterTally:
 
     def add(self, groups_n: np.ndarray, logits_ref_ne, ids_ref_nk, logits_got_ne, ids_got_nk, flips=None,
             clean: np.ndarray | None = None) -> None:
-        """Adds n content tokens; `flips` (moejax.routing.ties.Flips) classifies those whose sets differ; `clean`:
+        """Adds n content tokens; `flips` (moejax.parity.ties.Flips) classifies those whose sets differ; `clean`:
         the tokens the per-token statistics include."""
         diff_ne = np.abs(logits_got_ne.astype(np.float64) - logits_ref_ne)
         self.max_abs = max_nan(self.max_abs, float(diff_ne.max(initial=0.0)))

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from moejax.data.packing import one_per_row, pack, passes
+from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
-from moejax.models.common import ForcedRouting, check_ids
+from moejax.models.common import ForcedRouting
 from moejax.routing import PAIRS_PER_CHUNK
 from moejax.routing import metrics as M
 from moejax.routing.stats import segment_stats, stats_cache_size
@@ -96,19 +97,19 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
             for rows, size in passes(layout, batch_size):
                 shapes.add((size, layout.width))
                 ids = np.full((size, layout.width), tokenizer.pad_id, np.int64)
-                segments = np.zeros((size, layout.width), np.int32)
+                segment_ids = np.zeros((size, layout.width), np.int32)
                 pairs = np.zeros((size, layout.slots, PAIRS_PER_CHUNK, 2), np.int64)
                 imposed = None if forced is None else ForcedRouting.none(layers, size, layout.width, k)
                 for r, row in enumerate(rows):
                     for slot, (i, at) in enumerate(row):
                         n = lengths[i]
-                        ids[r, at:at + n], segments[r, at:at + n] = encoded[i], slot + 1
+                        ids[r, at:at + n], segment_ids[r, at:at + n] = encoded[i], slot + 1
                         pairs[r, slot] = at + np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
                         if imposed is not None and i in forced:
                             where, experts = forced[i]
                             imposed.mask[:, r, at:at + n], imposed.expert_ids[:, r, at:at + n] = where, experts
-                content = (segments != 0) & ~np.isin(ids, excluded)
-                yield rows, segment_stats(model, ids, segments, content, pairs, probabilities, forced=imposed,
+                content = (segment_ids != 0) & ~np.isin(ids, excluded)
+                yield rows, segment_stats(model, ids, segment_ids, content, pairs, probabilities, forced=imposed,
                                           steering=steering, keep_routing=keep_routing)
 
     def unpack(rows, stats):

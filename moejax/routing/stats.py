@@ -62,14 +62,14 @@ def _layer_stats(logits_bte, ids_btk, slot_btm, pairs_bmp2, pair_valid_bmp, prob
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 9, 10))
-def _stats(graphdef, state, input_ids_bt, segments_bt, positions_bt, content_bt, pairs_bmp2, probabilities, control,
+def _stats(graphdef, state, input_ids_bt, segment_ids_bt, positions_bt, content_bt, pairs_bmp2, probabilities, control,
            keep_routing, slots):
     model = nnx.merge(graphdef, state)
-    out = model.forward(input_ids_bt, segments_bt, positions_bt, True, control=control)
-    content_bt = content_bt & (segments_bt != 0)
-    slot_btm = jax.nn.one_hot(segments_bt - 1, slots, dtype=jnp.float32) * content_bt[..., None]
+    out = model.forward(input_ids_bt, segment_ids_bt, positions_bt, True, control=control)
+    content_bt = content_bt & (segment_ids_bt != 0)
+    slot_btm = jax.nn.one_hot(segment_ids_bt - 1, slots, dtype=jnp.float32) * content_bt[..., None]
     rows_b11 = jnp.arange(content_bt.shape[0])[:, None, None]
-    slot_of_bt = jnp.where(content_bt, segments_bt - 1, -1)
+    slot_of_bt = jnp.where(content_bt, segment_ids_bt - 1, -1)
     own_m = jnp.arange(slots)[None, :, None]
     pair_valid_bmp = ((slot_of_bt[rows_b11, pairs_bmp2[..., 0]] == own_m)
                       & (slot_of_bt[rows_b11, pairs_bmp2[..., 1]] == own_m)
@@ -99,14 +99,14 @@ def _native(model, probabilities: str) -> str:
     return probabilities
 
 
-def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pairs_bmp2, probabilities: str = "softmax",
-                  *, forced: ForcedRouting | None = None, steering: Steering | None = None,
-                  keep_routing: bool = False) -> ChunkStats:
+def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, pairs_bmp2,
+                  probabilities: str = "softmax", *, forced: ForcedRouting | None = None,
+                  steering: Steering | None = None, keep_routing: bool = False) -> ChunkStats:
     """Routing statistics of rows that pack chunks, one segment each, reduced per segment in the same jitted call
     as the forward pass (each chunk sees only itself, as if alone: positions restart, attention and the Mamba
     state stop at its boundaries).
 
-    segments_bt: 0 padding, 1 .. m the chunks of a row; content_bt marks the tokens that count (special tokens
+    segment_ids_bt: 0 padding, 1 .. m the chunks of a row; content_bt marks the tokens that count (special tokens
     excluded); pairs_bmp2 [b, m, P, 2]: token-position pairs of each slot's chunk for routing consistency, in row
     positions (pairs leaving the chunk, touching a non-content token, or a position with itself are ignored).
     probabilities: "softmax" of the raw logits (paper a's protocol, for both architectures) or "native" (sigmoid
@@ -115,11 +115,11 @@ def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pair
     logits come back too.
     """
     probabilities = _native(model, probabilities)
-    segments_bt = np.asarray(segments_bt, np.int32)
+    segment_ids_bt = np.asarray(segment_ids_bt, np.int32)
     graphdef, state = nnx.split(model)
     with on_mesh(state) as place:
-        stats = _stats(graphdef, state, *place(np.asarray(input_ids_bt, np.int32), segments_bt,
-                                               segment_positions(segments_bt), np.asarray(content_bt, bool),
+        stats = _stats(graphdef, state, *place(np.asarray(input_ids_bt, np.int32), segment_ids_bt,
+                                               segment_positions(segment_ids_bt), np.asarray(content_bt, bool),
                                                np.asarray(pairs_bmp2, np.int32)), probabilities,
                        with_steering(None if forced is None else forced.control(), steering, model.config),
                        keep_routing, np.shape(pairs_bmp2)[1])
@@ -128,12 +128,12 @@ def segment_stats(model: nnx.Module, input_ids_bt, segments_bt, content_bt, pair
     return stats
 
 
-def chunk_stats(model: nnx.Module, input_ids_bt, attention_mask_bt, content_bt, pairs_bp2,
+def chunk_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, pairs_bp2,
                 probabilities: str = "softmax", *, forced: ForcedRouting | None = None,
                 keep_routing: bool = False) -> ChunkStats:
-    """segment_stats for one chunk per row (attention_mask_bt: 1 = token, 0 = padding); the statistics come back
-    without the slot axis ([b, L, E], [b, L], [b])."""
-    stats = segment_stats(model, input_ids_bt, np.asarray(attention_mask_bt) != 0, content_bt,
+    """segment_stats for one chunk per row (segment_ids_bt: 0 = padding, any other id = the row's chunk, so a 0/1
+    attention mask will do); the statistics come back without the slot axis ([b, L, E], [b, L], [b])."""
+    stats = segment_stats(model, input_ids_bt, np.asarray(segment_ids_bt) != 0, content_bt,
                           np.asarray(pairs_bp2)[:, None], probabilities, forced=forced, keep_routing=keep_routing)
     squeezed = {name: getattr(stats, name)[:, 0] for name in ("topk_counts", "top1_counts", "prob_sums",
                                                                "entropy_sums_bits", "tokens", "pair_jaccard_sums",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from moejax.data.mixture import IGNORE_INDEX
 
 
 def next_token_loss(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
@@ -28,13 +28,14 @@ def next_token_loss(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
 
 
 def load_balancing_loss(router_logits: tuple[jax.Array, ...], top_k: int,
-                        attention_mask_bt: jax.Array | None = None) -> jax.Array:
+                        valid_bt: jax.Array | None = None) -> jax.Array:
     """E * sum_e f_e * P_e over all MoE layers' tokens (Switch Transformer eq. 4-6, as transformers computes
     it): f_e = top-k assignments of expert e per token, P_e = mean softmax probability of e, both over the
-    (unpadded) tokens of every layer. router_logits: per layer [batch, seq, E] raw logits."""
+    (unpadded) tokens of every layer. router_logits: per layer [batch, seq, E] raw logits; valid_bt: 1 = counted
+    (transformers' attention_mask; segment_ids_bt != 0)."""
     experts = router_logits[0].shape[-1]
-    mask_n = (jnp.ones(router_logits[0].shape[:-1]) if attention_mask_bt is None
-              else attention_mask_bt).reshape(-1).astype(jnp.float32)
+    mask_n = (jnp.ones(router_logits[0].shape[:-1]) if valid_bt is None
+              else valid_bt).reshape(-1).astype(jnp.float32)
     counts_e = jnp.zeros(experts, jnp.float32)
     prob_sums_e = jnp.zeros(experts, jnp.float32)
     for logits_bte in router_logits:
@@ -46,9 +47,10 @@ def load_balancing_loss(router_logits: tuple[jax.Array, ...], top_k: int,
     return experts * jnp.sum((counts_e / rows) * (prob_sums_e / rows))
 
 
-def router_z_loss(router_logits: tuple[jax.Array, ...], attention_mask_bt: jax.Array | None = None) -> jax.Array:
-    """Mean over layers and (unpadded) tokens of logsumexp(router logits)^2 (ST-MoE's z-loss)."""
-    mask_bt = jnp.ones(router_logits[0].shape[:-1]) if attention_mask_bt is None else attention_mask_bt
+def router_z_loss(router_logits: tuple[jax.Array, ...], valid_bt: jax.Array | None = None) -> jax.Array:
+    """Mean over layers and (unpadded) tokens of logsumexp(router logits)^2 (ST-MoE's z-loss); valid_bt: 1 =
+    counted."""
+    mask_bt = jnp.ones(router_logits[0].shape[:-1]) if valid_bt is None else valid_bt
     mask_bt = mask_bt.astype(jnp.float32)
     total = sum(jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2 * mask_bt)
                 for logits in router_logits)
@@ -85,10 +87,3 @@ def expert_counts(expert_ids: tuple[jax.Array, ...], num_experts: int, group_b: 
     return jnp.stack([jnp.einsum("btke,btg->ge", jax.nn.one_hot(ids_btk, num_experts, dtype=jnp.int32), weight_btg)
                       for ids_btk in expert_ids])
 
-
-def usage_entropy_bits(counts_ge: jax.Array) -> jax.Array:
-    """-sum_e f_e log2 f_e of each row's expert usage (docs/metrics.md); NaN where a row has no tokens."""
-    total_g1 = jnp.sum(counts_ge, axis=-1, keepdims=True).astype(jnp.float32)
-    f_ge = counts_ge / jnp.maximum(total_g1, 1)
-    h_g = -jnp.sum(jnp.where(f_ge > 0, f_ge * jnp.log2(jnp.where(f_ge > 0, f_ge, 1)), 0), axis=-1)
-    return jnp.where(total_g1[..., 0] > 0, h_g, jnp.nan)

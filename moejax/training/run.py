@@ -49,6 +49,7 @@ from moejax.models import abstract_model, model_class
 from moejax.models.builtin import builtin_model, save_builtin_files
 from moejax.parallel.mesh import make_mesh, shard_model
 from moejax.report.figures import training_figure
+from moejax.routing.metrics import usage_entropy_bits, usage_fractions
 from moejax.training.step import (
     TrainConfig,
     TrainState,
@@ -133,6 +134,13 @@ def _check_run_dir(out: Path, settings: RunSettings) -> bool:
 
 def _metric_columns(langs: tuple[str, ...], moe_layers: tuple[int, ...]) -> list[str]:
     return [*BASE_COLUMNS, *(f"entropy_L{layer}_{lang}" for layer in moe_layers for lang in langs)]
+
+
+def _usage_entropy(counts_lge: np.ndarray, top_k: int) -> np.ndarray:
+    """[moe layers, langs]: the usage entropy in bits (docs/metrics.md) of each layer's expert counts
+    [moe layers, langs, E] per language; NaN for a language that had no rows in the step."""
+    counts_lge = np.asarray(counts_lge)
+    return np.where(counts_lge.sum(axis=-1) > 0, usage_entropy_bits(usage_fractions(counts_lge, top_k)), np.nan)
 
 
 def _keep_rows(path: Path, last_step: int) -> None:
@@ -239,6 +247,7 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
     step_fn = make_train_step(graphdef, tx, cfg, model.config, num_langs=len(mixture.langs))
     evaluate = make_eval_step(graphdef, cfg, model.config) if eval_batches else None
     columns = _metric_columns(mixture.langs, model.config.moe_layers)
+    top_k = model.config.num_experts_per_tok
     del model
     primary = jax.process_index() == 0
     if not resume:
@@ -271,7 +280,8 @@ def run_training(settings: RunSettings, out: str | Path, *, show_progress: bool 
                     manager.wait_until_finished()
                     raise RunError(_non_finite_report(step, metrics, start, out))
                 row = _row(step, metrics, time.perf_counter() - began)
-                values = [row[c] for c in BASE_COLUMNS] + [float(x) for x in np.ravel(metrics["usage_entropy_bits"])]
+                entropy_lg = _usage_entropy(metrics["expert_counts"], top_k)
+                values = [row[c] for c in BASE_COLUMNS] + [float(x) for x in np.ravel(entropy_lg)]
                 rows.writerow(values)
                 f.flush()
                 if writer is not None:

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moejax.data.mixture import IGNORE_INDEX
 from moejax.errors import DataError, SettingsError
 from moejax.layers.moe import RouterControl
 from moejax.layers.stack import layer_position, segment_layer_ids
@@ -33,13 +34,11 @@ from moejax.parallel.mesh import mesh_of, on_mesh
 from moejax.training.adamw import Slices, apply_updates, clipped_adamw, frozen
 from moejax.training.config import TrainConfig
 from moejax.training.losses import (
-    IGNORE_INDEX,
     expert_counts,
     load_balancing_loss,
     next_token_loss,
     router_z_loss,
     sigmoid_balance_loss,
-    usage_entropy_bits,
 )
 
 BATCH_FIELDS = ("input_ids", "segment_ids", "position_ids", "labels", "lang_ids")
@@ -100,7 +99,7 @@ def trainable(cfg: TrainConfig, params, model_config):
         elif name.endswith("correction_e"):
             rows = []
         else:
-            router = cfg.train_routers and name.endswith("router.w_de")
+            router = cfg.train_routers and name.rsplit(".", 1)[0].endswith("router")  # its weight and any bias
             rows = [(r,) for r, (block, layer) in enumerate(zip(block_ids, moe, strict=True))
                     if block in blocks or (router and layer in selection)]
         if not rows:
@@ -225,8 +224,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     [b] (each row's language, in [0, num_langs); default 0).
 
     metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm, lr (of this step), finite,
-    tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32) and their usage_entropy_bits
-    [moe layers, num_langs] (NaN for a language without rows in the batch)."""
+    tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32; moejax.training.run turns them
+    into usage entropies)."""
     cfg = cfg.resolved(model_config)
     compute = _compute_dtypes(model_config, cfg.compute_dtype)
     experts = model_config.num_routed_experts
@@ -293,8 +292,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         new = jax.lax.cond(finite, update, lambda state, grads: state, state, grads)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
-                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge,
-                               "usage_entropy_bits": usage_entropy_bits(counts_lge)}
+                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge}
 
     def step(state: TrainState, batch: Mapping[str, np.ndarray]):
         return _call_placed(jitted, state, state.params, batch, cfg.accum_steps)

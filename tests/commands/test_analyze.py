@@ -29,7 +29,7 @@ from moejax.cli import main
 from moejax.commands.analyze import AnalyzeSettings, analyze
 from moejax.data.corpus import DataError, chunk, read_corpus
 from moejax.data.tokenize import HFTokenizer
-from moejax.reference import make_checkpoint, run_reference, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, run_reference, save_byte_tokenizer
 from moejax.routing.analysis import collect
 
 pytestmark = pytest.mark.torch

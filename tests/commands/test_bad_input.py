@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import moejax.report.figures  # noqa: F401 (matplotlib's caches settle in the real home, before a test moves HOME)
 from moejax.cli import main
 from moejax.data.corpus import SAMPLE_DIR
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 
 pytestmark = pytest.mark.torch
 

@@ -27,7 +27,7 @@ from moejax.cli import main
 from moejax.commands.evaluate import EvalSettings, evaluate, score_rows
 from moejax.commands.generate import GenerateSettings, generate
 from moejax.errors import DataError, SettingsError
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 # transformers' PyTorch Mamba-2 path floors dt at time_step_min (moejax.config.NemotronHConfig.dt_floor).
@@ -111,11 +111,11 @@ def test_scores_equal_the_hugging_face_backend(checkpoint):
 def test_steered_scores_equal_the_hooked_hugging_face_backend(checkpoint, tmp_path):
     """`--steering` through the lm-eval backend (a spec file in model_args, as `lm_eval --model_args
     pretrained=DIR,steering=FILE` gives it) against lm-eval's Hugging Face backend over the transformers model with
-    the same intervention hooked into its routers (moejax.reference.steered)."""
+    the same intervention hooked into its routers (moejax.parity.fixtures.steered)."""
     from lm_eval.models.huggingface import HFLM
 
     from moejax.models.steering import Steering
-    from moejax.reference import steered
+    from moejax.parity.fixtures import steered
 
     arch, path, tasks = checkpoint
     steering = Steering(mode="soft", lam=1.5, layers={0: ((1, 4), (2,)), 1: ((6,), ())})

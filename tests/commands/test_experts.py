@@ -21,7 +21,7 @@ from moejax.cli import main
 from moejax.commands.experts import ExpertsSettings, find_experts
 from moejax.data.tokenize import ByteTokenizer
 from moejax.errors import SettingsError
-from moejax.reference import make_checkpoint, run_reference
+from moejax.parity.fixtures import make_checkpoint, run_reference
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 TEXTS = {
@@ -51,7 +51,7 @@ def read_csv(path):
 def reference_counts(reference, texts):
     """Per sequence: a_i [L, E] from transformers' chosen experts at content tokens, and L_i."""
     tokenizer = ByteTokenizer()
-    experts = 8  # both tiny configs (moejax.reference)
+    experts = 8  # both tiny configs (moejax.parity.fixtures)
     a, lengths = [], []
     for text in texts:
         ids = np.asarray([tokenizer.encode(text)])

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from moejax.cli import main
 from moejax.models.builtin import builtin_model
-from moejax.reference import make_checkpoint
+from moejax.parity.fixtures import make_checkpoint
 
 pytestmark = pytest.mark.torch
 QUICK = ["--steps", "2", "--seq-len", "64", "--batch-size", "2", "--quiet"]

@@ -43,10 +43,11 @@ from moejax.cli import main
 from moejax.commands.parity import ParitySettings, parity
 from moejax.data.tokenize import HFTokenizer
 from moejax.models.common import ForcedRouting
+from moejax.models.qwen3_moe import tiny_reference_config as tiny_qwen3_config
+from moejax.parity.fixtures import make_checkpoint, randomize, save_byte_tokenizer
 from moejax.parity.tally import RouterTally, token_kl
+from moejax.parity.ties import OTHER, RouterRule, classify_flips
 from moejax.parity.tokens import batches, corpus_sequences
-from moejax.reference import make_checkpoint, randomize, save_byte_tokenizer, tiny_qwen3_config
-from moejax.routing.ties import OTHER, RouterRule, classify_flips
 
 pytestmark = pytest.mark.torch
 
@@ -446,7 +447,7 @@ def test_help_and_tolerance_listing(capsys):
     assert main(["parity", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--model", "--text", "--langs", "--data", "--dtype", "--reference-dtype", "--seq-len",
-                   "--batch-size", "--max-tokens", "--tol", "--list-tolerances", "--dt-floor", "--out", "--quiet"):
+                   "--batch-size", "--max-tokens", "--tol", "--list-tolerances", "--out", "--quiet"):
         assert option in text
     assert main(["parity", "--list-tolerances"]) == 0
     listed = capsys.readouterr().out

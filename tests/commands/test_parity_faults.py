@@ -35,12 +35,12 @@ import moejax.layers.norms as norms
 from moejax.data.tokenize import HFTokenizer
 from moejax.parity.compare import Tallies
 from moejax.parity.faults import Fault, FaultMissed, inject, kinds_for, rare_expert
+from moejax.parity.fixtures import make_checkpoint
 from moejax.parity.report import judge
 from moejax.parity.session import Session
 from moejax.parity.tally import ImplementationTally, SideTally, UpdateTally
 from moejax.parity.tokens import batches, corpus_sequences
 from moejax.parity.tolerances import UNIT_ROUNDOFF, tolerances_for
-from moejax.reference import make_checkpoint
 
 pytestmark = pytest.mark.torch
 

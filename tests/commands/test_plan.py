@@ -12,12 +12,13 @@ import math
 import pytest
 
 from moejax.cli import main
-from moejax.config import NemotronHConfig, Qwen3MoeConfig
 from moejax.loading import load_config
+from moejax.models.nemotron_h import NemotronHConfig
+from moejax.models.qwen3_moe import Qwen3MoeConfig
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
-from moejax.reference import tiny_qwen3_config
+from moejax.models.qwen3_moe import tiny_reference_config as tiny_qwen3_config
 
 GiB = 1024 ** 3
 

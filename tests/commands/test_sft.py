@@ -18,11 +18,11 @@ import transformers
 
 import moejax
 from moejax.cli import main
-from moejax.data.mixture import IGNORE_ID, Source
+from moejax.data.mixture import IGNORE_INDEX, Source
 from moejax.data.sft import ConversationRows, format_chat, load_conversations, read_records
 from moejax.data.tokenize import HFTokenizer
 from moejax.errors import DataError
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.training.config import TrainConfig
 from moejax.training.step import init_state, make_train_step
 
@@ -92,7 +92,7 @@ def test_packed_sft_loss_equals_transformers_with_masked_labels(setup):
             with torch.no_grad():
                 out = reference(input_ids=torch.from_numpy(ids[None].astype(np.int64)),
                                 labels=torch.from_numpy(labels[None].astype(np.int64)))
-            n = int((labels[1:] != IGNORE_ID).sum())
+            n = int((labels[1:] != IGNORE_INDEX).sum())
             total += out.loss.item() * n
             count += n
     assert int(metrics["tokens"]) == count > 0

@@ -26,7 +26,7 @@ import moejax
 from moejax.cli import main
 from moejax.commands.train import TrainSettings, train
 from moejax.data.corpus import SAMPLE_DIR
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.training.run import RUN_FILE, restore_model
 
 pytestmark = pytest.mark.torch

@@ -10,12 +10,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import moejax
-from converters.safetensors_io import CheckpointError
 from moejax.config import ConfigError
+from moejax.errors import CheckpointError
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
-from moejax.reference import make_checkpoint, make_qwen3
+from moejax.parity.fixtures import make_checkpoint, make_qwen3
 
 pytestmark = pytest.mark.torch
 

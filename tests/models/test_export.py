@@ -21,7 +21,7 @@ import transformers
 
 import moejax
 from moejax.cli import main
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 
 pytestmark = pytest.mark.torch
 

@@ -28,7 +28,7 @@ from moejax.errors import DataError
 from moejax.layers.attention import Attention
 from moejax.layers.ssd import ssd_chunked, ssd_step
 from moejax.models.generation import Sampler
-from moejax.reference import make_checkpoint
+from moejax.parity.fixtures import make_checkpoint
 
 pytestmark = pytest.mark.torch
 OVERRIDES = {"nemotron_h": {"dt_floor": "time_step_min"}, "qwen3_moe": {}}
@@ -49,10 +49,10 @@ def prompts(seed: int = 0):
     return padded_batch(np.random.default_rng(seed), 97, LENGTHS, max(LENGTHS), "left")
 
 
-def reference_generate(reference, ids, mask, eos):
+def reference_generate(reference, ids, mask, eos, new: int = NEW):
     with torch.no_grad():
         out = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                 max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                 max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0,
                                  output_scores=True, return_dict_in_generate=True)
     return out.sequences.numpy(), torch.stack(out.scores, dim=1).double().numpy()
 

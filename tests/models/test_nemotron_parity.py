@@ -26,7 +26,7 @@ from support import assert_parity, padded_batch
 import moejax
 import moejax.layers.mamba2 as mamba2
 from moejax.layers.ssd import ssd_sequential
-from moejax.reference import make_checkpoint, run_reference
+from moejax.parity.fixtures import make_checkpoint, run_reference
 
 pytestmark = pytest.mark.torch
 

@@ -14,12 +14,12 @@ import pytest
 from flax import nnx
 
 import moejax
-from converters.safetensors_io import CheckpointError
 from moejax.cli import main
+from moejax.errors import CheckpointError
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 
 pytestmark = pytest.mark.torch
 

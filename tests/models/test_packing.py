@@ -23,13 +23,13 @@ from support import assert_same_statistics, tie_forcing
 
 import moejax
 from moejax.data.corpus import chunk, read_corpus
+from moejax.data.mixture import IGNORE_INDEX
 from moejax.data.tokenize import HFTokenizer
 from moejax.layers.mamba2 import segment_runs
 from moejax.layers.ssd import ssd_chunked, ssd_sequential
 from moejax.models.common import segment_positions
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.routing.analysis import ModelRun, build_tables, collect
-from moejax.training.losses import IGNORE_INDEX
 
 pytestmark = pytest.mark.torch
 OVERRIDES = {"nemotron_h": {"dt_floor": "time_step_min"}, "qwen3_moe": {}}

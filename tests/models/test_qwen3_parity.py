@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from support import assert_parity, padded_batch
 
 import moejax
-from moejax.reference import make_qwen3, run_reference
+from moejax.parity.fixtures import make_qwen3, run_reference
 
 pytestmark = pytest.mark.torch
 

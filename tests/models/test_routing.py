@@ -20,7 +20,7 @@ from scipy.spatial import distance
 from support import padded_batch
 
 import moejax
-from moejax.reference import make_checkpoint, run_reference
+from moejax.parity.fixtures import make_checkpoint, run_reference
 from moejax.routing import metrics as M
 from moejax.routing.stats import chunk_stats
 

@@ -24,7 +24,8 @@ from safetensors.numpy import save_file
 import moejax
 from moejax.errors import DataError, SettingsError
 from moejax.layers.stack import layer_position, segment_layer_ids
-from moejax.reference import make_checkpoint, steered
+from moejax.models import config_class
+from moejax.parity.fixtures import make_checkpoint, steered
 from moejax.routing.experts import read_selection
 from moejax.training.config import TrainConfig
 from moejax.training.losses import load_balancing_loss, next_token_loss, sigmoid_balance_loss
@@ -35,10 +36,19 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers thei
 # group-limited router (2 groups of 4, one chosen): with fewer than k eligible experts, the remaining slots of a
 # restricted token are a tie (probability 0, or a choice score of -inf), and which expert fills them is up to each
 # framework's top-k (transformers' may even pick an allowed expert of a group it did not choose).
-SELECTIONS = {"qwen3_moe": {"1": [2, 5, 6], "0": [1, 3, 7]}, "nemotron_h": {"0": [4, 5, 6], "1": [0, 1, 2]}}
+SELECTIONS = {"qwen3_moe": {"1": [2, 5, 6], "0": [1, 3, 7]}, "nemotron_h": {"0": [4, 5, 6], "1": [0, 1, 2]},
+              "olmoe": {"0": [0, 4, 5], "2": [1, 2, 7]}, "gpt_oss": {"0": [3, 4, 6], "3": [0, 2, 5]}}
+# Per selected expert, its entries over all its tensors (weights and biases); d hidden, x expert input, f expert ffn.
+PER_EXPERT = {"qwen3_moe": lambda d, x, f: 3 * d * f, "olmoe": lambda d, x, f: 3 * d * f,
+              "nemotron_h": lambda d, x, f: 2 * x * f, "gpt_oss": lambda d, x, f: 3 * d * f + 2 * f + d}
+EXPERT_TENSORS = {"qwen3_moe": 3, "olmoe": 3, "nemotron_h": 2, "gpt_oss": 6}
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+def overrides(arch):
+    return dict(config_class(arch).transformers_overrides)
+
+
+@pytest.fixture(scope="module", params=sorted(SELECTIONS))
 def checkpoint(request, tmp_path_factory):
     reference, path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "model", seed=8)
     return request.param, reference, path
@@ -54,13 +64,13 @@ def selected_rows(name: str, config, selection: dict[str, list[int]], routers: b
     layers = [moe.get(b) for b in blocks]
     if "experts." in name:
         return {(r, e) for r, layer in enumerate(layers) for e in selection.get(str(layer), [])}
-    if routers and name.endswith("router.w_de"):
+    if routers and name.rsplit(".", 1)[0].endswith("router"):  # its weight and any bias
         return {(r,) for r, layer in enumerate(layers) if str(layer) in selection}
     return set()
 
 
 def run_steps(path, arch, cfg, steps=3):
-    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    model = moejax.from_pretrained(path, **overrides(arch))
     graphdef, state, tx = init_state(model, cfg)
     before = jax.tree.map(np.array, state.params)
     step = make_train_step(graphdef, tx, cfg, model.config)
@@ -131,11 +141,10 @@ def test_optimizer_state_holds_the_trained_slices_only(checkpoint):
     cfg = TrainConfig(train_experts=SELECTION, train_routers=True)
     _, state, _ = init_state(model, cfg)
     config = model.config
-    d, f = config.hidden_size, config.moe_intermediate_size
-    expert_dim = getattr(config, "moe_latent_size", None) or d
-    per_expert = (3 if arch == "qwen3_moe" else 2) * expert_dim * f
+    d, f = config.hidden_size, config.expert_ffn_size
+    per_expert = PER_EXPERT[arch](d, config.expert_input_size, f)
     slices = sum(len(ids) for ids in SELECTION.values())
-    routers = len(SELECTION) * d * config.num_routed_experts
+    routers = len(SELECTION) * (d + (arch == "gpt_oss")) * config.num_routed_experts  # GPT-OSS: and its bias
     want = slices * per_expert + routers
     moments = [x for x in jax.tree.leaves(state.opt_state.mu)]
     assert sum(int(np.prod(x.shape)) for x in moments) == want
@@ -149,7 +158,7 @@ def test_selected_gradients_equal_torch_autograd(checkpoint, tmp_path):
     arch, reference, path = checkpoint
     SELECTION = SELECTIONS[arch]
     cfg = TrainConfig(train_experts=SELECTION, train_routers=True, route_to_trained=True, lb_coef=0.05)
-    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    model = moejax.from_pretrained(path, **overrides(arch))
     config = model.config
     control = route_control(cfg, config)
     ids = np.random.default_rng(1).integers(1, 97, (2, 12))
@@ -161,16 +170,17 @@ def test_selected_gradients_equal_torch_autograd(checkpoint, tmp_path):
                                                   control=control)
         ce = next_token_loss(out.logits, jnp.asarray(ids))
         valid = jnp.ones(ids.shape, bool)
-        aux = (sigmoid_balance_loss(out.router_logits, out.router_expert_ids, valid) if arch == "nemotron_h"
+        sigmoid = config.router_kind == "sigmoid"  # transformers' Nemotron-H computes no balance loss
+        aux = (sigmoid_balance_loss(out.router_logits, out.router_expert_ids, valid) if sigmoid
                else load_balancing_loss(out.router_logits, config.num_experts_per_tok, valid))
-        return ce + (0.0 if arch == "nemotron_h" else 0.05 * aux), out
+        return ce + (0.0 if sigmoid else 0.05 * aux), out
 
     (total, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     reference.zero_grad()
     arrays = {"allowed_e": np.asarray(route_control(cfg, config).allowed_e)}
     with steered(reference, arrays):
-        kwargs = {"output_router_logits": True} if arch == "qwen3_moe" else {}
-        if arch == "qwen3_moe":
+        kwargs = {"output_router_logits": True} if config.router_kind != "sigmoid" else {}
+        if config.router_kind != "sigmoid":
             reference.router_aux_loss_coef = 0.05
         torch_out = reference(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids), **kwargs)
         torch_out.loss.backward()
@@ -194,7 +204,8 @@ def test_selected_gradients_equal_torch_autograd(checkpoint, tmp_path):
             assert scale > 0, f"{name}{at}: no gradient in the reference"
             assert np.abs(g - w).max() <= 1e-4 * scale, f"{name}{at}: {np.abs(g - w).max()} vs scale {scale}"
             compared += 1
-    assert compared == sum(len(v) for v in SELECTION.values()) * (3 if arch == "qwen3_moe" else 2) + len(SELECTION)
+    assert compared == (sum(len(v) for v in SELECTION.values()) * EXPERT_TENSORS[arch]
+                        + len(SELECTION) * (2 if arch == "gpt_oss" else 1))
 
 
 def test_training_routes_only_to_the_selected_experts(checkpoint):
@@ -226,7 +237,7 @@ def test_restriction_is_training_only_and_export_loads_in_transformers(checkpoin
     cfg = TrainConfig(learning_rate=1e-2, total_steps=10, warmup_steps=1, train_experts={"0": [1]},
                       route_to_trained=True)
     config, _, state = run_steps(path, arch, cfg, steps=2)
-    model = moejax.from_pretrained(path, **({"dt_floor": "time_step_min"} if arch == "nemotron_h" else {}))
+    model = moejax.from_pretrained(path, **overrides(arch))
     nnx.update(model, state.params)
     ids = np.random.default_rng(2).integers(1, 97, (2, 12))
     out = model(ids, return_router_logits=True)

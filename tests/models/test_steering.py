@@ -1,6 +1,6 @@
 """Router steering (docs/steering.md, steering) against a PyTorch reference and against its own formula.
 
-The reference is moejax.reference.steered: hooks on transformers' router modules that make the router's own
+The reference is moejax.parity.fixtures.steered: hooks on transformers' router modules that make the router's own
 `F.linear` return steered logits, so transformers' softmax top-k (Qwen3-MoE) or sigmoid + correction bias + group
 limit (Nemotron-H) choose from them. Both architectures, float32, random checkpoints written by save_pretrained.
 """
@@ -23,18 +23,19 @@ from support import assert_parity, padded_batch
 import moejax
 from moejax.errors import ConfigError, DataError
 from moejax.layers.moe import SigmoidMoE
+from moejax.models import ARCHITECTURES, config_class
 from moejax.models.common import jitted_forward
 from moejax.models.steering import Steering
-from moejax.reference import make_checkpoint, steered
+from moejax.parity.fixtures import make_checkpoint, steered
 
 pytestmark = pytest.mark.torch
-OVERRIDES = {"nemotron_h": {"dt_floor": "time_step_min"}, "qwen3_moe": {}}
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def checkpoint(request, tmp_path_factory):
     reference, path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=4)
-    return request.param, reference, moejax.from_pretrained(path, **OVERRIDES[request.param])
+    overrides = dict(config_class(request.param).transformers_overrides)
+    return request.param, reference, moejax.from_pretrained(path, **overrides)
 
 
 def batch(seed: int = 0):
@@ -98,7 +99,7 @@ def plain_top_k(model):
 
 def test_hard_promote_always_chosen_and_suppress_never(checkpoint):
     arch, _, model = checkpoint
-    if arch == "nemotron_h":
+    if model.config.router_kind == "sigmoid":
         model = plain_top_k(model)
     ids, mask = batch(1)
     content = mask.astype(bool)

@@ -16,7 +16,7 @@ import moejax
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
 from moejax.errors import DataError
-from moejax.reference import make_checkpoint
+from moejax.parity.fixtures import make_checkpoint
 from moejax.training.config import TrainConfig
 from moejax.training.step import _dotted, init_state, make_train_step
 

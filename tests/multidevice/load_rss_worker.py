@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 import moejax
-from converters.safetensors_io import SafetensorsCheckpoint
 from moejax.parallel.mesh import make_mesh
+from moejax.safetensors_io import SafetensorsCheckpoint
 
 
 def status(field: str) -> int:

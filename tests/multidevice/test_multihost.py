@@ -25,9 +25,9 @@ import moejax
 from moejax.data.corpus import chunk, read_corpus
 from moejax.data.tokenize import HFTokenizer
 from moejax.models.common import ForcedRouting
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
+from moejax.parity.ties import OTHER, classify_flips, router_rules
 from moejax.routing.analysis import collect
-from moejax.routing.ties import OTHER, classify_flips, router_rules
 
 pytestmark = [pytest.mark.torch, pytest.mark.multidevice, pytest.mark.slow]
 HERE = Path(__file__).parent

@@ -27,7 +27,7 @@ from moejax.layers.mamba2 import Mamba2Mixer
 from moejax.layers.moe import expert_parallel, mix_experts, resolve_exchange
 from moejax.parallel.hlo import bytes_in_by_kind, collectives, exchange_bytes
 from moejax.parallel.mesh import make_mesh, shard_model
-from moejax.reference import make_checkpoint
+from moejax.parity.fixtures import make_checkpoint
 
 pytestmark = [pytest.mark.torch, pytest.mark.multidevice, pytest.mark.slow]
 

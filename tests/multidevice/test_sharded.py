@@ -34,7 +34,7 @@ from moejax.data.corpus import chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.models.builtin import NAME, builtin_model
 from moejax.parallel.mesh import shard_model
-from moejax.reference import make_checkpoint, save_byte_tokenizer
+from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.routing.analysis import ModelRun, build_tables, collect
 
 pytestmark = [pytest.mark.torch, pytest.mark.multidevice, pytest.mark.slow]
@@ -200,8 +200,8 @@ def test_loading_onto_a_mesh_streams(tmp_path):
     import subprocess
     import sys
 
-    from converters.safetensors_io import write_safetensors
-    from moejax.reference import tiny_qwen3_config
+    from moejax.models.qwen3_moe import tiny_reference_config as tiny_qwen3_config
+    from moejax.safetensors_io import write_safetensors
 
     # A Qwen3-MoE checkpoint (per-expert keys) written a shard at a time, so no process holds it whole.
     config = tiny_qwen3_config(vocab_size=32768, hidden_size=1024, num_hidden_layers=4, num_experts=32,

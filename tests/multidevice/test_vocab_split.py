@@ -36,7 +36,7 @@ from support import forward_up_to_ties
 from moejax.evaluation.harness import _score
 from moejax.models.common import jitted_forward
 from moejax.parallel.mesh import batch_sharding, make_mesh, on_mesh
-from moejax.reference import make_checkpoint
+from moejax.parity.fixtures import make_checkpoint
 from moejax.training.config import TrainConfig
 from moejax.training.losses import next_token_loss
 from moejax.training.step import BATCH_FIELDS, init_state, make_train_step

@@ -10,10 +10,10 @@ import pytest
 import transformers
 from flax import nnx
 
-from moejax.config import NemotronHConfig, Qwen3MoeConfig, RopeConfig
+from moejax.config import RopeConfig
 from moejax.layers.stack import plan_segments
-from moejax.models.nemotron_h import NemotronHForCausalLM
-from moejax.models.qwen3_moe import Qwen3MoeForCausalLM
+from moejax.models.nemotron_h import NemotronHConfig, NemotronHForCausalLM
+from moejax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 # config.json of Qwen/Qwen3-30B-A3B as published (transformers 4.51 era: rope_theta, num_experts).
 QWEN3_30B_A3B_JSON = {
@@ -138,8 +138,8 @@ def test_nemotron_preset_parameter_count():
 @pytest.mark.parametrize("overrides", [dict(attention_bias=True, tie_word_embeddings=True, mlp_only_layers=[1]),
                                        dict(decoder_sparse_step=2)])
 def test_qwen3_parameter_count_variants(overrides):
-    pytest.importorskip("torch")  # moejax.reference builds transformers models
-    from moejax.reference import tiny_qwen3_config
+    pytest.importorskip("torch")  # moejax.parity.fixtures builds transformers models
+    from moejax.models.qwen3_moe import tiny_reference_config as tiny_qwen3_config
 
     cfg = Qwen3MoeConfig.from_hf(tiny_qwen3_config(**overrides).to_dict(), "test")
     model = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -149,8 +149,8 @@ def test_qwen3_parameter_count_variants(overrides):
 @pytest.mark.torch
 @pytest.mark.parametrize("overrides", [{}, dict(use_conv_bias=False), dict(moe_latent_size=None)])
 def test_nemotron_parameter_count_variants(overrides):
-    pytest.importorskip("torch")  # moejax.reference builds transformers models
-    from moejax.reference import tiny_nemotron_h_config
+    pytest.importorskip("torch")  # moejax.parity.fixtures builds transformers models
+    from moejax.models.nemotron_h import tiny_reference_config as tiny_nemotron_h_config
 
     cfg = NemotronHConfig.from_hf(tiny_nemotron_h_config(**overrides).to_dict(), "test")
     model = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0)))

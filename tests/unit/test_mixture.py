@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax.data.mixture import (
-    IGNORE_ID,
+    IGNORE_INDEX,
     Batch,
     DataError,
     Documents,
@@ -239,7 +239,7 @@ def _reference_batches(sources, documents, seq_len, batch_size, seed, n_batches)
                     pos += 1
                 segs.append(seg)
                 poss.append(pos)
-                labels.append(IGNORE_ID if first and col > 0 else tok)
+                labels.append(IGNORE_INDEX if first and col > 0 else tok)
             rows.append((row_ids, segs, poss, labels, li))
         batches.append(Batch(*(np.array([r[i] for r in rows]) for i in range(5))))
     return batches

@@ -1,4 +1,4 @@
-"""The near-tie rule (moejax.routing.ties) against a plain numpy implementation of the boundary test, and what it
+"""The near-tie rule (moejax.parity.ties) against a plain numpy implementation of the boundary test, and what it
 must guarantee: a flip produced by logit noise within delta is never called an error, and a flip produced by a
 wrong selection (exact logits) is never called a tie.
 
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from moejax.routing.ties import EXACT_TIE, OTHER, TIE, RouterRule, classify_flips
+from moejax.parity.ties import EXACT_TIE, OTHER, TIE, RouterRule, classify_flips
 
 U = 2.0 ** -24
 

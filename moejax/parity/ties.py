@@ -42,8 +42,9 @@ TIE, EXACT_TIE, OTHER = "tie", "exact_tie", "other"
 
 @dataclasses.dataclass(frozen=True)
 class RouterRule:
-    """How one MoE layer chooses its k experts: "softmax" (probabilities) or "sigmoid" (sigmoid plus the
-    correction bias `correction_e`, within the topk_group best of n_group groups)."""
+    """How one MoE layer chooses its k experts: "softmax" (probabilities), "topk_softmax" (the raw logits: GPT-OSS
+    softmaxes only the k chosen) or "sigmoid" (sigmoid plus the correction bias `correction_e`, within the
+    topk_group best of n_group groups)."""
 
     kind: str
     k: int
@@ -57,6 +58,8 @@ class RouterRule:
         if self.kind == "softmax":
             e = np.exp(z - z.max(-1, keepdims=True))
             return e / e.sum(-1, keepdims=True)
+        if self.kind == "topk_softmax":
+            return z
         bias = 0.0 if self.correction_e is None else np.asarray(self.correction_e, np.float64)
         return 1.0 / (1.0 + np.exp(-z)) + bias
 
@@ -109,6 +112,9 @@ def _classify(rule: RouterRule, s_e: np.ndarray, ref: set, got: set, delta: floa
     if rule.kind == "softmax":
         floor = 8 * UNIT_ROUNDOFF * tau
         window = tau * np.expm1(4 * delta) + floor
+    elif rule.kind == "topk_softmax":  # each logit moves by at most delta, a difference of two by 2 delta
+        floor = 8 * UNIT_ROUNDOFF * max(1.0, abs(tau))
+        window = 2 * delta + floor
     else:
         floor = 8 * UNIT_ROUNDOFF * max(1.0, abs(tau))
         window = delta / 2 + floor
@@ -139,8 +145,8 @@ def router_rules(model) -> list[RouterRule]:
     (sigmoid routers)."""
     cfg = model.config
     k = cfg.num_experts_per_tok
-    if cfg.router_kind == "softmax":
-        return [RouterRule("softmax", k) for _ in cfg.moe_layers]
+    if cfg.router_kind != "sigmoid":
+        return [RouterRule(cfg.router_kind, k) for _ in cfg.moe_layers]
     moe_row = {layer: row for row, layer in enumerate(cfg.moe_layers)}
     biases: dict[int, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -1,4 +1,5 @@
-"""The PyTorch reference (transformers) side of parity checks: random tiny models, saved and run.
+"""The PyTorch (transformers) fixtures of parity checks and tests: random tiny models, saved and run. Imported only
+by the tests, benchmarks and the parity package's reference runner: it imports torch.
 
 transformers' own init leaves norms at 1, biases at 0 and (Nemotron-H) D at 1 and the correction
 bias at 0, which would let a wrong norm, a missing bias or an ignored correction pass unnoticed;
@@ -14,30 +15,7 @@ import torch
 import transformers
 
 from moejax.data.tokenize import byte_level_tokenizer
-
-
-def tiny_qwen3_config(**overrides) -> transformers.Qwen3MoeConfig:
-    base = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
-                moe_intermediate_size=24, norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=256,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    base.update(overrides)
-    return transformers.Qwen3MoeConfig(**base)
-
-
-def tiny_nemotron_h_config(**overrides) -> transformers.NemotronHConfig:
-    """All four block kinds, n_groups 2, group-limited routing (2 groups, 1 kept), a latent MoE."""
-    base = dict(vocab_size=97, hidden_size=48, hybrid_override_pattern="ME*-ME", num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, intermediate_size=40, mamba_num_heads=4, mamba_head_dim=12,
-                ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=8, n_routed_experts=8,
-                num_experts_per_tok=3, moe_intermediate_size=24, moe_shared_expert_intermediate_size=20,
-                moe_latent_size=32, n_group=2, topk_group=1, routed_scaling_factor=1.7, norm_topk_prob=True,
-                layer_norm_epsilon=1e-5)
-    base.update(overrides)
-    return transformers.NemotronHConfig(**base)
-
-
-TINY_CONFIGS = {"qwen3_moe": tiny_qwen3_config, "nemotron_h": tiny_nemotron_h_config}
+from moejax.models import tiny_reference_config
 
 
 def _scale(name: str, shape: torch.Size) -> tuple[float, float]:
@@ -73,12 +51,13 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def make_checkpoint(arch: str, tmp: Path, seed: int = 0, *, save_dtype=None, max_shard_size=None,
                     byte_tokenizer: bool = False, **overrides):
-    """A random transformers model of `arch` ("qwen3_moe" or "nemotron_h") saved with save_pretrained;
+    """A random transformers model of `arch` (a model_type in moejax.models.ARCHITECTURES, built from its
+    tiny_reference_config) saved with save_pretrained;
     returns (the float32 reference model reloaded from disk, the directory). byte_tokenizer: the vocabulary is the
     byte-level tokenizer's 259 ids and the tokenizer is saved beside the weights (save_byte_tokenizer)."""
     if byte_tokenizer:
         overrides.setdefault("vocab_size", 259)
-    config = TINY_CONFIGS[arch](**overrides)
+    config = tiny_reference_config(arch, **overrides)
     torch.manual_seed(seed)
     model = randomize(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
     save = model if save_dtype is None else model.to(save_dtype)
@@ -103,16 +82,19 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def steer_logits(z: torch.Tensor, shift_e=None, promote_e=None, suppress_e=None, eps_e=None,
                  allowed_e=None) -> torch.Tensor:
     """docs/steering.md, steering in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
-    promoted experts at max(z) + eps and suppressed ones at min(z) - eps, computed in float32; then (section 3,
+    promoted experts at max(z) + eps and suppressed ones at min(z) - eps (at least one float32 step beyond), computed
+    in float32; then (section 3,
     training only) the experts not in allowed_e at -1e9."""
     out = z
     if shift_e is not None:
         zf = z.float()
         out = zf + torch.as_tensor(shift_e) * zf.std(dim=-1, keepdim=True, unbiased=False)
-        out = torch.where(torch.as_tensor(promote_e), zf.max(dim=-1, keepdim=True).values + torch.as_tensor(eps_e),
-                          out)
-        out = torch.where(torch.as_tensor(suppress_e), zf.min(dim=-1, keepdim=True).values - torch.as_tensor(eps_e),
-                          out).to(z.dtype)
+        top, bottom = zf.max(dim=-1, keepdim=True).values, zf.min(dim=-1, keepdim=True).values
+        eps = torch.as_tensor(eps_e)  # at least one float32 step beyond max(z) (min(z)), so no tie remains
+        promoted = torch.maximum(top + eps, torch.nextafter(top, torch.tensor(float("inf"))))
+        suppressed = torch.minimum(bottom - eps, torch.nextafter(bottom, torch.tensor(-float("inf"))))
+        out = torch.where(torch.as_tensor(promote_e), promoted, out)
+        out = torch.where(torch.as_tensor(suppress_e), suppressed, out).to(z.dtype)
     if allowed_e is not None:
         out = torch.where(torch.as_tensor(allowed_e), out, torch.tensor(-1e9, dtype=out.dtype))
     return out

@@ -15,19 +15,41 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.safetensors_io import SafetensorsCheckpoint
 from moejax.errors import CheckpointError
 from moejax.layers.stack import layer_position
 from moejax.parallel.mesh import param_sharding
+from moejax.safetensors_io import SafetensorsCheckpoint
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One way to read a parameter: key template, on-disk shape, and disk -> moejax layout."""
+    """One way to read a parameter: key template, on-disk shape, and disk -> moejax layout.
+
+    A parameter stored as several tensors (GPT-OSS's MXFP4 experts: `<key>_blocks` and `<key>_scales`) names them
+    in `parts`, (key suffix, on-disk shape) each; `to_moejax` then takes them in that order and `shape` is the
+    shape it gives (the rule cannot be written back: exports use a parameter's first rule)."""
 
     template: str
     hf_shape: tuple[int, ...]
-    to_moejax: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    to_moejax: Callable[..., np.ndarray] = lambda a: a
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    shape: tuple[int, ...] | None = None
+
+    def keys(self, key: str) -> list[str]:
+        """The checkpoint tensors one key of this rule reads."""
+        return [key + suffix for suffix, _ in self.parts] if self.parts else [key]
+
+    def read(self, ckpt: SafetensorsCheckpoint, key: str) -> np.ndarray:
+        """One key's tensor(s) from the checkpoint, in moejax's layout."""
+        if not self.parts:
+            return self.to_moejax(ckpt.read(key, self.hf_shape))
+        return self.to_moejax(*(ckpt.read(key + suffix, shape) for suffix, shape in self.parts))
+
+    def moejax_shape(self) -> tuple[int, ...]:
+        """The shape one key's tensor takes in moejax's layout."""
+        if self.shape is not None:
+            return self.shape
+        return tuple(np.shape(self.to_moejax(np.empty(self.hf_shape, np.uint8))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +80,7 @@ def keys_of(template: str, layers: tuple[int, ...] | None, num_experts: int) -> 
 def _choose(rules: list[Rule], layers, keymap: KeyMap, ckpt: SafetensorsCheckpoint) -> tuple[Rule, np.ndarray]:
     for rule in rules:
         keys = keys_of(rule.template, layers, keymap.num_experts)
-        if keys.flat[0] in ckpt:
+        if rule.keys(keys.flat[0])[0] in ckpt:
             return rule, keys
     rule = rules[0]
     keys = keys_of(rule.template, layers, keymap.num_experts)
@@ -72,8 +94,7 @@ def _read_slice(ckpt: SafetensorsCheckpoint, rule: Rule, keys: np.ndarray, index
     """The part `index` of a parameter whose leading axes are `keys` (layers, experts): only the tensors it
     covers are read, and of each only the slice it holds is copied (cast to dtype)."""
     keys_here = keys[index[:keys.ndim]]
-    parts = [np.asarray(rule.to_moejax(ckpt.read(k, rule.hf_shape))[index[keys.ndim:]], dtype=dtype)
-             for k in np.ravel(keys_here)]
+    parts = [np.asarray(rule.read(ckpt, k)[index[keys.ndim:]], dtype=dtype) for k in np.ravel(keys_here)]
     return np.stack(parts).reshape(*np.shape(keys_here), *parts[0].shape) if keys.ndim else parts[0]
 
 
@@ -105,16 +126,16 @@ def load_params(model: nnx.Module, keymap: KeyMap, ckpt: SafetensorsCheckpoint, 
         rule, keys = _choose(rules, layers, keymap, ckpt)
         if progress:
             progress(rule.template)
-        shape = (*keys.shape, *rule.to_moejax(np.empty(rule.hf_shape, np.uint8)).shape)
+        shape = (*keys.shape, *rule.moejax_shape())
         if shape != var.shape:
-            raise CheckpointError(f"{ckpt.where(keys.flat[0])}: {rule.template} gives a parameter of shape "
-                                  f"{shape}, the model expects {var.shape}")
+            raise CheckpointError(f"{ckpt.where(rule.keys(keys.flat[0])[0])}: {rule.template} gives a parameter of "
+                                  f"shape {shape}, the model expects {var.shape}")
         sharding = (param_sharding(name, var, mesh) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         var.set_value(jax.make_array_from_callback(
             var.shape, sharding, lambda index, rule=rule, keys=keys, dtype=var.dtype:
             _read_slice(ckpt, rule, keys, index, dtype)))
-        consumed.update(keys.flat)
+        consumed.update(k for key in keys.flat for k in rule.keys(key))
         sources[path] = keys
     unexpected = sorted(k for k in ckpt.keys() - consumed - keymap.optional_keys
                         if not k.startswith(keymap.ignored_prefixes))

@@ -1,0 +1,66 @@
+"""What the attention-only decoder architectures share (Qwen3-MoE, OLMoE, GPT-OSS): the pre-norm decoder layer,
+x + attn(norm(x)) then + mlp(norm(x)), and the language model around a stack of them (token embeddings, RoPE tables
+from the positions, final norm and LM head). An architecture builds its own attention, norms and MLP or MoE block
+and hands them over; the parameter paths (input_layernorm, self_attn, post_attention_layernorm, mlp; embed_vd, norm,
+lm_head_dv) are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.layers.params import param
+from moejax.layers.rope import inverse_frequencies, rope_tables
+from moejax.layers.stack import LayerStack, is_moe
+from moejax.models.common import CausalLM
+
+
+class DecoderLayer(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)); the mlp is a sparse MoE block (returning its routing) when the kind is
+    an MoE kind (moejax.layers.stack.is_moe)."""
+
+    def __init__(self, kind: str, input_layernorm: nnx.Module, self_attn: nnx.Module,
+                 post_attention_layernorm: nnx.Module, mlp: nnx.Module):
+        self.kind = kind
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    def cache(self, batch: int, length: int, dtype):
+        return self.self_attn.cache(batch, length, dtype)
+
+    def __call__(self, x_btd, *, mask_bts, rope_cos_sin, control=None, cache=None, cache_slot=0, repeat=None):
+        """-> (x, the MoE routing or None, the updated KV cache or None); repeat: see LayerStack.index_experts."""
+        h_btd = self.input_layernorm(x_btd)
+        if cache is None:
+            x_btd = x_btd + self.self_attn(h_btd, mask_bts, rope_cos_sin)
+        else:
+            y_btd, cache = self.self_attn(h_btd, mask_bts, rope_cos_sin, cache, cache_slot)
+            x_btd = x_btd + y_btd
+        if is_moe(self.kind):
+            y_btd, routing = self.mlp(self.post_attention_layernorm(x_btd), control, repeat)
+            return x_btd + y_btd, routing, cache
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None, cache
+
+
+class DecoderLM(CausalLM):
+    """Embeddings, the scanned stack of `make_layer(kind, rngs)` over cfg.layer_kinds, the final norm `make_norm()`
+    and the (optionally tied: cfg.tie_word_embeddings) LM head. RoPE from cfg.rope over cfg.head_dim."""
+
+    def __init__(self, cfg, make_layer, make_norm, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_vd = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=1)
+        self.layers = LayerStack(cfg.layer_kinds, make_layer, rngs=rngs)
+        self.norm = make_norm()
+        if not cfg.tie_word_embeddings:
+            self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def layer_context(self, segment_ids_bt, position_ids_bt, dtype) -> dict:
+        """What every decoder layer takes besides x and the mask: the RoPE tables of these positions."""
+        inv_freq_h = inverse_frequencies(self.config.rope, self.config.head_dim)
+        return {"rope_cos_sin": rope_tables(position_ids_bt, inv_freq_h, self.config.rope.mscale, dtype)}
+
+    def head(self, x_btd):
+        """The last block's output [batch, seq, d] -> logits [batch, seq, vocab]: final norm, then the LM head."""
+        head_dv = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
+        return self.norm(x_btd) @ head_dv

@@ -1,0 +1,251 @@
+"""OLMoE (allenai/OLMoE-1B-7B): decoder layers of attention, its queries and keys RMS-normalised over the whole
+projection (all heads together) and optionally clipped, + softmax-routed SwiGLU experts in every layer.
+
+The whole architecture, top to bottom: its config (read from and written back to config.json), its Hugging Face key
+map, its modules, the published shapes `moejax plan` knows, and the tiny transformers config the tests build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import Fields, RopeConfig, check_hf, require, require_exchange
+from moejax.keymap import KeyMap, Rule
+from moejax.layers.attention import Attention
+from moejax.layers.moe import SoftmaxMoE
+from moejax.layers.norms import RMSNorm
+from moejax.models.decoder import DecoderLayer, DecoderLM
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OlmoeConfig:
+    """Every OLMoE config.json field that changes the forward pass. head_dim is hidden_size / num_attention_heads
+    (transformers' rule: OLMoE's config has no head_dim), so it can be any size (e.g. 22)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int  # each expert's
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+    clip_qkv: float | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig(theta=10000.0)
+    max_position_embeddings: int = 4096
+    router_aux_loss_coef: float | None = None  # the load-balancing coefficient the model was trained with
+    expert_exchange: str = "auto"
+
+    model_type = "olmoe"
+    router_kind = "softmax"  # softmax over all experts, top-k, optionally renormalised (as Qwen3-MoE)
+    router_groups = (1, 1)
+    transformers_overrides = ()
+    sliding_window = None
+    _READ = {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv",
+        "tie_word_embeddings", "attention_bias", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+        "hidden_act", "max_position_embeddings", "router_aux_loss_coef",
+    }
+    _INERT = frozenset()
+
+    def __post_init__(self):
+        src = f"{self.model_type} config"
+        require(self.hidden_size % self.num_attention_heads == 0, src,
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads} "
+                "(OLMoE's head_dim is their quotient)")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, src,
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        require(0 < self.num_experts_per_tok <= self.num_experts, src,
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+        require(self.clip_qkv is None or self.clip_qkv > 0, src, f"clip_qkv={self.clip_qkv} must be > 0")
+        require_exchange(self)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> OlmoeConfig:
+        """Builds the config from a parsed OLMoE config.json; unsupported values raise ConfigError."""
+        check_hf(cls, d, source)
+        act = d.get("hidden_act", "silu")
+        require(act == "silu", source, f"hidden_act={act!r} is not supported (OLMoE uses 'silu')")
+        f = Fields(d, source)
+        heads = f.int("num_attention_heads", minimum=1)
+        experts_field = "num_experts" if "num_experts" in d else "num_local_experts"
+        return cls(
+            vocab_size=f.int("vocab_size", minimum=1), hidden_size=f.int("hidden_size", minimum=1),
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1), num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            intermediate_size=f.int("intermediate_size", minimum=1), num_experts=f.int(experts_field, minimum=1),
+            num_experts_per_tok=f.int("num_experts_per_tok", minimum=1),
+            norm_topk_prob=f.bool("norm_topk_prob", False), clip_qkv=f.float("clip_qkv", None),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False), attention_bias=f.bool("attention_bias", False),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-5), rope=RopeConfig.from_hf(d, source),
+            max_position_embeddings=f.int("max_position_embeddings", 4096, minimum=1),
+            router_aux_loss_coef=f.float("router_aux_loss_coef", None),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json transformers reads for this model."""
+        skip = ("rope", "expert_exchange")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        if self.router_aux_loss_coef is None:
+            del d["router_aux_loss_coef"]
+        d.update(model_type=self.model_type, architectures=["OlmoeForCausalLM"], hidden_act="silu",
+                 rope_parameters=self.rope.to_hf())
+        return d
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return ("moe",) * self.num_hidden_layers
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_hidden_layers))
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """The intermediate width of each routed expert."""
+        return self.intermediate_size
+
+    @property
+    def expert_input_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model's positions cover (RoPE's trained range)."""
+        return self.max_position_embeddings
+
+    def parameter_count(self) -> int:
+        """The number of parameters, counted from the architecture's definition (not from a model)."""
+        d, h, n, k = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        e = self.num_experts
+        attention = d * h * (2 * n + 2 * k) + (n + k) * h + ((n + 2 * k) * h + d if self.attention_bias else 0)
+        moe = d * e + 3 * e * d * self.intermediate_size
+        return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d + self.num_hidden_layers * (
+            attention + 2 * d + moe)
+
+    @classmethod
+    def olmoe_1b_7b(cls) -> OlmoeConfig:
+        """allenai/OLMoE-1B-7B-0924: 16 layers of 64 experts, 8 chosen, clip_qkv unset."""
+        return cls(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                   num_key_value_heads=16, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                   norm_topk_prob=False, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
+                   max_position_embeddings=4096, router_aux_loss_coef=0.01)
+
+
+# --- Hugging Face key map -------------------------------------------------------------------------------------
+
+
+def _t(a):
+    return a.T
+
+
+def keymap(cfg: OlmoeConfig) -> KeyMap:
+    """The key map of OlmoeForCausalLM checkpoints (per-expert tensors, as save_pretrained writes them, or fused
+    gate_up_proj [E, 2f, d] / down_proj [E, d, f], as transformers holds them in memory)."""
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    e, f, v = cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
+    p = "model.layers.{i}."
+
+    def heads(count):  # [count*h, d] -> [d, count, h]
+        return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
+
+    layer = {
+        ("input_layernorm", "weight"): [Rule(p + "input_layernorm.weight", (d,))],
+        ("post_attention_layernorm", "weight"): [Rule(p + "post_attention_layernorm.weight", (d,))],
+        ("self_attn", "q_dnh"): [Rule(p + "self_attn.q_proj.weight", (n * h, d), heads(n))],
+        ("self_attn", "k_dkh"): [Rule(p + "self_attn.k_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "v_dkh"): [Rule(p + "self_attn.v_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "o_nhd"): [Rule(p + "self_attn.o_proj.weight", (d, n * h),
+                                      lambda a: a.reshape(d, n, h).transpose(1, 2, 0))],
+        ("self_attn", "q_bias_nh"): [Rule(p + "self_attn.q_proj.bias", (n * h,), lambda a: a.reshape(n, h))],
+        ("self_attn", "k_bias_kh"): [Rule(p + "self_attn.k_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
+        ("self_attn", "v_bias_kh"): [Rule(p + "self_attn.v_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
+        ("self_attn", "o_bias_d"): [Rule(p + "self_attn.o_proj.bias", (d,))],
+        ("self_attn", "q_norm_all", "weight"): [Rule(p + "self_attn.q_norm.weight", (n * h,),
+                                                     lambda a: a.reshape(n, h))],
+        ("self_attn", "k_norm_all", "weight"): [Rule(p + "self_attn.k_norm.weight", (k * h,),
+                                                     lambda a: a.reshape(k, h))],
+        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), _t)],
+        ("mlp", "experts", "gate_edf"): [
+            Rule(p + "mlp.experts.{e}.gate_proj.weight", (f, d), _t),
+            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, :f].transpose(0, 2, 1))],
+        ("mlp", "experts", "up_edf"): [
+            Rule(p + "mlp.experts.{e}.up_proj.weight", (f, d), _t),
+            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, f:].transpose(0, 2, 1))],
+        ("mlp", "experts", "down_efd"): [
+            Rule(p + "mlp.experts.{e}.down_proj.weight", (d, f), _t),
+            Rule(p + "mlp.experts.down_proj", (e, d, f), lambda a: a.transpose(0, 2, 1))],
+    }
+    top = {
+        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
+        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
+        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
+    }
+    optional = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    return KeyMap(top=top, layer=layer, num_experts=e, optional_keys=optional)
+
+
+# --- modules --------------------------------------------------------------------------------------------------
+
+
+def make_layer(cfg: OlmoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """One decoder layer: attention with the whole-projection QK-norm (and clip_qkv), then the sparse MoE block."""
+    d = cfg.hidden_size
+
+    def norm():
+        return RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+
+    attention = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias,
+                          qk_norm_eps=cfg.rms_norm_eps, qk_norm_over="all", clip_qkv=cfg.clip_qkv, dtype=dtype,
+                          rngs=rngs)
+    moe = SoftmaxMoE(d, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                     normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
+    return DecoderLayer(kind, norm(), attention, norm(), moe)
+
+
+class OlmoeForCausalLM(DecoderLM):
+    """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
+
+    def __init__(self, cfg: OlmoeConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(cfg, lambda kind, rngs: make_layer(cfg, kind, dtype=dtype, rngs=rngs),
+                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype,
+                                         rngs=rngs), dtype=dtype, rngs=rngs)
+
+
+# The published shapes `moejax plan` knows by name.
+PRESETS = {"olmoe-1b-7b": OlmoeConfig.olmoe_1b_7b}
+
+
+def tiny_reference_config(**overrides):
+    """A tiny transformers OlmoeConfig for tests and benchmarks: head_dim 22 (hidden 44 over 2 heads), GQA, clip_qkv
+    small enough to clip (overrides replace its fields)."""
+    import transformers
+
+    base = dict(vocab_size=97, hidden_size=44, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=2.0,
+                rms_norm_eps=1e-5, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return transformers.OlmoeConfig(**(base | overrides))
+
+
+Config, Model = OlmoeConfig, OlmoeForCausalLM
