@@ -17,7 +17,7 @@ from moejax.data.corpus import FLORES_CODES, chunk, read_corpus
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
-from moejax.models.builtin import NAME, builtin_model
+from moejax.models.builtin import NAME
 from moejax.routing import PAIRS_PER_CHUNK, PROBABILITIES
 
 if TYPE_CHECKING:
@@ -67,18 +67,17 @@ class AnalyzeSettings:
 
 
 def load_model(spec: str | None, mesh=None, allow_nonfinite: bool = False):
-    """(label, path, model, tokenizer) for "DIR" or "LABEL=DIR", or the built-in model for None."""
-    from moejax.loading import from_pretrained
-    from moejax.parallel.mesh import shard_model
+    """(label, path, model, tokenizer) for "DIR" or "LABEL=DIR" (DIR: a checkpoint or a training run), or the
+    built-in model for None."""
+    from moejax.opening import open_model
 
     if spec is None:
-        model = builtin_model()
-        return NAME, "builtin", model if mesh is None else shard_model(model, mesh), ByteTokenizer()
+        return NAME, "builtin", open_model(None, mesh=mesh).model, ByteTokenizer()
     label, sep, path = spec.partition("=")
     if not sep or not label or Path(spec).exists():
         label, path = Path(spec).name, spec
-    model = from_pretrained(path, mesh=mesh, allow_nonfinite=allow_nonfinite)
-    tokenizer = HFTokenizer(path)
+    opened = open_model(path, mesh=mesh, allow_nonfinite=allow_nonfinite)
+    model, tokenizer = opened.model, HFTokenizer(opened.files)
     if not model.config.moe_layers:
         raise DataError(f"{path}: the model has no MoE layers; there is no routing to analyse")
     return label, str(path), model, tokenizer

@@ -37,16 +37,11 @@ def export(settings: ExportSettings) -> Path:
     import jax.numpy as jnp
 
     from moejax.export import export_pretrained
-    from moejax.loading import from_pretrained
-    from moejax.training.run import is_run_checkpoint, restore_model, run_directory
+    from moejax.opening import open_model, run_directory
 
     source = run_directory(settings.src) or settings.src
     check_output(settings.out_dir, "export", [source], flag="OUT_DIR")
     dtype = jnp.dtype(checkpoint_dtype(source) if settings.dtype == "auto" else settings.dtype)
-    if is_run_checkpoint(settings.src):
-        model, tokenizer_from = restore_model(settings.src, dtype)
-    else:
-        model = from_pretrained(settings.src, dtype=dtype, allow_nonfinite=settings.allow_nonfinite)
-        tokenizer_from = settings.src
-    return export_pretrained(model, settings.out_dir, tokenizer_from=tokenizer_from,
+    opened = open_model(settings.src, dtype, allow_nonfinite=settings.allow_nonfinite)
+    return export_pretrained(opened.model, settings.out_dir, tokenizer_from=opened.files,
                              max_shard_bytes=int(settings.max_shard_gb * 1024 ** 3))

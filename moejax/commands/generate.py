@@ -13,7 +13,6 @@ from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import refuse_unsafe, write_file
 from moejax.models.builtin import NAME as BUILTIN
-from moejax.models.builtin import builtin_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +70,10 @@ def generate(settings: GenerateSettings) -> list[dict]:
     """[{"prompt", "continuation"}] per prompt, in order."""
     import jax.numpy as jnp
 
-    from moejax.loading import from_pretrained, generation_defaults, load_config
+    from moejax.loading import generation_defaults, load_config
     from moejax.models.steering import Steering
-    from moejax.parallel.mesh import make_mesh, shard_model
+    from moejax.opening import open_model, run_directory
+    from moejax.parallel.mesh import make_mesh
 
     prompts = read_prompts(settings)
     if settings.out is not None:
@@ -81,15 +81,14 @@ def generate(settings: GenerateSettings) -> list[dict]:
                                      if p is not None], "--out")
     steering = None if settings.steering is None else Steering.from_json(settings.steering)
     mesh = make_mesh(settings.mesh) if settings.mesh else None
-    if settings.model is None:
-        model = builtin_model()
-        model = model if mesh is None else shard_model(model, mesh)
+    files = settings.model if settings.model is None else (run_directory(settings.model) or settings.model)
+    if files is None:
         tokenizer, eos = byte_level_tokenizer(), [byte_level_tokenizer().eos_token_id]
     else:
-        load_config(settings.model)  # config.json first: a wrong field is named by moejax, not by the tokenizer
-        tokenizer = transformers_tokenizer(settings.model)  # before the weights: a missing tokenizer fails fast
-        eos = generation_defaults(settings.model)
-        model = from_pretrained(settings.model, jnp.dtype(settings.dtype), mesh, settings.allow_nonfinite)
+        load_config(files)  # config.json first: a wrong field is named by moejax, not by the tokenizer
+        tokenizer = transformers_tokenizer(files)  # before the weights: a missing tokenizer fails fast
+        eos = generation_defaults(files)
+    model = open_model(settings.model, jnp.dtype(settings.dtype), mesh, settings.allow_nonfinite).model
     if steering is not None:
         steering.check(model.config)
     texts = [_chat(tokenizer, p, settings.model) for p in prompts] if settings.chat else prompts

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moejax.data.corpus import read_lines
+from moejax.data.packing import positions
 from moejax.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".npy", ".npz")
@@ -265,11 +266,10 @@ class Mixture:
         self._batches += 1
         new_bt = starts_bt.copy()
         new_bt[:, 0] = True
-        cols_t = np.arange(t)
-        seg_start_bt = np.maximum.accumulate(np.where(new_bt, cols_t, 0), axis=1)
-        labels_bt = np.where(starts_bt & (cols_t > 0), IGNORE_INDEX, ids_bt).astype(np.int32)
-        return Batch(input_ids=ids_bt, segment_ids=np.cumsum(new_bt, axis=1, dtype=np.int32),
-                     position_ids=(cols_t - seg_start_bt).astype(np.int32), labels=labels_bt, lang_ids=lang_ids_b)
+        labels_bt = np.where(starts_bt & (np.arange(t) > 0), IGNORE_INDEX, ids_bt).astype(np.int32)
+        segment_ids_bt = np.cumsum(new_bt, axis=1, dtype=np.int32)
+        return Batch(input_ids=ids_bt, segment_ids=segment_ids_bt, position_ids=positions(segment_ids_bt),
+                     labels=labels_bt, lang_ids=lang_ids_b)
 
     def state_dict(self) -> dict:
         """JSON-serialisable position: batches produced and rows consumed per language."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
+
 # Powers of two and 1.5x powers of two: padding stays under a third of a sequence (~15% on average)
 # while a corpus compiles at most a dozen shapes.
 BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -64,3 +66,26 @@ def passes(layout: Layout, batch_size: int):
     for start in range(0, len(layout.rows), batch_size):
         rows = layout.rows[start:start + batch_size]
         yield rows, min(batch_size, 1 << (len(rows) - 1).bit_length())
+
+
+def segment_positions(segment_ids_bt: np.ndarray) -> np.ndarray:
+    """[b, t] int32: each token's position within its segment (a run of equal segment ids), from 0."""
+    segment_ids_bt = np.asarray(segment_ids_bt)
+    columns_t = np.arange(segment_ids_bt.shape[1])
+    starts_bt = np.ones(segment_ids_bt.shape, bool)
+    starts_bt[:, 1:] = segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]
+    first_bt = np.maximum.accumulate(np.where(starts_bt, columns_t, 0), axis=1)
+    return (columns_t - first_bt).astype(np.int32)
+
+
+def positions(segment_ids_bt, position_ids_bt=None, *, packed: bool = True) -> np.ndarray:
+    """The position ids [b, t] int32 of a forward pass, derived one way for every entry point (model(...), training,
+    the routing statistics, lm-eval scoring): the given ones; else, for packed rows (segment ids numbering the
+    documents of a row), each token's position within its document; else (transformers' 0/1 attention mask)
+    0, 1, ... along the row, padding included, as transformers' forward numbers them."""
+    segment_ids_bt = np.asarray(segment_ids_bt)
+    if position_ids_bt is not None:
+        return np.asarray(position_ids_bt, np.int32)
+    if packed:
+        return segment_positions(segment_ids_bt)
+    return np.broadcast_to(np.arange(segment_ids_bt.shape[1], dtype=np.int32), segment_ids_bt.shape)

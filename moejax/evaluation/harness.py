@@ -38,15 +38,14 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from moejax.config import read_config_json
-from moejax.data.packing import pack, passes
+from moejax.data.packing import pack, passes, positions
 from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import ConfigError, DataError
-from moejax.loading import from_pretrained, generation_defaults
+from moejax.loading import generation_defaults
 from moejax.models.builtin import NAME as BUILTIN
-from moejax.models.builtin import builtin_model
-from moejax.models.common import segment_positions
 from moejax.models.steering import as_steering, with_steering
-from moejax.parallel.mesh import make_mesh, on_mesh, shard_model
+from moejax.opening import open_model, run_directory
+from moejax.parallel.mesh import make_mesh, on_mesh
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +97,18 @@ class MoejaxLM(TemplateLM):
         del device, max_batch_size  # lm-eval passes them to every model; the mesh decides where moejax runs
         builtin = str(pretrained) in (BUILTIN, "builtin")
         model_dir = None if builtin else Path(pretrained)
+        files = None if builtin else run_directory(model_dir) or model_dir  # a training run: its run directory
         mesh = make_mesh(mesh) if mesh else None
         if builtin:
-            model = builtin_model()
-            self.model = model if mesh is None else shard_model(model, mesh)
+            self.model = open_model(None, mesh=mesh).model
             self.tokenizer = byte_level_tokenizer()
-            declared = types.SimpleNamespace(max_position_embeddings=model.config.max_positions)
+            declared = types.SimpleNamespace(max_position_embeddings=self.model.config.max_positions)
         else:
-            config = read_config_json(model_dir / "config.json")
-            self.model = from_pretrained(model_dir, _dtype(str(dtype), config), mesh, allow_nonfinite,
-                                         **config_overrides)
-            self.tokenizer = transformers_tokenizer(model_dir, **({} if add_bos_token is None else
-                                                                  {"add_bos_token": add_bos_token}))
+            config = read_config_json(files / "config.json")
+            self.model = open_model(model_dir, _dtype(str(dtype), config), mesh, allow_nonfinite,
+                                    **config_overrides).model
+            self.tokenizer = transformers_tokenizer(files, **({} if add_bos_token is None else
+                                                              {"add_bos_token": add_bos_token}))
             declared = types.SimpleNamespace(**config)
         self.tokenizer = configure_pad_token(self.tokenizer, model_config=declared)
         self.name = BUILTIN if builtin else str(model_dir)
@@ -122,7 +121,7 @@ class MoejaxLM(TemplateLM):
         self.steering = as_steering(steering)
         self._control = with_steering(None, self.steering, self.model.config)  # checks it against the model
         # What transformers' generate stops at (and pads after), as lm-eval's Hugging Face backend runs it.
-        self.eos_ids = [self.tokenizer.eos_token_id] if builtin else generation_defaults(model_dir)
+        self.eos_ids = [self.tokenizer.eos_token_id] if builtin else generation_defaults(files)
         vocab = self.model.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise DataError(f"{pretrained}: its tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
@@ -222,7 +221,7 @@ class MoejaxLM(TemplateLM):
                         targets[r, at:at + n - 1] = tokens[1:]
                         last[r, at + n - 1] = True
                         extras[r, at + n - 1, :len(finals[i])] = finals[i]
-                got = jax.device_get(_score(graphdef, state, *place(ids, segment_ids, segment_positions(segment_ids),
+                got = jax.device_get(_score(graphdef, state, *place(ids, segment_ids, positions(segment_ids),
                                                                      targets, last, extras), self._control))
                 target_logp, greedy, extra_logp = got
                 for r, row in enumerate(rows):

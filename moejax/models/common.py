@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from moejax.data.packing import positions
 from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
 from moejax.layers.attention import attention_mask, cache_attention_mask
@@ -64,16 +65,6 @@ class ForcedRouting:
         layers, batch, seq, k = self.expert_ids.shape
         return RouterControl(force_ids=jnp.asarray(self.expert_ids, jnp.int32).reshape(layers, batch * seq, k),
                              force_mask=jnp.asarray(self.mask, bool).reshape(layers, batch * seq))
-
-
-def segment_positions(segment_ids_bt: np.ndarray) -> np.ndarray:
-    """[b, t] int32: each token's position within its segment (a run of equal segment ids), from 0."""
-    segment_ids_bt = np.asarray(segment_ids_bt)
-    columns_t = np.arange(segment_ids_bt.shape[1])
-    starts_bt = np.ones(segment_ids_bt.shape, bool)
-    starts_bt[:, 1:] = segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]
-    first_bt = np.maximum.accumulate(np.where(starts_bt, columns_t, 0), axis=1)
-    return (columns_t - first_bt).astype(np.int32)
 
 
 class CausalLM(nnx.Module):
@@ -164,9 +155,7 @@ class CausalLM(nnx.Module):
         if segment_ids_bt.shape != input_ids.shape:
             raise DataError(f"attention_mask / segment_ids shape {segment_ids_bt.shape} != input_ids shape "
                             f"{input_ids.shape}")
-        if position_ids is None:
-            position_ids = (segment_positions(segment_ids_bt) if segment_ids is not None
-                            else np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int32), input_ids.shape))
+        position_ids = positions(segment_ids_bt, position_ids, packed=segment_ids is not None)
         if forced_routing is not None:
             want = (len(self.config.moe_layers), *input_ids.shape, self.config.num_experts_per_tok)
             if tuple(np.shape(forced_routing.expert_ids)) != want or np.shape(forced_routing.mask) != want[:-1]:

@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
+from moejax.data.packing import positions
 from moejax.errors import DataError
-from moejax.models.common import ForcedRouting, segment_positions
+from moejax.models.common import ForcedRouting
 from moejax.models.steering import Steering, with_steering
 from moejax.parallel.mesh import on_mesh
 from moejax.routing import PROBABILITIES
@@ -119,7 +120,7 @@ def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, p
     graphdef, state = nnx.split(model)
     with on_mesh(state) as place:
         stats = _stats(graphdef, state, *place(np.asarray(input_ids_bt, np.int32), segment_ids_bt,
-                                               segment_positions(segment_ids_bt), np.asarray(content_bt, bool),
+                                               positions(segment_ids_bt), np.asarray(content_bt, bool),
                                                np.asarray(pairs_bmp2, np.int32)), probabilities,
                        with_steering(None if forced is None else forced.control(), steering, model.config),
                        keep_routing, np.shape(pairs_bmp2)[1])

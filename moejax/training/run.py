@@ -30,10 +30,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -44,10 +42,9 @@ from moejax.data.sft import ConversationRows, load_conversations
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import RunError
 from moejax.io import refuse_unsafe
-from moejax.loading import from_pretrained, load_config
-from moejax.models import abstract_model, model_class
-from moejax.models.builtin import builtin_model, save_builtin_files
-from moejax.parallel.mesh import make_mesh, shard_model
+from moejax.models.builtin import save_builtin_files
+from moejax.opening import CHECKPOINTS, RUN_FILE, open_model
+from moejax.parallel.mesh import make_mesh
 from moejax.report.figures import training_figure
 from moejax.routing.metrics import usage_entropy_bits, usage_fractions
 from moejax.training.step import (
@@ -59,9 +56,7 @@ from moejax.training.step import (
     make_train_step,
 )
 
-RUN_FILE = "run.json"
 LOST_WARNING = 0.5  # warn when a row length keeps less than this share of a language's supervised tokens
-CHECKPOINTS = "checkpoint"
 BASE_COLUMNS = ("step", "loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
 
 
@@ -102,10 +97,8 @@ def sample_mixture() -> str:
 def _load_model(settings: RunSettings, allow_nonfinite: bool = False):
     """(model, on the mesh if one is set; its tokenizer)."""
     mesh = make_mesh(settings.mesh) if settings.mesh else None
-    if settings.model is None:
-        model = builtin_model()
-        return (model if mesh is None else shard_model(model, mesh)), ByteTokenizer()
-    return from_pretrained(settings.model, mesh=mesh, allow_nonfinite=allow_nonfinite), HFTokenizer(settings.model)
+    opened = open_model(settings.model, mesh=mesh, allow_nonfinite=allow_nonfinite)
+    return opened.model, ByteTokenizer() if opened.builtin else HFTokenizer(opened.files)
 
 
 def _check_run_dir(out: Path, settings: RunSettings) -> bool:
@@ -412,55 +405,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _locate(path: Path) -> tuple[Path, int | None] | None:
-    """(run directory, step or None for the latest) when PATH is a run, its checkpoint directory or one of its
-    steps; None otherwise."""
-    if (path / RUN_FILE).is_file():
-        return path, None
-    if path.name == CHECKPOINTS and (path.parent / RUN_FILE).is_file():
-        return path.parent, None
-    if path.name.isdigit() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_FILE).is_file():
-        return path.parent.parent, int(path.name)
-    return None
-
-
-def is_run_checkpoint(path: str | Path) -> bool:
-    return _locate(Path(path)) is not None
-
-
-def run_directory(path: str | Path) -> Path | None:
-    """The run directory of a run, its checkpoint directory or one of its steps; None for anything else."""
-    located = _locate(Path(path))
-    return None if located is None else located[0]
-
-
-def restore_model(path: str | Path, dtype=jnp.float32):
-    """The model of a run's checkpoint (PATH: RUN_DIR, RUN_DIR/checkpoint for the latest step, or
-    RUN_DIR/checkpoint/STEP), its float32 master weights cast to `dtype`; and the run directory, which
-    holds the model's config and tokenizer files."""
-    located = _locate(Path(path))
-    if located is None:
-        raise RunError(f"{path}: not a moejax run, its checkpoint directory or one of its steps")
-    run_dir, step = located
-    settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text()))
-    config = load_config(run_dir)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(lambda: init_state(model_class(config)(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
-                                                 settings.train)[1])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    manager = ocp.CheckpointManager((run_dir / CHECKPOINTS).absolute(), item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise RunError(f"{run_dir / CHECKPOINTS}: no complete checkpoint"
-                           + ("" if step is None else f" for step {step} (complete: {list(manager.all_steps())})"))
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    finally:
-        manager.close()
-    model = abstract_model(config, dtype)
-    target = nnx.state(model)
-    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, target))
-    return model, run_dir

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.data.mixture import IGNORE_INDEX
+from moejax.data.packing import positions
 from moejax.errors import DataError, SettingsError
 from moejax.layers.moe import RouterControl
 from moejax.layers.stack import layer_position, segment_layer_ids
@@ -326,8 +327,8 @@ def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np
         raise DataError(f"input_ids must be [batch, seq], got shape {ids.shape}")
     out = {"input_ids": ids,
            "segment_ids": np.asarray(batch.get("segment_ids", np.ones_like(ids)), np.int32),
-           "position_ids": np.asarray(batch.get("position_ids", np.broadcast_to(np.arange(ids.shape[1]), ids.shape)),
-                                      np.int32),
+           "position_ids": positions(batch.get("segment_ids", np.ones_like(ids)), batch.get("position_ids"),
+                                     packed="segment_ids" in batch),
            "labels": np.asarray(batch.get("labels", ids), np.int32),
            "lang_ids": np.asarray(batch.get("lang_ids", np.zeros(ids.shape[0])), np.int32)}
     for name in ("segment_ids", "position_ids", "labels"):

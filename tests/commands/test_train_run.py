@@ -26,8 +26,8 @@ import moejax
 from moejax.cli import main
 from moejax.commands.train import TrainSettings, train
 from moejax.data.corpus import SAMPLE_DIR
+from moejax.opening import RUN_FILE, restore_model
 from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
-from moejax.training.run import RUN_FILE, restore_model
 
 pytestmark = pytest.mark.torch
 

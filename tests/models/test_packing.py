@@ -24,10 +24,10 @@ from support import assert_same_statistics, tie_forcing
 import moejax
 from moejax.data.corpus import chunk, read_corpus
 from moejax.data.mixture import IGNORE_INDEX
+from moejax.data.packing import segment_positions
 from moejax.data.tokenize import HFTokenizer
 from moejax.layers.mamba2 import segment_runs
 from moejax.layers.ssd import ssd_chunked, ssd_sequential
-from moejax.models.common import segment_positions
 from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.routing.analysis import ModelRun, build_tables, collect
 

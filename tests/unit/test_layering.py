@@ -26,7 +26,7 @@ LAYERS = [
     ("moejax.layers", "moejax.keymap"),
     ("moejax.models",),
     ("moejax.loading", "moejax.checkpoint", "moejax.export", "moejax.parity.fixtures"),
-    ("moejax.routing", "moejax.training", "moejax.evaluation", "moejax.parity", "moejax.planning"),
+    ("moejax.routing", "moejax.training", "moejax.evaluation", "moejax.parity", "moejax.planning", "moejax.opening"),
     ("moejax.commands",),
     ("moejax.cli",),
 ]

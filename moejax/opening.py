@@ -1,0 +1,104 @@
+"""What a command's --model names, opened one way for every command: a Hugging Face or `moejax convert` checkpoint
+directory, a training run (its directory, its checkpoint directory or one of its steps: the latest or that step's
+weights), or nothing (the built-in demonstration model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moejax.errors import RunError
+from moejax.loading import from_pretrained, load_config
+from moejax.models import abstract_model, model_class
+from moejax.models.builtin import builtin_model
+from moejax.parallel.mesh import shard_model
+from moejax.training.config import TrainConfig
+from moejax.training.step import init_state
+
+RUN_FILE = "run.json"  # what marks a training run's directory (moejax.training.run writes it)
+CHECKPOINTS = "checkpoint"  # the run's Orbax checkpoints, one folder per saved step
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """An opened model and where its config.json and tokenizer files are (None: the built-in model, whose tokenizer
+    is moejax.data.tokenize's byte-level one)."""
+
+    model: object
+    files: Path | None
+
+    @property
+    def builtin(self) -> bool:
+        return self.files is None
+
+
+def open_model(spec: str | Path | None, dtype=jnp.float32, mesh=None, allow_nonfinite: bool = False,
+               **config_overrides) -> Opened:
+    """The model `spec` names (module docstring) in `dtype`, placed on `mesh` if given; config_overrides replace
+    fields of its config (e.g. Nemotron-H's dt_floor). The built-in model is float32 whatever `dtype`."""
+    if spec is None:
+        model = builtin_model()
+        return Opened(model if mesh is None else shard_model(model, mesh), None)
+    if run_directory(spec) is not None:
+        model, run_dir = restore_model(spec, dtype, **config_overrides)
+        return Opened(model if mesh is None else shard_model(model, mesh), run_dir)
+    model = from_pretrained(spec, dtype=dtype, mesh=mesh, allow_nonfinite=allow_nonfinite, **config_overrides)
+    return Opened(model, Path(spec))
+
+
+def _locate(path: Path) -> tuple[Path, int | None] | None:
+    """(run directory, step or None for the latest) when PATH is a run, its checkpoint directory or one of its
+    steps; None otherwise."""
+    if (path / RUN_FILE).is_file():
+        return path, None
+    if path.name == CHECKPOINTS and (path.parent / RUN_FILE).is_file():
+        return path.parent, None
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_FILE).is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    return _locate(Path(path)) is not None
+
+
+def run_directory(path: str | Path) -> Path | None:
+    """The run directory of a run, its checkpoint directory or one of its steps; None for anything else."""
+    located = _locate(Path(path))
+    return None if located is None else located[0]
+
+
+def restore_model(path: str | Path, dtype=jnp.float32, **config_overrides):
+    """The model of a run's checkpoint (PATH: RUN_DIR, RUN_DIR/checkpoint for the latest step, or
+    RUN_DIR/checkpoint/STEP), its float32 master weights cast to `dtype` (config_overrides replace fields of its
+    config); and the run directory, which holds the model's config and tokenizer files."""
+    located = _locate(Path(path))
+    if located is None:
+        raise RunError(f"{path}: not a moejax run, its checkpoint directory or one of its steps")
+    run_dir, step = located
+    train = TrainConfig(**json.loads((run_dir / RUN_FILE).read_text())["train"])
+    config = load_config(run_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(lambda: init_state(model_class(config)(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+                                                 train)[1])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    manager = ocp.CheckpointManager((run_dir / CHECKPOINTS).absolute(), item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise RunError(f"{run_dir / CHECKPOINTS}: no complete checkpoint"
+                           + ("" if step is None else f" for step {step} (complete: {list(manager.all_steps())})"))
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    finally:
+        manager.close()
+    model = abstract_model(dataclasses.replace(config, **config_overrides), dtype)
+    target = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, target))
+    return model, run_dir
