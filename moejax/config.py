@@ -188,6 +188,38 @@ def require(cond: bool, source: str, message: str) -> None:
         raise ConfigError(f"{source}: {message}")
 
 
+def is_moe(kind: str) -> bool:
+    """Whether layers of this kind route tokens to experts (and return their routing): "moe", or a kind named
+    "moe_<variant>" (e.g. GPT-OSS's "moe_sliding", an MoE layer with windowed attention)."""
+    return kind == "moe" or kind.startswith("moe_")
+
+
+class ModelConfig:
+    """What every architecture's config (a frozen dataclass deriving from this) answers the same way unless it says
+    otherwise. Each also gives model_type, router_kind ("softmax", "sigmoid" or "topk_softmax"), layer_kinds,
+    num_routed_experts, expert_ffn_size and parameter_count()."""
+
+    router_groups = (1, 1)  # (groups, groups kept) of a group-limited top-k: none
+    # Config fields that make moejax compute what transformers' PyTorch code computes, where that differs from the
+    # model as published (`moejax parity` applies them), as (field, value) pairs.
+    transformers_overrides = ()
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The indices of the layers that route."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds) if is_moe(kind))
+
+    @property
+    def expert_input_size(self) -> int:
+        """The width of the rows the routed experts take (and give back)."""
+        return self.hidden_size
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's positions cover (RoPE's trained or extended range); None: no limit."""
+        return self.max_position_embeddings
+
+
 # How tokens reach the experts' devices under expert parallelism (moejax.layers.moe.expert_parallel): not in
 # config.json; a moejax setting, given as a config override (from_pretrained(..., expert_exchange="all_to_all")).
 EXPERT_EXCHANGES = ("auto", "all_gather", "all_to_all")

@@ -63,6 +63,63 @@ class KeyMap:
     ignored_prefixes: tuple[str, ...] = ()
 
 
+def transpose(a: np.ndarray) -> np.ndarray:
+    """A Linear's weight [out, in] -> moejax's [in, out]."""
+    return a.T
+
+
+def decoder_rules(layer: str, d: int, n: int, k: int, h: int) -> dict[tuple[str, ...], list[Rule]]:
+    """The rules transformers' Llama-style decoder layers share (the layer's key prefix `layer`, e.g.
+    "model.layers.{i}."): the two norms and the attention projections with their optional biases (d hidden, n query
+    heads, k key/value heads, head_dim h)."""
+    a = layer + "self_attn."
+
+    def heads(count):  # [count*h, d] -> [d, count, h]
+        return lambda w: w.reshape(count, h, d).transpose(2, 0, 1)
+
+    return {
+        ("input_layernorm", "weight"): [Rule(layer + "input_layernorm.weight", (d,))],
+        ("post_attention_layernorm", "weight"): [Rule(layer + "post_attention_layernorm.weight", (d,))],
+        ("self_attn", "q_dnh"): [Rule(a + "q_proj.weight", (n * h, d), heads(n))],
+        ("self_attn", "k_dkh"): [Rule(a + "k_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "v_dkh"): [Rule(a + "v_proj.weight", (k * h, d), heads(k))],
+        ("self_attn", "o_nhd"): [Rule(a + "o_proj.weight", (d, n * h),
+                                      lambda w: w.reshape(d, n, h).transpose(1, 2, 0))],
+        ("self_attn", "q_bias_nh"): [Rule(a + "q_proj.bias", (n * h,), lambda b: b.reshape(n, h))],
+        ("self_attn", "k_bias_kh"): [Rule(a + "k_proj.bias", (k * h,), lambda b: b.reshape(k, h))],
+        ("self_attn", "v_bias_kh"): [Rule(a + "v_proj.bias", (k * h,), lambda b: b.reshape(k, h))],
+        ("self_attn", "o_bias_d"): [Rule(a + "o_proj.bias", (d,))],
+    }
+
+
+def swiglu_expert_rules(experts: str, e: int, d: int, f: int) -> dict[tuple[str, ...], list[Rule]]:
+    """SwiGLU experts under key prefix `experts` (e.g. "model.layers.{i}.mlp.experts."): one tensor per expert, as
+    save_pretrained writes them, or fused, as transformers >= 5 holds them (gate_up_proj [E, 2f, d] with gate
+    first, down_proj [E, d, f])."""
+    return {
+        ("mlp", "experts", "gate_edf"): [
+            Rule(experts + "{e}.gate_proj.weight", (f, d), transpose),
+            Rule(experts + "gate_up_proj", (e, 2 * f, d), lambda a: a[:, :f].transpose(0, 2, 1))],
+        ("mlp", "experts", "up_edf"): [
+            Rule(experts + "{e}.up_proj.weight", (f, d), transpose),
+            Rule(experts + "gate_up_proj", (e, 2 * f, d), lambda a: a[:, f:].transpose(0, 2, 1))],
+        ("mlp", "experts", "down_efd"): [
+            Rule(experts + "{e}.down_proj.weight", (d, f), transpose),
+            Rule(experts + "down_proj", (e, d, f), lambda a: a.transpose(0, 2, 1))],
+    }
+
+
+def decoder_top(v: int, d: int, tied: bool) -> tuple[dict[tuple[str, ...], list[Rule]], frozenset[str]]:
+    """The embeddings, final norm and LM head of a Llama-style model, and the keys that may be present unread (a
+    tied checkpoint may still carry the identical head)."""
+    top = {
+        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
+        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
+        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), transpose)],
+    }
+    return top, frozenset({"lm_head.weight"}) if tied else frozenset()
+
+
 def _param_paths(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         yield tuple(path), var

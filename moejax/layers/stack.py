@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.config import REMAT_NAMES
+from moejax.config import REMAT_NAMES, is_moe
 
 MAX_UNIT = 4
 
@@ -24,12 +24,6 @@ MAX_UNIT = 4
 # rest; "dots" keeps matmul outputs and recomputes the elementwise work between them.
 REMAT_POLICIES = dict(zip(REMAT_NAMES, (None, jax.checkpoint_policies.nothing_saveable,
                                          jax.checkpoint_policies.dots_with_no_batch_dims_saveable), strict=True))
-
-
-def is_moe(kind: str) -> bool:
-    """Whether layers of this kind route tokens to experts (and return their routing): "moe", or a kind named
-    "moe_<variant>" (e.g. GPT-OSS's "moe_sliding", an MoE layer with windowed attention)."""
-    return kind == "moe" or kind.startswith("moe_")
 
 
 def plan_segments(kinds: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:

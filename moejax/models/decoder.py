@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.config import is_moe
 from moejax.layers.params import param
 from moejax.layers.rope import inverse_frequencies, rope_tables
-from moejax.layers.stack import LayerStack, is_moe
+from moejax.layers.stack import LayerStack
 from moejax.models.common import CausalLM
 
 

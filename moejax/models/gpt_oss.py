@@ -15,9 +15,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import Fields, RopeConfig, check_hf, require, require_exchange
+from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, require_exchange
 from moejax.errors import ConfigError
-from moejax.keymap import KeyMap, Rule
+from moejax.keymap import KeyMap, Rule, decoder_rules, decoder_top, transpose
 from moejax.layers.attention import Attention
 from moejax.layers.mlp import ClampedSwiGLU
 from moejax.layers.moe import GptOssMoE
@@ -32,7 +32,7 @@ LAYER_TYPES = {"sliding_attention": "moe_sliding", "full_attention": "moe"}
 
 
 @dataclasses.dataclass(frozen=True)
-class GptOssConfig:
+class GptOssConfig(ModelConfig):
     """Every GPT-OSS config.json field that changes the forward pass."""
 
     vocab_size: int
@@ -58,8 +58,6 @@ class GptOssConfig:
 
     model_type = "gpt_oss"
     router_kind = "topk_softmax"  # top-k of the raw (biased) logits, then a softmax over the k chosen
-    router_groups = (1, 1)
-    transformers_overrides = ()
     _READ = {
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "intermediate_size", "num_local_experts", "num_experts", "num_experts_per_tok", "layer_types",
@@ -143,10 +141,6 @@ class GptOssConfig:
         return tuple(LAYER_TYPES[t] for t in self.layer_types)
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(range(self.num_hidden_layers))
-
-    @property
     def num_routed_experts(self) -> int:
         return self.num_local_experts
 
@@ -154,15 +148,6 @@ class GptOssConfig:
     def expert_ffn_size(self) -> int:
         """The intermediate width of each routed expert."""
         return self.intermediate_size
-
-    @property
-    def expert_input_size(self) -> int:
-        return self.hidden_size
-
-    @property
-    def max_positions(self) -> int:
-        """The longest sequence the model's positions cover (YaRN's extended range)."""
-        return self.max_position_embeddings
 
     @property
     def activation(self) -> ClampedSwiGLU:
@@ -190,21 +175,13 @@ class GptOssConfig:
 # --- Hugging Face key map -------------------------------------------------------------------------------------
 
 
-def _t(a):
-    return a.T
-
-
 def keymap(cfg: GptOssConfig) -> KeyMap:
     """The key map of GptOssForCausalLM checkpoints: experts fused, gate and up interleaved along the last axis
     (gate_up_proj [E, d, 2f]: gate = [..., ::2], up = [..., 1::2]), down_proj [E, f, d]; or their MXFP4 form
     (*_blocks and *_scales, dequantized exactly on load: moejax.mxfp4)."""
-    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    e, f, v = cfg.num_local_experts, cfg.intermediate_size, cfg.vocab_size
+    d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     p = "model.layers.{i}."
     x = p + "mlp.experts."
-
-    def heads(count):  # [count*h, d] -> [d, count, h]
-        return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
 
     def mxfp4(name: str, rows: int, cols: int, take, shape):
         """The MXFP4 form of expert tensor `name` ([E, cols, rows] dequantized), `take` applied after."""
@@ -212,19 +189,9 @@ def keymap(cfg: GptOssConfig) -> KeyMap:
                     parts=(("_blocks", (e, rows, cols // 32, 16)), ("_scales", (e, rows, cols // 32))), shape=shape)
 
     layer = {
-        ("input_layernorm", "weight"): [Rule(p + "input_layernorm.weight", (d,))],
-        ("post_attention_layernorm", "weight"): [Rule(p + "post_attention_layernorm.weight", (d,))],
-        ("self_attn", "q_dnh"): [Rule(p + "self_attn.q_proj.weight", (n * h, d), heads(n))],
-        ("self_attn", "k_dkh"): [Rule(p + "self_attn.k_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "v_dkh"): [Rule(p + "self_attn.v_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "o_nhd"): [Rule(p + "self_attn.o_proj.weight", (d, n * h),
-                                      lambda a: a.reshape(d, n, h).transpose(1, 2, 0))],
-        ("self_attn", "q_bias_nh"): [Rule(p + "self_attn.q_proj.bias", (n * h,), lambda a: a.reshape(n, h))],
-        ("self_attn", "k_bias_kh"): [Rule(p + "self_attn.k_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "v_bias_kh"): [Rule(p + "self_attn.v_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "o_bias_d"): [Rule(p + "self_attn.o_proj.bias", (d,))],
-        ("self_attn", "sinks_n"): [Rule(p + "self_attn.sinks", (n,))],
-        ("mlp", "router", "w_de"): [Rule(p + "mlp.router.weight", (e, d), _t)],
+        **decoder_rules(p, d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim),
+        ("self_attn", "sinks_n"): [Rule(p + "self_attn.sinks", (cfg.num_attention_heads,))],
+        ("mlp", "router", "w_de"): [Rule(p + "mlp.router.weight", (e, d), transpose)],
         ("mlp", "router", "b_e"): [Rule(p + "mlp.router.bias", (e,))],
         ("mlp", "experts", "gate_edf"): [Rule(x + "gate_up_proj", (e, d, 2 * f), lambda a: a[..., ::2]),
                                          mxfp4("gate_up_proj", 2 * f, d, lambda a: a[..., ::2], (e, d, f))],
@@ -236,12 +203,7 @@ def keymap(cfg: GptOssConfig) -> KeyMap:
         ("mlp", "experts", "up_bias_ef"): [Rule(x + "gate_up_proj_bias", (e, 2 * f), lambda a: a[:, 1::2])],
         ("mlp", "experts", "down_bias_ed"): [Rule(x + "down_proj_bias", (e, d))],
     }
-    top = {
-        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
-        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
-        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
-    }
-    optional = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    top, optional = decoder_top(cfg.vocab_size, d, cfg.tie_word_embeddings)
     return KeyMap(top=top, layer=layer, num_experts=e, optional_keys=optional)
 
 

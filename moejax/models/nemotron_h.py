@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.config import Fields, check_hf, float_pair, require, require_exchange
-from moejax.keymap import KeyMap, Rule
+from moejax.config import Fields, ModelConfig, check_hf, float_pair, require, require_exchange
+from moejax.keymap import KeyMap, Rule, transpose
 from moejax.layers.attention import Attention
 from moejax.layers.mamba2 import Mamba2Mixer
 from moejax.layers.mlp import MLP
@@ -44,7 +44,7 @@ NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", 
 
 
 @dataclasses.dataclass(frozen=True)
-class NemotronHConfig:
+class NemotronHConfig(ModelConfig):
     """Every Nemotron-H config.json field that changes the forward pass.
 
     `dt_floor` is where the pinned transformers and the published model differ: transformers' PyTorch
@@ -197,16 +197,11 @@ class NemotronHConfig:
         return (self.time_step_min, math.inf) if self.dt_floor == "time_step_min" else (low, high)
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
-
-    @property
     def num_routed_experts(self) -> int:
         return self.n_routed_experts
 
     router_kind = "sigmoid"  # sigmoid scores plus the correction bias, group-limited top-k
-    # The fields that make moejax compute what transformers' PyTorch code computes, where it differs from the model
-    # as published (`moejax parity` runs with them): its dt floor.
+    # transformers' PyTorch Mamba-2 floors dt at time_step_min (ModelConfig.transformers_overrides).
     transformers_overrides = (("dt_floor", "time_step_min"),)
 
     @property
@@ -261,10 +256,6 @@ class NemotronHConfig:
 PREFIXES = ("backbone.", "model.")
 
 
-def _t(a):
-    return a.T
-
-
 def keymap(cfg: NemotronHConfig) -> KeyMap:
     """The key map of NemotronHForCausalLM checkpoints (per-expert tensors, or fused expert tensors)."""
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -312,24 +303,25 @@ def keymap(cfg: NemotronHConfig) -> KeyMap:
         ("mixer", "k_dkh"): rules("k_proj.weight", (k * h, d), heads_of(k)),
         ("mixer", "v_dkh"): rules("v_proj.weight", (k * h, d), heads_of(k)),
         ("mixer", "o_nhd"): rules("o_proj.weight", (d, n * h), lambda a: a.reshape(d, n, h).transpose(1, 2, 0)),
-        ("mixer", "up_df"): rules("up_proj.weight", (ff, d), _t),
-        ("mixer", "down_fd"): rules("down_proj.weight", (d, ff), _t),
-        ("mixer", "router", "w_de"): rules("gate.weight", (e, d), _t),
+        ("mixer", "up_df"): rules("up_proj.weight", (ff, d), transpose),
+        ("mixer", "down_fd"): rules("down_proj.weight", (d, ff), transpose),
+        ("mixer", "router", "w_de"): rules("gate.weight", (e, d), transpose),
         ("mixer", "correction_e"): rules("gate.e_score_correction_bias", (e,)),
-        ("mixer", "to_latent_dl"): rules("fc1_latent_proj.weight", (x, d), _t),
-        ("mixer", "from_latent_ld"): rules("fc2_latent_proj.weight", (d, x), _t),
+        ("mixer", "to_latent_dl"): rules("fc1_latent_proj.weight", (x, d), transpose),
+        ("mixer", "from_latent_ld"): rules("fc2_latent_proj.weight", (d, x), transpose),
         ("mixer", "experts", "up_edf"): rules(
-            "experts.{e}.up_proj.weight", (f, x), _t, ("experts.up_proj", (e, f, x), lambda a: a.transpose(0, 2, 1))),
+            "experts.{e}.up_proj.weight", (f, x), transpose,
+            ("experts.up_proj", (e, f, x), lambda a: a.transpose(0, 2, 1))),
         ("mixer", "experts", "down_efd"): rules(
-            "experts.{e}.down_proj.weight", (x, f), _t,
+            "experts.{e}.down_proj.weight", (x, f), transpose,
             ("experts.down_proj", (e, x, f), lambda a: a.transpose(0, 2, 1))),
-        ("mixer", "shared", "up_df"): rules("shared_experts.up_proj.weight", (sf, d), _t),
-        ("mixer", "shared", "down_fd"): rules("shared_experts.down_proj.weight", (d, sf), _t),
+        ("mixer", "shared", "up_df"): rules("shared_experts.up_proj.weight", (sf, d), transpose),
+        ("mixer", "shared", "down_fd"): rules("shared_experts.down_proj.weight", (d, sf), transpose),
     }
     top = {
         ("embed_vd",): [Rule(p + "embeddings.weight", (v, d)) for p in PREFIXES],
         ("norm_f", "weight"): [Rule(p + "norm_f.weight", (d,)) for p in PREFIXES],
-        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
+        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), transpose)],
     }
     return KeyMap(top=top, layer=layer, num_experts=e, ignored_prefixes=("mtp.",))
 

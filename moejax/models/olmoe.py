@@ -13,8 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import Fields, RopeConfig, check_hf, require, require_exchange
-from moejax.keymap import KeyMap, Rule
+from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, require_exchange
+from moejax.keymap import KeyMap, Rule, decoder_rules, decoder_top, swiglu_expert_rules, transpose
 from moejax.layers.attention import Attention
 from moejax.layers.moe import SoftmaxMoE
 from moejax.layers.norms import RMSNorm
@@ -24,7 +24,7 @@ from moejax.models.decoder import DecoderLayer, DecoderLM
 
 
 @dataclasses.dataclass(frozen=True)
-class OlmoeConfig:
+class OlmoeConfig(ModelConfig):
     """Every OLMoE config.json field that changes the forward pass. head_dim is hidden_size / num_attention_heads
     (transformers' rule: OLMoE's config has no head_dim), so it can be any size (e.g. 22)."""
 
@@ -48,8 +48,6 @@ class OlmoeConfig:
 
     model_type = "olmoe"
     router_kind = "softmax"  # softmax over all experts, top-k, optionally renormalised (as Qwen3-MoE)
-    router_groups = (1, 1)
-    transformers_overrides = ()
     sliding_window = None
     _READ = {
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -113,10 +111,6 @@ class OlmoeConfig:
         return ("moe",) * self.num_hidden_layers
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(range(self.num_hidden_layers))
-
-    @property
     def num_routed_experts(self) -> int:
         return self.num_experts
 
@@ -124,15 +118,6 @@ class OlmoeConfig:
     def expert_ffn_size(self) -> int:
         """The intermediate width of each routed expert."""
         return self.intermediate_size
-
-    @property
-    def expert_input_size(self) -> int:
-        return self.hidden_size
-
-    @property
-    def max_positions(self) -> int:
-        """The longest sequence the model's positions cover (RoPE's trained range)."""
-        return self.max_position_embeddings
 
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""
@@ -155,53 +140,22 @@ class OlmoeConfig:
 # --- Hugging Face key map -------------------------------------------------------------------------------------
 
 
-def _t(a):
-    return a.T
-
-
 def keymap(cfg: OlmoeConfig) -> KeyMap:
     """The key map of OlmoeForCausalLM checkpoints (per-expert tensors, as save_pretrained writes them, or fused
-    gate_up_proj [E, 2f, d] / down_proj [E, d, f], as transformers holds them in memory)."""
-    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    e, f, v = cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
+    gate_up_proj [E, 2f, d] / down_proj [E, d, f], as transformers holds them in memory). The QK-norm weights cover
+    the whole projection: [n * h] and [k * h] on disk, [n, h] and [k, h] in moejax."""
+    d, n, k, h, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_experts
     p = "model.layers.{i}."
-
-    def heads(count):  # [count*h, d] -> [d, count, h]
-        return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
-
     layer = {
-        ("input_layernorm", "weight"): [Rule(p + "input_layernorm.weight", (d,))],
-        ("post_attention_layernorm", "weight"): [Rule(p + "post_attention_layernorm.weight", (d,))],
-        ("self_attn", "q_dnh"): [Rule(p + "self_attn.q_proj.weight", (n * h, d), heads(n))],
-        ("self_attn", "k_dkh"): [Rule(p + "self_attn.k_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "v_dkh"): [Rule(p + "self_attn.v_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "o_nhd"): [Rule(p + "self_attn.o_proj.weight", (d, n * h),
-                                      lambda a: a.reshape(d, n, h).transpose(1, 2, 0))],
-        ("self_attn", "q_bias_nh"): [Rule(p + "self_attn.q_proj.bias", (n * h,), lambda a: a.reshape(n, h))],
-        ("self_attn", "k_bias_kh"): [Rule(p + "self_attn.k_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "v_bias_kh"): [Rule(p + "self_attn.v_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "o_bias_d"): [Rule(p + "self_attn.o_proj.bias", (d,))],
+        **decoder_rules(p, d, n, k, h),
         ("self_attn", "q_norm_all", "weight"): [Rule(p + "self_attn.q_norm.weight", (n * h,),
                                                      lambda a: a.reshape(n, h))],
         ("self_attn", "k_norm_all", "weight"): [Rule(p + "self_attn.k_norm.weight", (k * h,),
                                                      lambda a: a.reshape(k, h))],
-        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), _t)],
-        ("mlp", "experts", "gate_edf"): [
-            Rule(p + "mlp.experts.{e}.gate_proj.weight", (f, d), _t),
-            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, :f].transpose(0, 2, 1))],
-        ("mlp", "experts", "up_edf"): [
-            Rule(p + "mlp.experts.{e}.up_proj.weight", (f, d), _t),
-            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, f:].transpose(0, 2, 1))],
-        ("mlp", "experts", "down_efd"): [
-            Rule(p + "mlp.experts.{e}.down_proj.weight", (d, f), _t),
-            Rule(p + "mlp.experts.down_proj", (e, d, f), lambda a: a.transpose(0, 2, 1))],
+        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), transpose)],
+        **swiglu_expert_rules(p + "mlp.experts.", e, d, cfg.intermediate_size),
     }
-    top = {
-        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
-        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
-        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
-    }
-    optional = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    top, optional = decoder_top(cfg.vocab_size, d, cfg.tie_word_embeddings)
     return KeyMap(top=top, layer=layer, num_experts=e, optional_keys=optional)
 
 

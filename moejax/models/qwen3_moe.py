@@ -12,8 +12,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import Fields, RopeConfig, check_hf, require, require_exchange
-from moejax.keymap import KeyMap, Rule
+from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, require_exchange
+from moejax.keymap import KeyMap, Rule, decoder_rules, decoder_top, swiglu_expert_rules, transpose
 from moejax.layers.attention import Attention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import SoftmaxMoE
@@ -23,7 +23,7 @@ from moejax.models.decoder import DecoderLayer, DecoderLM
 # --- config -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3MoeConfig:
+class Qwen3MoeConfig(ModelConfig):
     """Every Qwen3-MoE config.json field that changes the forward pass."""
 
     vocab_size: int
@@ -120,31 +120,15 @@ class Qwen3MoeConfig:
         )
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "moe")
-
-    @property
     def num_routed_experts(self) -> int:
         return self.num_experts
 
     router_kind = "softmax"  # softmax top-k over the raw logits
-    transformers_overrides = ()  # transformers computes the published model (see NemotronHConfig)
-    router_groups = (1, 1)  # (groups, groups kept): no group limit
 
     @property
     def expert_ffn_size(self) -> int:
         """The intermediate width of each routed expert."""
         return self.moe_intermediate_size
-
-    @property
-    def expert_input_size(self) -> int:
-        """The width of the rows the routed experts take (and give back)."""
-        return self.hidden_size
-
-    @property
-    def max_positions(self) -> int:
-        """The longest sequence the model's positions cover (RoPE's trained range)."""
-        return self.max_position_embeddings
 
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""
@@ -168,54 +152,21 @@ class Qwen3MoeConfig:
 
 # --- Hugging Face key map -----------------------------------------------------------------------------------
 
-def _t(a):
-    return a.T
-
-
 def keymap(cfg: Qwen3MoeConfig) -> KeyMap:
     """The key map of Qwen3MoeForCausalLM checkpoints (per-expert tensors, or fused gate_up_proj)."""
-    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    e, f, ff, v = cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.vocab_size
+    d, h, e, ff = cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.intermediate_size
     p = "model.layers.{i}."
-
-    def heads(count):  # [count*h, d] -> [d, count, h]
-        return lambda a: a.reshape(count, h, d).transpose(2, 0, 1)
-
     layer = {
-        ("input_layernorm", "weight"): [Rule(p + "input_layernorm.weight", (d,))],
-        ("post_attention_layernorm", "weight"): [Rule(p + "post_attention_layernorm.weight", (d,))],
-        ("self_attn", "q_dnh"): [Rule(p + "self_attn.q_proj.weight", (n * h, d), heads(n))],
-        ("self_attn", "k_dkh"): [Rule(p + "self_attn.k_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "v_dkh"): [Rule(p + "self_attn.v_proj.weight", (k * h, d), heads(k))],
-        ("self_attn", "o_nhd"): [Rule(p + "self_attn.o_proj.weight", (d, n * h),
-                                      lambda a: a.reshape(d, n, h).transpose(1, 2, 0))],
-        ("self_attn", "q_bias_nh"): [Rule(p + "self_attn.q_proj.bias", (n * h,), lambda a: a.reshape(n, h))],
-        ("self_attn", "k_bias_kh"): [Rule(p + "self_attn.k_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "v_bias_kh"): [Rule(p + "self_attn.v_proj.bias", (k * h,), lambda a: a.reshape(k, h))],
-        ("self_attn", "o_bias_d"): [Rule(p + "self_attn.o_proj.bias", (d,))],
+        **decoder_rules(p, d, cfg.num_attention_heads, cfg.num_key_value_heads, h),
         ("self_attn", "q_norm", "weight"): [Rule(p + "self_attn.q_norm.weight", (h,))],
         ("self_attn", "k_norm", "weight"): [Rule(p + "self_attn.k_norm.weight", (h,))],
-        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), _t)],
-        ("mlp", "experts", "gate_edf"): [
-            Rule(p + "mlp.experts.{e}.gate_proj.weight", (f, d), _t),
-            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, :f].transpose(0, 2, 1))],
-        ("mlp", "experts", "up_edf"): [
-            Rule(p + "mlp.experts.{e}.up_proj.weight", (f, d), _t),
-            Rule(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), lambda a: a[:, f:].transpose(0, 2, 1))],
-        ("mlp", "experts", "down_efd"): [
-            Rule(p + "mlp.experts.{e}.down_proj.weight", (d, f), _t),
-            Rule(p + "mlp.experts.down_proj", (e, d, f), lambda a: a.transpose(0, 2, 1))],
-        ("mlp", "gate_df"): [Rule(p + "mlp.gate_proj.weight", (ff, d), _t)],
-        ("mlp", "up_df"): [Rule(p + "mlp.up_proj.weight", (ff, d), _t)],
-        ("mlp", "down_fd"): [Rule(p + "mlp.down_proj.weight", (d, ff), _t)],
+        ("mlp", "router", "w_de"): [Rule(p + "mlp.gate.weight", (e, d), transpose)],
+        **swiglu_expert_rules(p + "mlp.experts.", e, d, cfg.moe_intermediate_size),
+        ("mlp", "gate_df"): [Rule(p + "mlp.gate_proj.weight", (ff, d), transpose)],
+        ("mlp", "up_df"): [Rule(p + "mlp.up_proj.weight", (ff, d), transpose)],
+        ("mlp", "down_fd"): [Rule(p + "mlp.down_proj.weight", (d, ff), transpose)],
     }
-    top = {
-        ("embed_vd",): [Rule("model.embed_tokens.weight", (v, d))],
-        ("norm", "weight"): [Rule("model.norm.weight", (d,))],
-        ("lm_head_dv",): [Rule("lm_head.weight", (v, d), _t)],
-    }
-    # A tied checkpoint may still carry the (identical) head; it is not read.
-    optional = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
+    top, optional = decoder_top(cfg.vocab_size, d, cfg.tie_word_embeddings)
     return KeyMap(top=top, layer=layer, num_experts=e, optional_keys=optional)
 
 

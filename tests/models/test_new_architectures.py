@@ -136,3 +136,24 @@ def test_mxfp4_checkpoint_dequantized_on_load(tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32).eval()
     ids, mask = padded_batch(np.random.default_rng(5), 97, [11, 7], 11, "right")
     assert_parity(ours, theirs, ids, mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_analyze_and_parity_from_the_command_line(arch, tmp_path, capsys):
+    """`moejax parity` (float32, then the implementation check and calibrated verdict in bfloat16) and
+    `moejax analyze` on a tiny checkpoint of the architecture, as a user runs them."""
+    import json
+
+    from moejax.cli import main
+
+    make_checkpoint(arch, tmp_path / "model", seed=1, byte_tokenizer=True)
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"parity-{dtype}"
+        assert main(["parity", "--model", str(tmp_path / "model"), "--dtype", dtype, "--max-tokens", "384",
+                     "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "summary.json").read_text())["verdict"] == "pass"
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--out", str(out), "--quiet"]) == 0
+    layers = (out / "layers.csv").read_text().splitlines()
+    assert len(layers) - 1 == 3 * len(moejax.load_config(tmp_path / "model").moe_layers)  # en, he, ja per layer
