@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, option
+from moejax.data.corpus import read_lines
 from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import refuse_unsafe, write_file
@@ -56,10 +57,7 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
         if not settings.prompt:
             raise DataError("--prompt is empty")
         return [settings.prompt]
-    try:
-        lines = settings.prompts.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"--prompts {settings.prompts}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = read_lines(settings.prompts, "--prompts")  # a byte-order mark dropped, any line end
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise DataError(f"--prompts {settings.prompts}: no prompts (one per line)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.data.corpus import chunk, read_corpus
+from moejax.data.corpus import chunk, read_corpus, read_text
 from moejax.errors import DataError, SettingsError
 
 
@@ -36,10 +36,7 @@ class Batch:
 def text_sequences(path: str | Path, tokenizer, seq_len: int, max_tokens: int) -> list[Sequence]:
     """A UTF-8 text file, tokenised paragraph by paragraph, joined and cut into sequences of seq_len tokens."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "--text")  # a byte-order mark dropped
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not paragraphs:
         raise DataError(f"{path}: no text")

@@ -198,7 +198,7 @@ def test_lm_eval_finds_moejax_through_its_entry_point():
 def test_generate_command(checkpoint, tmp_path, capsys):
     arch, path, _ = checkpoint
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Monday, Tuesday,\n\nשלום\n", encoding="utf-8")
+    prompts.write_bytes("\ufeffMonday, Tuesday,\r\n\r\nשלום\r\n".encode())  # a BOM and CRLF line ends
     out = tmp_path / "gen.json"
     assert main(["generate", "--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "6",
                  "--out", str(out)]) == 0
