@@ -37,10 +37,11 @@ GiB = 1024 ** 3
 def resolve(model: str, mesh_spec: str | None, topology: str | None, expert_exchange: str = "auto"):
     """(config, mesh sizes, Topology or None) for a preset name or a checkpoint directory."""
     known = presets()
-    if model not in known and not Path(model).is_dir():
+    preset = known.get(model.lower())  # OLMoE-1B-7B as olmoe-1b-7b
+    if preset is None and not Path(model).is_dir():
         raise SettingsError(f"--model {model!r} is neither a published shape ({', '.join(sorted(known))}) nor a "
                             "checkpoint directory")
-    cfg = known[model]() if model in known else load_config(model)
+    cfg = preset() if preset is not None else load_config(model)
     cfg = dataclasses.replace(cfg, expert_exchange=expert_exchange)
     chip = None
     if topology is not None:

@@ -53,7 +53,7 @@ class OlmoeConfig(ModelConfig):
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv",
         "tie_word_embeddings", "attention_bias", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "hidden_act", "max_position_embeddings", "router_aux_loss_coef",
+        "hidden_act", "max_position_embeddings", "router_aux_loss_coef", "head_dim",
     }
     _INERT = frozenset()
 
@@ -78,9 +78,16 @@ class OlmoeConfig(ModelConfig):
         require(act == "silu", source, f"hidden_act={act!r} is not supported (OLMoE uses 'silu')")
         f = Fields(d, source)
         heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
+        # transformers reads a head_dim if one is given, but sizes the QK-norms by hidden_size: only hidden / heads
+        # gives a model it can run.
+        head_dim = f.int("head_dim", None, minimum=1)
+        require(head_dim is None or head_dim * heads == hidden, source,
+                f"head_dim={head_dim} with num_attention_heads={heads} does not cover hidden_size={hidden} "
+                "(OLMoE's QK-norm spans hidden_size)")
         experts_field = "num_experts" if "num_experts" in d else "num_local_experts"
         return cls(
-            vocab_size=f.int("vocab_size", minimum=1), hidden_size=f.int("hidden_size", minimum=1),
+            vocab_size=f.int("vocab_size", minimum=1), hidden_size=hidden,
             num_hidden_layers=f.int("num_hidden_layers", minimum=1), num_attention_heads=heads,
             num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
             intermediate_size=f.int("intermediate_size", minimum=1), num_experts=f.int(experts_field, minimum=1),

@@ -118,3 +118,16 @@ def test_plan_lays_out_tensor_and_the_expert_exchange(tmp_path, capfd):
     assert plan["exchange_bytes_per_moe_layer"] == int(ragged)
     assert 0 < ragged < plan["all_gather_bytes_per_moe_layer"]
     assert device_share(128, 4, 6) == pytest.approx(1 - math.comb(96, 6) / math.comb(128, 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["olmoe-1b-7b", "GPT-OSS-20B"])
+def test_new_architecture_presets(model, tmp_path, capfd):
+    """OLMoE-1B-7B and GPT-OSS-20B by name (any case): the exact parameter count equals the config's analytic one,
+    and each fits a v5p-8 in bfloat16."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, "--topology", "v5p-8", "--json", str(out)]) == 0
+    assert "FITS" in capfd.readouterr().out
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == plan["parameters_analytic"]
+    assert plan["parameters"] == {"olmoe-1b-7b": 6_919_161_856, "gpt-oss-20b": 20_914_757_184}[model.lower()]

@@ -155,3 +155,59 @@ def test_nemotron_parameter_count_variants(overrides):
     cfg = NemotronHConfig.from_hf(tiny_nemotron_h_config(**overrides).to_dict(), "test")
     model = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0)))
     assert sum(int(np.prod(v.shape)) for v in jax_leaves(nnx.state(model, nnx.Param))) == cfg.parameter_count()
+
+
+PUBLISHED = {
+    # allenai/OLMoE-1B-7B-0924's config.json fields.
+    "olmoe": {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+              "bos_token_id": None, "clip_qkv": None, "eos_token_id": 50279, "hidden_act": "silu",
+              "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 1024,
+              "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+              "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+              "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+              "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": True,
+              "vocab_size": 50304},
+    # openai/gpt-oss-20b's config.json fields (MXFP4 experts).
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+                "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+                "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+                "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+                "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+                "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+                "output_router_logits": False, "pad_token_id": 199999,
+                "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                   "model.layers.*.mlp.router", "model.embed_tokens",
+                                                                   "lm_head"], "quant_method": "mxfp4"},
+                "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                        "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                        "truncate": False},
+                "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+                "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True,
+                "vocab_size": 201088},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PUBLISHED))
+def test_published_configs_of_the_new_architectures(model_type):
+    """The published checkpoints' config.json read as their plan presets describe them, and written back to a
+    config transformers reads as the same model."""
+    import transformers
+
+    from moejax.models import config_class, presets
+
+    cfg = config_class(model_type).from_hf(PUBLISHED[model_type], "config.json")
+    preset = presets()[{"olmoe": "olmoe-1b-7b", "gpt_oss": "gpt-oss-20b"}[model_type]]()
+    assert cfg == preset
+    again = transformers.AutoConfig.for_model(**cfg.to_hf())
+    assert config_class(model_type).from_hf(again.to_dict(), "again") == cfg
+
+
+def test_olmoe_head_dim_must_cover_hidden():
+    from moejax.errors import ConfigError
+    from moejax.models.olmoe import OlmoeConfig
+
+    d = PUBLISHED["olmoe"] | {"head_dim": 128}
+    assert OlmoeConfig.from_hf(d).head_dim == 128
+    with pytest.raises(ConfigError, match="head_dim=96 with num_attention_heads=16 does not cover hidden_size=2048"):
+        OlmoeConfig.from_hf(PUBLISHED["olmoe"] | {"head_dim": 96})
