@@ -53,9 +53,33 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, seed: int = 0, draws
     return float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
 
 
-def item_scores(samples: list[dict], metric: str) -> np.ndarray:
-    """Per item, in document order, the metric's value."""
-    return np.asarray([float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"])])
+def item_scores(samples: list[dict], metric: str, filter_name: str | None = None) -> np.ndarray:
+    """Per item, in document order, the metric's value under one filter: lm-eval logs one sample per filter per
+    document (MGSM: strict-match and flexible-extract), and each filter is a score of its own. A document met twice
+    under the filter asked for is an error, never an average."""
+    chosen = [s for s in samples if filter_name is None or s.get("filter", filter_name) == filter_name]
+    docs = [s["doc_id"] for s in chosen]
+    if len(set(docs)) != len(docs):
+        filters = sorted({str(s.get("filter")) for s in chosen})
+        raise ValueError(f"{len(docs)} samples for {len(set(docs))} documents (filters {filters}): score one filter "
+                         "at a time")
+    return np.asarray([float(s[metric]) for s in sorted(chosen, key=lambda s: s["doc_id"])])
+
+
+def metric_filters(task_results: dict) -> list[tuple[str, str]]:
+    """The (metric, filter) pairs lm-eval reports for one task ("exact_match,strict-match" -> that pair)."""
+    return [tuple(key.split(",", 1)) for key in task_results
+            if "," in key and not key.split(",", 1)[0].endswith("_stderr")]
+
+
+def paired_row(task: str, metric: str, filter_name: str, before: np.ndarray, after: np.ndarray) -> dict:
+    """One (task, metric, filter)'s scores without and with steering and its paired test over the items: McNemar's
+    exact test on 0/1 outcomes, else a paired bootstrap."""
+    binary = set(np.unique(np.concatenate([before, after]))) <= {0.0, 1.0}
+    p = mcnemar_exact(before, after) if binary else paired_bootstrap(before, after)
+    return {"task": task, "metric": metric, "filter": filter_name, "items": len(before), "base": before.mean(),
+            "steered": after.mean(), "difference": after.mean() - before.mean(), "p_value": p,
+            "test": "McNemar exact" if binary else "paired bootstrap"}
 
 
 def evaluate(model: str, tasks: list[str], include: list[str], steering: Steering | None, batch_size: int,
@@ -93,16 +117,9 @@ def run(args) -> Path:
     model = args.model or BUILTIN
     results = {name: evaluate(model, tasks, args.include_path, steer, args.batch_size, args.limit, args.num_fewshot)
                for name, steer in (("base", None), ("steered", steering))}
-    rows = []
-    for task in tasks:
-        metric = next(k.split(",")[0] for k in results["base"]["results"][task] if "," in k and "_stderr" not in k)
-        before = item_scores(results["base"]["samples"][task], metric)
-        after = item_scores(results["steered"]["samples"][task], metric)
-        binary = set(np.unique(np.concatenate([before, after]))) <= {0.0, 1.0}
-        p = mcnemar_exact(before, after) if binary else paired_bootstrap(before, after)
-        rows.append({"task": task, "metric": metric, "items": len(before), "base": before.mean(),
-                     "steered": after.mean(), "difference": after.mean() - before.mean(), "p_value": p,
-                     "test": "McNemar exact" if binary else "paired bootstrap"})
+    rows = [paired_row(task, metric, name, item_scores(results["base"]["samples"][task], metric, name),
+                       item_scores(results["steered"]["samples"][task], metric, name))
+            for task in tasks for metric, name in metric_filters(results["base"]["results"][task])]
     with open(out / "steering.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -111,12 +128,19 @@ def run(args) -> Path:
              f"Model: {model}. Experts: delta of {label} against {record['baseline']}, tau {args.tau}, MoE layers "
              f"{record['window'][0]}-{record['window'][-1]}, {record['selected_count']} selected; soft steering, "
              f"lambda {args.lam} (experts/ holds the selection).", "",
-             "| task | metric | items | base | steered | difference | p (paired) |", "|---|---|---|---|---|---|---|"]
+             "Each (metric, filter) lm-eval reports is scored and tested on its own (MGSM's strict-match and "
+             "flexible-extract are two scores of the same items).", "",
+             "| task | metric | filter | items | base | steered | difference | p (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['items']} | {r['base']:.4f} | {r['steered']:.4f} | "
+        lines.append(f"| {r['task']} | {r['metric']} | {r['filter']} | {r['items']} | {r['base']:.4f} | "
+                     f"{r['steered']:.4f} | "
                      f"{r['difference']:+.4f} | {r['p_value']:.3g} ({r['test']}) |")
-    lines.append(f"| **average** | | | {np.mean([r['base'] for r in rows]):.4f} | "
-                 f"{np.mean([r['steered'] for r in rows]):.4f} | {np.mean([r['difference'] for r in rows]):+.4f} | |")
+    for metric, name in dict.fromkeys((r["metric"], r["filter"]) for r in rows):  # an average per score, never mixed
+        group = [r for r in rows if (r["metric"], r["filter"]) == (metric, name)]
+        lines.append(f"| **average** | {metric} | {name} | | {np.mean([r['base'] for r in group]):.4f} | "
+                     f"{np.mean([r['steered'] for r in group]):.4f} | "
+                     f"{np.mean([r['difference'] for r in group]):+.4f} | |")
     if record["selected_count"] == 0:
         lines += ["", f"No expert passed tau {args.tau}: steering changed nothing. Lower --tau or widen --layers."]
     if model == BUILTIN:
@@ -135,7 +159,8 @@ def _figure(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.2))
     ax.bar(x - 0.2, [r["base"] for r in rows], 0.4, label="base")
     ax.bar(x + 0.2, [r["steered"] for r in rows], 0.4, label="steered")
-    ax.set_xticks(x, [r["task"] for r in rows], rotation=20, fontsize=8)
+    ax.set_xticks(x, [f"{r['task']}\n{r['filter']}" if r["filter"] != "none" else r["task"] for r in rows],
+                  rotation=20, fontsize=8)
     ax.set_ylabel(rows[0]["metric"])
     ax.legend(fontsize=8)
     save_figure(fig, path.parent, path.name)
