@@ -55,6 +55,14 @@ def _per_layer(ax, tables, model, langs, metric, ylabel, with_std=True):
     ax.legend(fontsize=8, title="language", title_fontsize=8)
 
 
+def entropy_gaps(layer_rows: list[dict], model: str, reference: str, target: str) -> tuple[list[int], list[float]]:
+    """(MoE layers, usage-entropy gap per layer) with paper A's sign: reference minus target (English - Hebrew),
+    positive where the target's routing is narrower than the reference's (its deep-layer collapse)."""
+    base = {r["layer"]: r["usage_entropy_bits"] for r in _rows(layer_rows, model=model, lang=reference)}
+    rows = _rows(layer_rows, model=model, lang=target)
+    return [r["layer"] for r in rows], [base[r["layer"]] - r["usage_entropy_bits"] for r in rows]
+
+
 def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, str]:
     """Writes the figures into `out`; returns {figure name: file name}."""
     models = [r.name for r in runs]
@@ -65,20 +73,18 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
     for col, model in enumerate(models):
         _per_layer(axes[0, col], tables, model, langs, "usage_entropy_bits", "usage entropy (bits)")
         axes[0, col].set_title(f"{model}: usage entropy (bars: 1 std over chunks)", fontsize=9)
-        base = {r["layer"]: r["usage_entropy_bits"] for r in _rows(tables["layers"], model=model, lang=ref)}
         width = 0.8 / max(len(targets), 1)
         for i, target in enumerate(targets):
-            rows = _rows(tables["layers"], model=model, lang=target)
-            gaps = [r["usage_entropy_bits"] - base[r["layer"]] for r in rows]
+            layers, gaps = entropy_gaps(tables["layers"], model, ref, target)
             color = lang_color(target)
-            axes[1, col].bar(np.array([r["layer"] for r in rows]) + i * width, gaps, width, label=f"{target} - {ref}",
-                             color=color)
+            axes[1, col].bar(np.asarray(layers) + i * width, gaps, width, label=f"{ref} - {target}", color=color)
             floor = tables["summary"][model]["noise_floor"][target]["usage_entropy_bits"]
             axes[1, col].axhspan(-floor, floor, color=color, alpha=0.12)
         axes[1, col].axhline(0, c="k", lw=0.8)
         axes[1, col].set_xlabel("MoE layer")
         axes[1, col].set_ylabel("entropy gap (bits)")
-        axes[1, col].set_title("gap to the reference (band: same-language split noise floor)", fontsize=9)
+        axes[1, col].set_title("reference - target (> 0: the target's routing is narrower; band: noise floor)",
+                               fontsize=9)
         if targets:
             axes[1, col].legend(fontsize=8)
     written["entropy"] = save_figure(fig, out, "entropy_per_layer.png")

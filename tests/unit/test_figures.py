@@ -33,3 +33,13 @@ def test_scores_figure_says_all_zero_and_draws_chance(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert drawn["texts"] == ["all scores 0 (2 tasks)"] and "chance" in drawn["lines"]
     assert figures.LANG_COLORS["en"] != figures.LANG_COLORS["he"]
+
+
+def test_entropy_gap_is_reference_minus_target():
+    """Paper A plots English - Hebrew: positive where Hebrew's routing has collapsed onto fewer experts."""
+    from moejax.report.figures import entropy_gaps
+
+    rows = [{"model": "m", "lang": lang, "layer": layer, "usage_entropy_bits": bits}
+            for lang, per_layer in (("en", [5.0, 5.0, 5.0]), ("he", [5.0, 4.5, 3.0])) for layer, bits in
+            enumerate(per_layer)]
+    assert entropy_gaps(rows, "m", "en", "he") == ([0, 1, 2], [0.0, 0.5, 2.0])
