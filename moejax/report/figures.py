@@ -83,8 +83,7 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
         axes[1, col].axhline(0, c="k", lw=0.8)
         axes[1, col].set_xlabel("MoE layer")
         axes[1, col].set_ylabel("entropy gap (bits)")
-        axes[1, col].set_title("reference - target (> 0: the target's routing is narrower; band: noise floor)",
-                               fontsize=9)
+        axes[1, col].set_title("entropy gap, reference - target (band: noise floor)", fontsize=9)
         if targets:
             axes[1, col].legend(fontsize=8)
     written["entropy"] = save_figure(fig, out, "entropy_per_layer.png")
