@@ -56,6 +56,9 @@ class AnalyzeSettings:
     allow_nonfinite: bool = option(False, "load checkpoints holding NaN or infinite weights (to study broken "
                                    "checkpoints) instead of refusing them", kind=bool)
     seed: int = option(0, "seed for same-language splits and token-pair sampling", kind=int, minimum=0)
+    pairs: int = option(PAIRS_PER_CHUNK, "routing consistency: distinct token pairs per chunk, sampled without "
+                        "replacement (all of them in a shorter chunk); paper B's 500 per sequence by default",
+                        kind=int, minimum=1, metavar="N")
     steering: Path | None = option(
         None, STEERING_HELP + "; each model also runs steered, as LABEL+steered beside LABEL, so the tables compare "
         "the routing with and without steering", kind=Path, metavar="FILE")
@@ -103,7 +106,7 @@ def _run_model(s: AnalyzeSettings, name: str, where: str, model, tokenizer, corp
             lang_runs[lang] = collect(model, tokenizer, corpus[lang], exclude_ids=excluded,
                                       batch_size=s.batch_size, probabilities=s.probabilities, seed=s.seed,
                                       progress=progress, packed=not s.no_packing, report=report,
-                                      steering=steering)
+                                      steering=steering, pairs_per_chunk=s.pairs)
         layouts[f"{name}/{lang}"] = report
         if not s.quiet:
             print(f"{name} {lang}: rows of {', '.join(sorted({str(w) for _, w in report['shapes']}))} tokens, "
@@ -177,7 +180,8 @@ def analyze(settings: AnalyzeSettings) -> Path:
                          "active_experts": "theta 0 (active_experts_0.001: theta 0.001)",
                          "cosine": "f vectors (cosine_pbar: mean probabilities)", "lsi_theta": 0.1,
                          "njsd": "per aligned chunk, averaged", "activation_difference": "a_e over all MoE layers",
-                         "routing_consistency": f"mean Jaccard of {PAIRS_PER_CHUNK} sampled token pairs per chunk"},
+                         "routing_consistency": f"mean Jaccard of {s.pairs} distinct token pairs per chunk, sampled "
+                                                "without replacement"},
             "seconds": time.perf_counter() - started, "versions": versions(),
             "summary": tables["summary"],
         }

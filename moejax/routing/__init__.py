@@ -3,4 +3,6 @@
 The settings the commands offer are defined here, where the command line reads them without loading JAX."""
 
 PROBABILITIES = ("softmax", "native")  # the routing probabilities P_t the analysis uses (moejax.routing.stats)
-PAIRS_PER_CHUNK = 64  # token pairs sampled per chunk for the routing consistency (moejax.routing.analysis)
+# Routing consistency (moejax.routing.analysis): distinct token pairs sampled per chunk, without replacement (every
+# pair when a chunk has fewer); paper B samples 500 pairs per sequence.
+PAIRS_PER_CHUNK = 500

@@ -67,16 +67,29 @@ class ChunkRouting:
     router_logits: np.ndarray
 
 
+def sample_pairs(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """[count, 2] token positions: `count` distinct pairs of two distinct tokens of an n-token chunk, drawn without
+    replacement (all n(n-1)/2 of them when there are no more; the rows past them pair a token with itself, which the
+    statistics ignore)."""
+    first, second = np.triu_indices(n, 1)
+    chosen = rng.choice(len(first), size=min(count, len(first)), replace=False)
+    out = np.zeros((count, 2), np.int64)
+    out[:len(chosen)] = np.stack([first[chosen], second[chosen]], axis=1)
+    return out
+
+
 def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
             progress=None, forced: dict[int, ChunkRouting | tuple] | None = None, keep_routing: bool = False,
-            packed: bool = True, report: dict | None = None, steering=None) -> LangRun:
+            packed: bool = True, report: dict | None = None, steering=None,
+            pairs_per_chunk: int = PAIRS_PER_CHUNK) -> LangRun:
     """Runs every chunk of one language through the model; returns its per-chunk statistics.
 
     packed: chunks share rows of one width, each a segment of its own (it sees only itself, as if alone), batch_size
     rows per forward pass; else each chunk has a row of its own, padded to its length bucket. forced: per chunk index,
     (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers (ForcedRouting). keep_routing:
     LangRun.routing holds each chunk's ChunkRouting. report: filled with the rows' fill ratio, the row shapes run
-    and the compilations this call caused. steering: the router steered (a moejax.Steering).
+    and the compilations this call caused. steering: the router steered (a moejax.Steering). pairs_per_chunk: the
+    token pairs of the routing consistency (sample_pairs).
     """
     encoded = [tokenizer.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
@@ -98,13 +111,13 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
                 shapes.add((size, layout.width))
                 ids = np.full((size, layout.width), tokenizer.pad_id, np.int64)
                 segment_ids = np.zeros((size, layout.width), np.int32)
-                pairs = np.zeros((size, layout.slots, PAIRS_PER_CHUNK, 2), np.int64)
+                pairs = np.zeros((size, layout.slots, pairs_per_chunk, 2), np.int64)
                 imposed = None if forced is None else ForcedRouting.none(layers, size, layout.width, k)
                 for r, row in enumerate(rows):
                     for slot, (i, at) in enumerate(row):
                         n = lengths[i]
                         ids[r, at:at + n], segment_ids[r, at:at + n] = encoded[i], slot + 1
-                        pairs[r, slot] = at + np.random.default_rng([seed, i]).integers(0, n, (PAIRS_PER_CHUNK, 2))
+                        pairs[r, slot] = at + sample_pairs(n, pairs_per_chunk, np.random.default_rng([seed, i]))
                         if imposed is not None and i in forced:
                             where, experts = forced[i]
                             imposed.mask[:, r, at:at + n], imposed.expert_ids[:, r, at:at + n] = where, experts
