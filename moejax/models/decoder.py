@@ -45,14 +45,19 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderLM(CausalLM):
-    """Embeddings, the scanned stack of `make_layer(kind, rngs)` over cfg.layer_kinds, the final norm `make_norm()`
-    and the (optionally tied: cfg.tie_word_embeddings) LM head. RoPE from cfg.rope over cfg.head_dim."""
+    """Embeddings, the scanned stack of the architecture's layers over cfg.layer_kinds, the final norm and the
+    (optionally tied: cfg.tie_word_embeddings) LM head; RoPE from cfg.rope over cfg.head_dim. A subclass names its
+    architecture's builders: make_layer(cfg, kind, dtype=, rngs=) -> DecoderLayer and make_norm(cfg, dtype=, rngs=)."""
 
-    def __init__(self, cfg, make_layer, make_norm, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    make_layer = make_norm = None
+
+    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        build = type(self)
         self.config = cfg
         self.embed_vd = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=1)
-        self.layers = LayerStack(cfg.layer_kinds, make_layer, rngs=rngs)
-        self.norm = make_norm()
+        self.layers = LayerStack(
+            cfg.layer_kinds, lambda kind, rngs: build.make_layer(cfg, kind, dtype=dtype, rngs=rngs), rngs=rngs)
+        self.norm = build.make_norm(cfg, dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head_dv = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 

@@ -220,26 +220,25 @@ def make_layer(cfg: GptOssConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> Decode
     """One decoder layer: attention with biases and sinks (windowed when kind is "moe_sliding"), then the sparse
     MoE block. The norms multiply by their weight in float32."""
     d = cfg.hidden_size
-
-    def norm():
-        return RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", weight_in_float32=True, dtype=norm_dtype(dtype),
-                       rngs=rngs)
-
     window = cfg.sliding_window if kind == "moe_sliding" else None
     attention = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias,
                           sinks=True, window=window, dtype=dtype, rngs=rngs)
     moe = GptOssMoE(d, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
                     activation=cfg.activation, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
-    return DecoderLayer(kind, norm(), attention, norm(), moe)
+    return DecoderLayer(kind, make_norm(cfg, dtype=dtype, rngs=rngs), attention, make_norm(cfg, dtype=dtype, rngs=rngs),
+                        moe)
+
+
+def make_norm(cfg: GptOssConfig, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
+    """RMSNorm multiplying by its weight in float32; the weight float32 in a float16 model (norm_dtype)."""
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", weight_in_float32=True,
+                   dtype=norm_dtype(dtype), rngs=rngs)
 
 
 class GptOssForCausalLM(DecoderLM):
     """Embeddings, the scanned stack of (sliding, full) layer pairs, final norm and the LM head."""
 
-    def __init__(self, cfg: GptOssConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, lambda kind, rngs: make_layer(cfg, kind, dtype=dtype, rngs=rngs),
-                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", weight_in_float32=True,
-                                         dtype=norm_dtype(dtype), rngs=rngs), dtype=dtype, rngs=rngs)
+    make_layer, make_norm = staticmethod(make_layer), staticmethod(make_norm)
 
 
 # The published shapes `moejax plan` knows by name.

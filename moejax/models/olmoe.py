@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, require_exchange
@@ -172,25 +171,23 @@ def keymap(cfg: OlmoeConfig) -> KeyMap:
 def make_layer(cfg: OlmoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> DecoderLayer:
     """One decoder layer: attention with the whole-projection QK-norm (and clip_qkv), then the sparse MoE block."""
     d = cfg.hidden_size
-
-    def norm():
-        return RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
-
     attention = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias,
                           qk_norm_eps=cfg.rms_norm_eps, qk_norm_over="all", clip_qkv=cfg.clip_qkv, dtype=dtype,
                           rngs=rngs)
     moe = SoftmaxMoE(d, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                      normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
-    return DecoderLayer(kind, norm(), attention, norm(), moe)
+    return DecoderLayer(kind, make_norm(cfg, dtype=dtype, rngs=rngs), attention, make_norm(cfg, dtype=dtype, rngs=rngs),
+                        moe)
+
+
+def make_norm(cfg: OlmoeConfig, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
 
 
 class OlmoeForCausalLM(DecoderLM):
     """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
 
-    def __init__(self, cfg: OlmoeConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, lambda kind, rngs: make_layer(cfg, kind, dtype=dtype, rngs=rngs),
-                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype,
-                                         rngs=rngs), dtype=dtype, rngs=rngs)
+    make_layer, make_norm = staticmethod(make_layer), staticmethod(make_norm)
 
 
 # The published shapes `moejax plan` knows by name.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, require_exchange
@@ -176,10 +175,6 @@ def make_layer(cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> Deco
     """One decoder layer: QK-normed attention (per head), and the sparse MoE block when kind == "moe", else the
     dense SwiGLU MLP."""
     d = cfg.hidden_size
-
-    def norm():
-        return RMSNorm(d, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
-
     attention = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias,
                           qk_norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window, dtype=dtype, rngs=rngs)
     if kind == "moe":
@@ -187,16 +182,18 @@ def make_layer(cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> Deco
                          normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
     else:
         mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
-    return DecoderLayer(kind, norm(), attention, norm(), mlp)
+    return DecoderLayer(kind, make_norm(cfg, dtype=dtype, rngs=rngs), attention, make_norm(cfg, dtype=dtype, rngs=rngs),
+                        mlp)
+
+
+def make_norm(cfg: Qwen3MoeConfig, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
 
 
 class Qwen3MoeForCausalLM(DecoderLM):
     """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
 
-    def __init__(self, cfg: Qwen3MoeConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, lambda kind, rngs: make_layer(cfg, kind, dtype=dtype, rngs=rngs),
-                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype,
-                                         rngs=rngs), dtype=dtype, rngs=rngs)
+    make_layer, make_norm = staticmethod(make_layer), staticmethod(make_norm)
 
 
 # The published shapes `moejax plan` knows by name.
