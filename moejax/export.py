@@ -52,11 +52,14 @@ def _tensors(model, keymap: KeyMap):
         entries += [(layer, path, var, index, rule, np.asarray(keys[index], dtype=object))
                     for index, layer in enumerate(layers)]
     pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    found: dict[Rule, np.ndarray] = {}  # a rule's positions, the same for every layer and expert it writes
 
     def fill(key: str, rule: Rule, value: np.ndarray):
         size = int(np.prod(rule.hf_shape))
         flat, filled = pending.pop(key, None) or (np.empty(size, value.dtype), np.zeros(size, bool))
-        positions = _positions(rule, value).ravel()
+        if rule not in found:
+            found[rule] = _positions(rule, value).ravel()
+        positions = found[rule]
         flat[positions], filled[positions] = value.ravel(), True
         if filled.all():
             return key, flat.reshape(rule.hf_shape)

@@ -52,6 +52,12 @@ def open_model(spec: str | Path | None, dtype=jnp.float32, mesh=None, allow_nonf
     return Opened(model, Path(spec))
 
 
+def model_files(spec: str | Path | None) -> Path | None:
+    """Where the config.json and tokenizer files of what `spec` names are: a checkpoint's own directory, a training
+    run's directory (for the run, its checkpoint directory or one of its steps), None for the built-in model."""
+    return None if spec is None else run_directory(spec) or Path(spec)
+
+
 def _locate(path: Path) -> tuple[Path, int | None] | None:
     """(run directory, step or None for the latest) when PATH is a run, its checkpoint directory or one of its
     steps; None otherwise."""

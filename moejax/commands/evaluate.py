@@ -164,11 +164,11 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
         except ImportError:
             raise SettingsError("moejax eval needs lm-evaluation-harness: pip install -e '.[eval]'") from None
         from moejax.loading import load_config
-        from moejax.opening import run_directory
+        from moejax.opening import model_files
         from moejax.report.figures import scores_figure
 
         if settings.model is not None:  # the checkpoint's own files first: a wrong directory fails at once
-            files = run_directory(settings.model) or settings.model  # a training run keeps them in its directory
+            files = model_files(settings.model)
             load_config(files)
             tokenizer = transformers_tokenizer(files)
             if settings.chat and not getattr(tokenizer, "chat_template", None):

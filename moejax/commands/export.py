@@ -37,9 +37,9 @@ def export(settings: ExportSettings) -> Path:
     import jax.numpy as jnp
 
     from moejax.export import export_pretrained
-    from moejax.opening import open_model, run_directory
+    from moejax.opening import model_files, open_model
 
-    source = run_directory(settings.src) or settings.src
+    source = model_files(settings.src)
     check_output(settings.out_dir, "export", [source], flag="OUT_DIR")
     dtype = jnp.dtype(checkpoint_dtype(source) if settings.dtype == "auto" else settings.dtype)
     opened = open_model(settings.src, dtype, allow_nonfinite=settings.allow_nonfinite)

@@ -70,7 +70,7 @@ def generate(settings: GenerateSettings) -> list[dict]:
 
     from moejax.loading import generation_defaults, load_config
     from moejax.models.steering import Steering
-    from moejax.opening import open_model, run_directory
+    from moejax.opening import model_files, open_model
     from moejax.parallel.mesh import make_mesh
 
     prompts = read_prompts(settings)
@@ -79,7 +79,7 @@ def generate(settings: GenerateSettings) -> list[dict]:
                                      if p is not None], "--out")
     steering = None if settings.steering is None else Steering.from_json(settings.steering)
     mesh = make_mesh(settings.mesh) if settings.mesh else None
-    files = settings.model if settings.model is None else (run_directory(settings.model) or settings.model)
+    files = model_files(settings.model)
     if files is None:
         tokenizer, eos = byte_level_tokenizer(), [byte_level_tokenizer().eos_token_id]
     else:

@@ -44,7 +44,7 @@ from moejax.errors import ConfigError, DataError
 from moejax.loading import generation_defaults
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.steering import as_steering, with_steering
-from moejax.opening import open_model, run_directory
+from moejax.opening import model_files, open_model
 from moejax.parallel.mesh import make_mesh, on_mesh
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class MoejaxLM(TemplateLM):
         del device, max_batch_size  # lm-eval passes them to every model; the mesh decides where moejax runs
         builtin = str(pretrained) in (BUILTIN, "builtin")
         model_dir = None if builtin else Path(pretrained)
-        files = None if builtin else run_directory(model_dir) or model_dir  # a training run: its run directory
+        files = None if builtin else model_files(model_dir)
         mesh = make_mesh(mesh) if mesh else None
         if builtin:
             self.model = open_model(None, mesh=mesh).model

@@ -213,14 +213,12 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     if repeat is not None:
         w = {name: value[repeat] for name, value in w.items()}
     x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
+    # Each grouped row's expert, for the biases: num_experts past the groups, whose bias row is zero.
+    expert_m = jnp.searchsorted(jnp.cumsum(group_sizes_e), jnp.arange(x_md.shape[0]), side="right")
 
     def project(name, a, bias):  # rows past the groups (other devices' experts) come out as zeros
         y = jax.lax.ragged_dot(a, w[name], group_sizes_e)
-        if bias not in w:
-            return y
-        # Each grouped row's expert: num_experts past the groups, whose bias row is zero.
-        expert_m = jnp.searchsorted(jnp.cumsum(group_sizes_e), jnp.arange(a.shape[0]), side="right")
-        return y + _with_zero_row(w[bias])[expert_m].astype(y.dtype)
+        return y + _with_zero_row(w[bias])[expert_m].astype(y.dtype) if bias in w else y
 
     gate = project("gate_edf", x_md, "gate_bias_ef") if "gate_edf" in w else None
     y_md = project("down_efd", activate(activation, project("up_edf", x_md, "up_bias_ef"), gate), "down_bias_ed")

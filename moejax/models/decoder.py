@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import is_moe
+from moejax.layers.norms import RMSNorm
 from moejax.layers.params import param
 from moejax.layers.rope import inverse_frequencies, rope_tables
 from moejax.layers.stack import LayerStack
@@ -44,12 +45,19 @@ class DecoderLayer(nnx.Module):
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), None, cache
 
 
+def rms_norm(cfg, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
+    """The norm most decoders use: RMSNorm over hidden_size with rms_norm_eps, the weight applied in `dtype`."""
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
+
+
 class DecoderLM(CausalLM):
     """Embeddings, the scanned stack of the architecture's layers over cfg.layer_kinds, the final norm and the
     (optionally tied: cfg.tie_word_embeddings) LM head; RoPE from cfg.rope over cfg.head_dim. A subclass names its
-    architecture's builders: make_layer(cfg, kind, dtype=, rngs=) -> DecoderLayer and make_norm(cfg, dtype=, rngs=)."""
+    architecture's builders: make_layer(cfg, kind, dtype=, rngs=) -> DecoderLayer and, if not rms_norm,
+    make_norm(cfg, dtype=, rngs=)."""
 
-    make_layer = make_norm = None
+    make_layer = None
+    make_norm = staticmethod(rms_norm)
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         build = type(self)

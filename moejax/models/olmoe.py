@@ -16,8 +16,7 @@ from moejax.config import Fields, ModelConfig, RopeConfig, check_hf, require, re
 from moejax.keymap import KeyMap, Rule, decoder_rules, decoder_top, swiglu_expert_rules, transpose
 from moejax.layers.attention import Attention
 from moejax.layers.moe import SoftmaxMoE
-from moejax.layers.norms import RMSNorm
-from moejax.models.decoder import DecoderLayer, DecoderLM
+from moejax.models.decoder import DecoderLayer, DecoderLM, rms_norm
 
 # --- config ---------------------------------------------------------------------------------------------------
 
@@ -176,18 +175,14 @@ def make_layer(cfg: OlmoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> Decoder
                           rngs=rngs)
     moe = SoftmaxMoE(d, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                      normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
-    return DecoderLayer(kind, make_norm(cfg, dtype=dtype, rngs=rngs), attention, make_norm(cfg, dtype=dtype, rngs=rngs),
+    return DecoderLayer(kind, rms_norm(cfg, dtype=dtype, rngs=rngs), attention, rms_norm(cfg, dtype=dtype, rngs=rngs),
                         moe)
-
-
-def make_norm(cfg: OlmoeConfig, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
-    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
 
 
 class OlmoeForCausalLM(DecoderLM):
     """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
 
-    make_layer, make_norm = staticmethod(make_layer), staticmethod(make_norm)
+    make_layer = staticmethod(make_layer)
 
 
 # The published shapes `moejax plan` knows by name.

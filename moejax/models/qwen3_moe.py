@@ -16,8 +16,7 @@ from moejax.keymap import KeyMap, Rule, decoder_rules, decoder_top, swiglu_exper
 from moejax.layers.attention import Attention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import SoftmaxMoE
-from moejax.layers.norms import RMSNorm
-from moejax.models.decoder import DecoderLayer, DecoderLM
+from moejax.models.decoder import DecoderLayer, DecoderLM, rms_norm
 
 # --- config -------------------------------------------------------------------------------------------------
 
@@ -182,18 +181,14 @@ def make_layer(cfg: Qwen3MoeConfig, kind: str, *, dtype, rngs: nnx.Rngs) -> Deco
                          normalize=cfg.norm_topk_prob, exchange=cfg.expert_exchange, dtype=dtype, rngs=rngs)
     else:
         mlp = MLP(d, cfg.intermediate_size, activation="swiglu", dtype=dtype, rngs=rngs)
-    return DecoderLayer(kind, make_norm(cfg, dtype=dtype, rngs=rngs), attention, make_norm(cfg, dtype=dtype, rngs=rngs),
+    return DecoderLayer(kind, rms_norm(cfg, dtype=dtype, rngs=rngs), attention, rms_norm(cfg, dtype=dtype, rngs=rngs),
                         mlp)
-
-
-def make_norm(cfg: Qwen3MoeConfig, *, dtype, rngs: nnx.Rngs) -> RMSNorm:
-    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", dtype=dtype, rngs=rngs)
 
 
 class Qwen3MoeForCausalLM(DecoderLM):
     """Embeddings, the scanned decoder stack, final norm and the (optionally tied) LM head."""
 
-    make_layer, make_norm = staticmethod(make_layer), staticmethod(make_norm)
+    make_layer = staticmethod(make_layer)
 
 
 # The published shapes `moejax plan` knows by name.
