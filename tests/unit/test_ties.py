@@ -3,9 +3,10 @@ must guarantee: a flip produced by logit noise within delta is never called an e
 wrong selection (exact logits) is never called a tie.
 
 The naive implementation below restates the rule token by token with loops, from the definitions alone: the
-reference's selection scores (softmax, or sigmoid plus correction bias with the group limit), its k-th selected
-score tau, the largest logit difference delta, windows tau (e^{4 delta} - 1) and delta / 2 (delta for group
-scores) plus floors of 8 (16 for groups) float32 unit roundoffs.
+reference's selection scores (softmax, the raw logits of a top-k-then-softmax router, or sigmoid plus correction
+bias with the group limit), its k-th selected score tau, the largest logit difference delta, windows
+tau (e^{4 delta} - 1), 2 delta (raw logits) and delta / 2 (delta for group scores) plus floors of 8 (16 for groups)
+float32 unit roundoffs.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ def naive(kind, k, bias, n_group, topk_group, z_ref, ids_ref, z_got, ids_got, ma
             top = max(z)
             exps = [math.exp(v - top) for v in z]
             s = [v / sum(exps) for v in exps]
+        elif kind == "topk_softmax":
+            s = z
         else:
             s = [1 / (1 + math.exp(-v)) + float(b) for v, b in zip(z, bias, strict=True)]
         delta = max(abs(float(a) - float(b)) for a, b in zip(z_got[t], z_ref[t], strict=True))
         tau = min(s[e] for e in ref)
         if kind == "softmax":
             floor, window = 8 * U * tau, tau * (math.exp(4 * delta) - 1) + 8 * U * tau
+        elif kind == "topk_softmax":  # two raw logits, each moved by at most delta
+            floor = 8 * U * max(1.0, abs(tau))
+            window = 2 * delta + floor
         else:
             floor = 8 * U * max(1.0, abs(tau))
             window = delta / 2 + floor
@@ -86,7 +92,9 @@ def softmax_choice(z, k):
 
 # Repeated bias values, so that equal logits give equal scores (exact ties) under the sigmoid rule too.
 RULES = [RouterRule("softmax", 3), RouterRule("sigmoid", 3, np.repeat([-0.125, 0.0, 0.125, 0.25], 2)),
-         RouterRule("sigmoid", 4, np.tile([0.0, 0.0, 0.125, 0.125], 4), n_group=4, topk_group=2)]
+         RouterRule("sigmoid", 4, np.tile([0.0, 0.0, 0.125, 0.125], 4), n_group=4, topk_group=2),
+         RouterRule("topk_softmax", 3)]
+RULE_IDS = ["softmax", "sigmoid", "sigmoid-groups", "topk-softmax"]
 
 
 def boundary_logits(rng, tokens, experts):
@@ -97,12 +105,12 @@ def boundary_logits(rng, tokens, experts):
 
 
 def choose(rule, z):
-    if rule.kind == "softmax":
+    if rule.kind in ("softmax", "topk_softmax"):  # the softmax keeps the logits' order
         return softmax_choice(z, rule.k)
     return sigmoid_choice(z, rule.correction_e, rule.k, rule.n_group, rule.topk_group)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=["softmax", "sigmoid", "sigmoid-groups"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("noise", [1e-4, 1e-2, 0.3])
 def test_rule_equals_the_naive_boundary_test(rule, noise):
     """Random logits, the other side's logits moved by noise of several sizes (small: mostly ties; large:
@@ -119,7 +127,7 @@ def test_rule_equals_the_naive_boundary_test(rule, noise):
     assert [want[t] for t in flips.token] == flips.kind.tolist()
 
 
-@pytest.mark.parametrize("rule", RULES, ids=["softmax", "sigmoid", "sigmoid-groups"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_noise_within_delta_is_always_a_tie(rule):
     """Soundness: both sides' selections made by the correct algorithm from logits that differ by at most 1e-4
     (summation noise, scaled up), at tokens full of exact and near ties: no flip is ever called an error."""
@@ -165,3 +173,17 @@ def test_flip_beyond_the_logit_bound_is_not_a_tie():
     flips = classify_flips(rule, z_ref, ids_ref, z_ref + np.array([[0, 2e-3, 0]]), ids_got)
     assert flips.kind.tolist() == [TIE] and flips.gap[0] <= flips.window[0]
     assert classify_flips(rule, z_ref, ids_ref, z_ref + np.array([[0, 1e-4, 0]]), ids_got).kind.tolist() == [OTHER]
+
+
+@pytest.mark.parametrize("noise", [1e-7, 1e-3])
+def test_wrong_top_k_of_logits_is_never_a_tie(noise):
+    """GPT-OSS's rule (top-k of the raw logits): the k-th expert replaced by the (k+1)-th, with the logits equal up to
+    float32 noise or up to bfloat16-sized noise, is an error at almost every flipped token, never a tie by default."""
+    rule = RouterRule("topk_softmax", 4)
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(5000, 16))
+    ids_ref = softmax_choice(z, rule.k)
+    ids_got = softmax_choice(z, rule.k + 1)[:, [0, 1, 2, 4]]
+    flips = classify_flips(rule, z, ids_ref, z + rng.uniform(-noise, noise, z.shape), ids_got)
+    assert len(flips.token) == 5000
+    assert np.mean(flips.kind != OTHER) < (0.01 if noise < 1e-5 else 0.02)
