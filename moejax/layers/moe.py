@@ -44,6 +44,15 @@ class RouterOutput:
 RESTRICTED = -1e9
 
 
+def steering_noise(noise_key_2: jax.Array, position_t: jax.Array, experts: int, eps_std) -> jax.Array:
+    """Hard steering's eps (docs/steering.md, eq. 5): a signed N(0, eps_std^2) draw per token and expert, [t, E]
+    float32, from the layer's key folded with the token's position in its document, so a token's eps does not depend
+    on the batch, the padding or the packing around it (the PyTorch reference draws the same numbers)."""
+    key = jax.random.wrap_key_data(jnp.asarray(noise_key_2, jnp.uint32))
+    draw = jax.vmap(lambda p: jax.random.normal(jax.random.fold_in(key, p), (experts,), jnp.float32))
+    return draw(jnp.asarray(position_t, jnp.int32)) * jnp.asarray(eps_std, jnp.float32)
+
+
 @struct.dataclass
 class RouterControl:
     """Changes to one MoE layer's routing, given as arrays so that new values never recompile.
@@ -51,8 +60,11 @@ class RouterControl:
     Forcing: the tokens where `force_mask` [tokens] is set get the experts `force_ids` [tokens, k] instead of their
     top-k (their combine weights are still the router's own scores of those experts, normalised as usual).
     Steering (docs/steering.md, steering), on every token's raw router logits z [E] before the softmax or sigmoid:
-    z + shift_e * std(z) (soft; std over the E logits, population), then experts in promote_e set to
-    max(z) + eps_e and experts in suppress_e to min(z) - eps_e (hard; max and min of the unsteered z).
+    z + shift_e * std(z) (soft; std over the E logits, population), then experts in promote_e set to max(z) + eps
+    and experts in suppress_e to min(z) - eps (hard, paper (b)'s eq. 5; max and min of the unsteered z; eps a signed
+    N(0, eps_std^2) draw per token and expert, steering_noise from noise_key and the tokens' position_t, which the
+    model's forward fills in). Where a selection score other than the logits decides (the sigmoid router's
+    correction bias and group limit), `choose` applies hard steering to those scores as well.
     """
 
     force_ids: jax.Array | None = None
@@ -60,10 +72,17 @@ class RouterControl:
     shift_e: jax.Array | None = None
     promote_e: jax.Array | None = None
     suppress_e: jax.Array | None = None
-    eps_e: jax.Array | None = None
+    noise_key: jax.Array | None = None  # [2] uint32: the layer's key data for eps
+    eps_std: jax.Array | None = None  # scalar float32: eps's standard deviation
+    position_t: jax.Array | None = None  # [tokens] int32: each token's position in its document
     # Training only (--route-to-trained): the other experts' logits set to RESTRICTED (and, for a sigmoid router with
     # a selection-only bias, their choice scores to -inf, so the bias cannot choose them either).
     allowed_e: jax.Array | None = None
+
+    def eps(self, tokens: int, experts: int) -> jax.Array:
+        """eps [tokens, E] for these tokens (zeros where no position was given: a single block run alone)."""
+        position_t = jnp.zeros((tokens,), jnp.int32) if self.position_t is None else self.position_t
+        return steering_noise(self.noise_key, position_t, experts, self.eps_std)
 
     def steer(self, logits_te: jax.Array) -> jax.Array:
         """The logits the router chooses with: steered (and restricted) when this control says so, else as they
@@ -71,16 +90,23 @@ class RouterControl:
         if self.shift_e is not None:
             z_te = logits_te.astype(jnp.float32)
             steered_te = z_te + self.shift_e * jnp.std(z_te, axis=-1, keepdims=True)
-            # At least one float32 step beyond max(z) (min(z)): an eps below half a step of |z| would round away and
-            # leave the expert tied with the one it must pass.
-            top_t1, bottom_t1 = jnp.max(z_te, axis=-1, keepdims=True), jnp.min(z_te, axis=-1, keepdims=True)
-            promoted_te = jnp.maximum(top_t1 + self.eps_e, jnp.nextafter(top_t1, jnp.inf))
-            suppressed_te = jnp.minimum(bottom_t1 - self.eps_e, jnp.nextafter(bottom_t1, -jnp.inf))
-            steered_te = jnp.where(self.promote_e, promoted_te, steered_te)
-            logits_te = jnp.where(self.suppress_e, suppressed_te, steered_te)
+            eps_te = self.eps(*z_te.shape)
+            steered_te = jnp.where(self.promote_e, jnp.max(z_te, axis=-1, keepdims=True) + eps_te, steered_te)
+            logits_te = jnp.where(self.suppress_e, jnp.min(z_te, axis=-1, keepdims=True) - eps_te, steered_te)
         if self.allowed_e is not None:
             logits_te = jnp.where(self.allowed_e, logits_te, jnp.asarray(RESTRICTED, logits_te.dtype))
         return logits_te
+
+    def choose(self, choice_te: jax.Array) -> jax.Array:
+        """Hard steering on selection scores [tokens, E] (the sigmoid router's biased scores, before its group
+        limit): promoted experts above every other expert (max + 1 + eps, eps ordering them among themselves; their
+        groups lead the group limit, and sigmoid_group_topk lets them pass it) and suppressed ones at -inf, so a
+        promoted expert is chosen at every token unless more than k are promoted, and a suppressed one never."""
+        if self.promote_e is None:
+            return choice_te
+        top_t1 = jnp.max(jnp.where(jnp.isfinite(choice_te), choice_te, -jnp.inf), axis=-1, keepdims=True)
+        choice_te = jnp.where(self.promote_e, top_t1 + 1.0 + self.eps(*choice_te.shape), choice_te)
+        return jnp.where(self.suppress_e, -jnp.inf, choice_te)
 
     def select(self, ids_tk: jax.Array) -> jax.Array:
         """The experts each token uses: its top-k, or the forced ones."""
@@ -128,12 +154,17 @@ def sigmoid_group_topk(logits_te: jax.Array, correction_e: jax.Array, k: int, n_
     choice_te = scores_te + correction_e.astype(jnp.float32)
     if control is not None and control.allowed_e is not None:  # the selection-only bias must not choose them either
         choice_te = jnp.where(control.allowed_e, choice_te, -jnp.inf)
+    if control is not None:  # hard steering acts on the selection scores, before the group limit
+        choice_te = control.choose(choice_te)
+    steered_te = choice_te
     if n_group > 1:
         choice_tgx = choice_te.reshape(tokens, n_group, experts // n_group)
         group_scores_tg = jnp.sum(jax.lax.top_k(choice_tgx, 2)[0], axis=-1)
         _, groups_tk = jax.lax.top_k(group_scores_tg, topk_group)
         keep_tg = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], groups_tk].set(True)
         choice_te = jnp.where(keep_tg[:, :, None], choice_tgx, -jnp.inf).reshape(tokens, experts)
+        if control is not None and control.promote_e is not None:  # a promoted expert passes the group limit too
+            choice_te = jnp.where(control.promote_e, steered_te, choice_te)
     _, ids_tk = jax.lax.top_k(choice_te, k)
     if control is not None:
         ids_tk = control.select(ids_tk)

@@ -78,6 +78,10 @@ class CausalLM(nnx.Module):
         layer stack, the head. segment_ids_bt: 0 = padding, 1, 2, ... = the documents of a row."""
         x_btd = self.embed_vd[...][input_ids_bt]
         context = self.layer_context(segment_ids_bt, position_ids_bt, x_btd.dtype)
+        if control is not None and control.noise_key is not None:  # hard steering's eps is drawn per position
+            layers = control.noise_key.shape[0]
+            control = control.replace(position_t=jnp.broadcast_to(jnp.reshape(position_ids_bt, (-1,)),
+                                                                  (layers, position_ids_bt.size)))
         x_btd, aux, cache = self.run_layers(x_btd, segment_ids_bt, cache, keep_hidden=return_hidden_states,
                                             moe_inputs=control, **context)
         return causal_lm_output(self.head(x_btd), aux, return_router_logits, return_hidden_states, cache)
@@ -90,6 +94,8 @@ class CausalLM(nnx.Module):
         RouterControl (forcing, steering) over those tokens. One compilation per kind of block, whatever its
         index."""
         segment, position, repeat = self.layers.locate(block)
+        if control is not None and control.noise_key is not None:
+            control = control.replace(position_t=jnp.reshape(jnp.asarray(position_ids_bt, jnp.int32), (-1,)))
         graphdef, state = nnx.split(self)
         with on_mesh(state) as place:
             x_btd, segment_ids_bt, position_ids_bt = place(jnp.asarray(x_btd, dtype), jnp.asarray(segment_ids_bt),

@@ -25,7 +25,10 @@ from moejax.layers.moe import RouterControl
 
 MODES = ("soft", "hard")
 DIRECTIONS = ("promote", "suppress")
-EPS_STD = 1e-6  # hard steering's tie-breaking noise: |N(0, 1e-6)| per layer and expert, seeded
+# Hard steering's tie-breaking eps (paper (b)'s eq. 5, eps ~ N(0, 1e-6)): a signed draw per token and expert. We read
+# the 1e-6 as the variance, as N(mu, sigma^2) is written, so its standard deviation is 1e-3 (a spec's "eps_std"
+# overrides it; 1e-6 would be the standard-deviation reading, below a float32 step of logits beyond 8).
+EPS_STD = 1e-3
 # Soft steering shifts a logit by lambda standard deviations of the token's logits. Beyond ~20 the shifted experts'
 # float32 probabilities are exactly 0 or 1 for typical logits (a logit gap above ~100 underflows exp), and which of
 # the zeroed experts fill the top-k is decided by ties: the routing degenerates. Paper (b) uses 0.5.
@@ -52,16 +55,20 @@ def _ids(value, where: str) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Steering:
-    """mode "soft": z_k += lambda * std(z) for a promoted expert k (-lambda for a suppressed one); mode "hard":
-    z_k = max(z) + eps_k (promoted) or min(z) - eps_k (suppressed), eps_k = |N(0, 1e-6)| drawn from `seed` (its
-    absolute value, so a promoted expert ends above every expert that is not, and ties between promoted experts
-    are broken). `layers`: MoE-layer index -> (promoted ids, suppressed ids). Acts on the raw logits, before the
-    softmax (Qwen3-MoE) or the sigmoid (Nemotron-H, whose correction bias and group limit then apply as usual)."""
+    """mode "soft": z_k += lambda * std(z) for a promoted expert k (-lambda for a suppressed one); mode "hard"
+    (paper (b)'s eq. 5): z_k = max(z) + eps (promoted) or min(z) - eps (suppressed), eps a signed N(0, eps_std^2)
+    draw per token and expert from `seed`, the layer and the token's position (so a promoted expert is chosen except
+    where more than k experts tie within eps of the maximum, the edge case the paper's appendix describes).
+    `layers`: MoE-layer index -> (promoted ids, suppressed ids). Acts on the raw logits, before the softmax
+    (Qwen3-MoE, OLMoE), the top-k (GPT-OSS) or the sigmoid (Nemotron-H); on Nemotron-H, where the correction bias
+    and the group limit choose, hard steering also acts on those selection scores: a promoted expert is chosen at
+    every token and a suppressed one never."""
 
     mode: str = "soft"
     lam: float = 0.5
     seed: int = 0
     layers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    eps_std: float = EPS_STD
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -74,6 +81,8 @@ class Steering:
                               "mode hard to force experts in or out (paper b found 0.5 best)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"steering: seed must be an integer, got {self.seed!r}")
+        if isinstance(self.eps_std, bool) or not isinstance(self.eps_std, int | float) or not 0 <= self.eps_std < 1:
+            raise ConfigError(f"steering: eps_std must be a number in [0, 1), got {self.eps_std!r}")
         for layer, (promote, suppress) in self.layers.items():
             both = sorted(set(promote) & set(suppress))
             if both:
@@ -91,9 +100,9 @@ class Steering:
         if "experts" in spec and "layers" not in spec:
             return cls.from_experts(spec, spec.get("mode", "soft"), spec.get("lambda", 0.5),
                                     spec.get("direction", "promote"), spec.get("seed", 0), where)
-        unknown = sorted(set(spec) - {"mode", "lambda", "seed", "layers"})
+        unknown = sorted(set(spec) - {"mode", "lambda", "seed", "layers", "eps_std"})
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; a spec has mode, lambda, seed and layers")
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; a spec has mode, lambda, seed, eps_std and layers")
         layers_spec = spec.get("layers", {})
         if not isinstance(layers_spec, dict):
             raise ConfigError(f"{where}: layers must map MoE-layer indices to {{'promote': [...], 'suppress': [...]}}")
@@ -106,7 +115,7 @@ class Steering:
             layers[layer] = (_ids(entry.get("promote", []), f"layer {key} promote"),
                              _ids(entry.get("suppress", []), f"layer {key} suppress"))
         return cls(mode=spec.get("mode", "soft"), lam=spec.get("lambda", 0.5), seed=spec.get("seed", 0),
-                   layers=layers)
+                   layers=layers, eps_std=spec.get("eps_std", EPS_STD))
 
     @classmethod
     def from_experts(cls, experts: dict, mode: str = "soft", lam: float = 0.5, direction: str = "promote",
@@ -139,7 +148,7 @@ class Steering:
         return cls.from_dict(spec, str(path))
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "lambda": self.lam, "seed": self.seed,
+        return {"mode": self.mode, "lambda": self.lam, "seed": self.seed, "eps_std": self.eps_std,
                 "layers": {str(layer): {"promote": list(p), "suppress": list(s)}
                            for layer, (p, s) in sorted(self.layers.items())}}
 
@@ -178,7 +187,8 @@ class Steering:
         self.resolved_layers(config)
 
     def arrays(self, config) -> dict[str, np.ndarray]:
-        """shift, promote, suppress and eps, each [moe layers, E] (RouterControl's steering fields)."""
+        """RouterControl's steering fields, each with a leading MoE-layer axis: shift_e, promote_e, suppress_e
+        [moe layers, E], noise_key [moe layers, 2] and eps_std [moe layers]."""
         moe_layers, experts = len(config.moe_layers), config.num_routed_experts
         shift = np.zeros((moe_layers, experts), np.float32)
         promote = np.zeros((moe_layers, experts), bool)
@@ -190,8 +200,16 @@ class Steering:
             else:
                 promote[layer, list(up)] = True
                 suppress[layer, list(down)] = True
-        eps = np.abs(np.random.default_rng(self.seed).normal(0.0, EPS_STD, (moe_layers, experts))).astype(np.float32)
-        return {"shift_e": shift, "promote_e": promote, "suppress_e": suppress, "eps_e": eps}
+        return {"shift_e": shift, "promote_e": promote, "suppress_e": suppress,
+                "noise_key": self.noise_keys(moe_layers), "eps_std": np.full(moe_layers, self.eps_std, np.float32)}
+
+    def noise_keys(self, moe_layers: int) -> np.ndarray:
+        """[moe layers, 2] uint32: each MoE layer's key for eps (moejax.layers.moe.steering_noise), from the seed."""
+        import jax
+
+        base = jax.random.key(self.seed)
+        return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, layer)), np.uint32)
+                         for layer in range(moe_layers)])
 
     def control(self, config) -> RouterControl | None:
         """The steering as RouterControl arrays for every MoE layer of `config` (None when it changes nothing)."""
@@ -220,4 +238,4 @@ def with_steering(control: RouterControl | None, steering: Steering | None, conf
     if control is None:
         return steer
     return control.replace(shift_e=steer.shift_e, promote_e=steer.promote_e, suppress_e=steer.suppress_e,
-                           eps_e=steer.eps_e)
+                           noise_key=steer.noise_key, eps_std=steer.eps_std)

@@ -79,49 +79,79 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
-def steer_logits(z: torch.Tensor, shift_e=None, promote_e=None, suppress_e=None, eps_e=None,
+def steering_eps(row: dict, position_t: np.ndarray, experts: int) -> torch.Tensor:
+    """Hard steering's eps [tokens, E] for tokens at these positions: the same draws as moejax's (paper (b)'s eq. 5
+    with moejax's seeding: moejax.layers.moe.steering_noise), as a float32 tensor."""
+    from moejax.layers.moe import steering_noise
+
+    return torch.from_numpy(np.array(steering_noise(row["noise_key"], position_t, experts, row["eps_std"])))
+
+
+def steer_logits(z: torch.Tensor, shift_e=None, promote_e=None, suppress_e=None, eps_te=None,
                  allowed_e=None) -> torch.Tensor:
     """docs/steering.md, steering in PyTorch, on raw logits z [tokens, E]: z + shift * std(z) (population), then
-    promoted experts at max(z) + eps and suppressed ones at min(z) - eps (at least one float32 step beyond), computed
-    in float32; then (section 3,
-    training only) the experts not in allowed_e at -1e9."""
+    promoted experts at max(z) + eps and suppressed ones at min(z) - eps (eps [tokens, E]), computed in float32; then
+    (training only) the experts not in allowed_e at -1e9."""
     out = z
     if shift_e is not None:
         zf = z.float()
         out = zf + torch.as_tensor(shift_e) * zf.std(dim=-1, keepdim=True, unbiased=False)
         top, bottom = zf.max(dim=-1, keepdim=True).values, zf.min(dim=-1, keepdim=True).values
-        eps = torch.as_tensor(eps_e)  # at least one float32 step beyond max(z) (min(z)), so no tie remains
-        promoted = torch.maximum(top + eps, torch.nextafter(top, torch.tensor(float("inf"))))
-        suppressed = torch.minimum(bottom - eps, torch.nextafter(bottom, torch.tensor(-float("inf"))))
-        out = torch.where(torch.as_tensor(promote_e), promoted, out)
-        out = torch.where(torch.as_tensor(suppress_e), suppressed, out).to(z.dtype)
+        out = torch.where(torch.as_tensor(promote_e), top + eps_te, out)
+        out = torch.where(torch.as_tensor(suppress_e), bottom - eps_te, out).to(z.dtype)
     if allowed_e is not None:
         out = torch.where(torch.as_tensor(allowed_e), out, torch.tensor(-1e9, dtype=out.dtype))
     return out
 
 
+def steer_choice(choice: torch.Tensor, promote_e, suppress_e, eps_te: torch.Tensor) -> torch.Tensor:
+    """Hard steering of a sigmoid router's selection scores [tokens, E] (bias added, before the group limit):
+    promoted experts at max + 1 + eps, suppressed ones at -inf."""
+    finite = torch.where(torch.isfinite(choice), choice, torch.tensor(-float("inf")))
+    top = finite.max(dim=-1, keepdim=True).values
+    out = torch.where(torch.as_tensor(promote_e), top + 1.0 + eps_te, choice)
+    return torch.where(torch.as_tensor(suppress_e), torch.tensor(-float("inf")), out)
+
+
 class steered:
     """A context in which transformers' model routes with steered logits: hooks on each steered router (forward
     pre-hook and hook) make the `F.linear` that computes its raw logits return them steered by `arrays` (shift_e,
-    promote_e, suppress_e, eps_e, each [moe layers, E], as moejax.Steering.arrays gives them; or allowed_e alone,
-    the training-time restriction of expert-selective training), so the router's own
-    code (softmax top-k; sigmoid, correction bias and group limit) chooses from the steered logits. The reference
-    implementation of router steering, written for moejax's parity tests (the papers patched vLLM instead)."""
+    promote_e, suppress_e [moe layers, E], noise_key [moe layers, 2] and eps_std [moe layers], as
+    moejax.Steering.arrays gives them; or allowed_e alone, the training-time restriction of expert-selective
+    training), so the router's own code (softmax top-k; sigmoid, correction bias and group limit) chooses from the
+    steered logits. Hard steering's eps is drawn per token position, read from the model call's position_ids (or
+    cache_position, or 0, 1, ... along the row). A sigmoid router with a correction bias is hard-steered on its
+    selection scores too (its output recomputed by _steered_choice). The reference implementation of router steering, written for moejax's parity tests
+    (the papers patched vLLM instead)."""
 
     def __init__(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]):
         self.model, self.arrays, self.hooks, self.restore = model, arrays, [], []
+        self.position_t = None
+
+    def _positions(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch, length = ids.shape
+        given = kwargs.get("position_ids")
+        if given is None and kwargs.get("cache_position") is not None:
+            given = kwargs["cache_position"][None].expand(batch, length)
+        if given is None:
+            given = torch.arange(length)[None].expand(batch, length)
+        self.position_t = given.reshape(-1).numpy().astype(np.int32)
 
     def __enter__(self):
         import importlib
 
+        self.hooks.append(self.model.register_forward_pre_hook(self._positions, with_kwargs=True))
         for layer, router in enumerate(routers(self.model)):
             row = {name: a[layer] for name, a in self.arrays.items()}
-            if not any(np.any(a if name != "allowed_e" else ~a) for name, a in row.items() if name != "eps_e"):
+            if not any(np.any(row[name]) for name in ("shift_e", "promote_e", "suppress_e") if name in row) \
+                    and not ("allowed_e" in row and np.any(~row["allowed_e"])):
                 continue
             namespace = importlib.import_module(type(router).__module__)
             functional = namespace.F
+            hard = "promote_e" in row and (np.any(row["promote_e"]) or np.any(row["suppress_e"]))
 
-            steered_f = _SteeredFunctional(functional, row)
+            steered_f = _SteeredFunctional(functional, row, self)
             bias = getattr(router, "e_score_correction_bias", None)
             masked = None
             if bias is not None and "allowed_e" in row:  # moejax's restriction removes them from the choice too
@@ -133,15 +163,39 @@ class steered:
                     module._saved_bias = module.e_score_correction_bias.detach().clone()
                     module.e_score_correction_bias.data.copy_(masked)
 
-            def after(module, _inputs, _output, namespace=namespace, functional=functional):
+            def after(module, inputs, output, namespace=namespace, functional=functional, row=row, hard=hard):
                 namespace.F = functional
                 if hasattr(module, "_saved_bias"):
                     module.e_score_correction_bias.data.copy_(module._saved_bias)
                     del module._saved_bias
+                if hard and getattr(module, "e_score_correction_bias", None) is not None:
+                    return self._steered_choice(module, row, output)
+                return None
 
             self.restore.append((namespace, functional))
             self.hooks += [router.register_forward_pre_hook(before), router.register_forward_hook(after)]
         return self.model
+
+    def _steered_choice(self, router, row: dict, output):
+        """A sigmoid router's choice, hard-steered on its selection scores: transformers' NemotronHTopkRouter
+        algorithm (sigmoid, correction bias, group limit, top-k, normalised and scaled weights) written again here
+        with steer_choice on the biased scores, promoted experts kept past the group limit."""
+        logits, _, _ = output  # the steered logits (F.linear was steered)
+        scores = logits.sigmoid()
+        eps = steering_eps(row, self.position_t, logits.shape[-1])
+        choice = steer_choice(scores + router.e_score_correction_bias, row["promote_e"], row["suppress_e"], eps)
+        tokens, experts = choice.shape
+        grouped = choice.view(tokens, router.num_group, experts // router.num_group)
+        kept_groups = torch.topk(grouped.topk(2, dim=-1)[0].sum(dim=-1), k=router.topk_group, dim=-1)[1]
+        keep = torch.zeros(tokens, router.num_group, dtype=torch.bool)
+        keep.scatter_(1, kept_groups, True)
+        keep = keep[:, :, None].expand(-1, -1, experts // router.num_group).reshape(tokens, experts)
+        keep = keep | torch.as_tensor(row["promote_e"])
+        ids = torch.topk(choice.masked_fill(~keep, float("-inf")), k=router.top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights * router.routed_scaling_factor, ids
 
     def __exit__(self, *exc):
         for hook in self.hooks:
@@ -153,14 +207,19 @@ class steered:
 class _SteeredFunctional:
     """torch.nn.functional with `linear` returning steered logits (steered's row of arrays)."""
 
-    def __init__(self, functional, row: dict):
-        self.functional, self.row = functional, row
+    def __init__(self, functional, row: dict, context: steered):
+        self.functional, self.row, self.context = functional, row, context
 
     def __getattr__(self, name):
         return getattr(self.functional, name)
 
     def linear(self, *args, **kwargs):
-        return steer_logits(self.functional.linear(*args, **kwargs), **self.row)
+        z = self.functional.linear(*args, **kwargs)
+        steer = {name: self.row[name] for name in ("shift_e", "promote_e", "suppress_e", "allowed_e")
+                 if name in self.row}
+        if "noise_key" in self.row:
+            steer["eps_te"] = steering_eps(self.row, self.context.position_t, z.shape[-1])
+        return steer_logits(z, **steer)
 
 
 def run_reference(model, ids: np.ndarray, mask: np.ndarray | None = None):
