@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moejax.errors import RunError
+from moejax.config import read_config_json
+from moejax.errors import ConfigError, RunError
 from moejax.loading import from_pretrained, load_config
 from moejax.models import abstract_model, model_class
 from moejax.models.builtin import builtin_model
@@ -38,10 +39,29 @@ class Opened:
         return self.files is None
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parameter_dtype(name, declared: dict | None = None):
+    """A parameter dtype from its name (or a dtype), "auto" meaning the one the checkpoint's config declares
+    (`declared`, its config.json; float32 if none)."""
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name == "auto":
+        name = (declared or {}).get("dtype") or (declared or {}).get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
 def open_model(spec: str | Path | None, dtype=jnp.float32, mesh=None, allow_nonfinite: bool = False,
                **config_overrides) -> Opened:
-    """The model `spec` names (module docstring) in `dtype`, placed on `mesh` if given; config_overrides replace
-    fields of its config (e.g. Nemotron-H's dt_floor). The built-in model is float32 whatever `dtype`."""
+    """The model `spec` names (module docstring) in `dtype` (a dtype, or its name; "auto": the checkpoint's),
+    placed on `mesh` if given; config_overrides replace fields of its config (e.g. Nemotron-H's dt_floor). The
+    built-in model is float32 whatever `dtype`."""
+    if isinstance(dtype, str):
+        files = model_files(spec)
+        dtype = parameter_dtype(dtype, read_config_json(files / "config.json") if dtype == "auto" and files else None)
     if spec is None:
         model = builtin_model()
         return Opened(model if mesh is None else shard_model(model, mesh), None)

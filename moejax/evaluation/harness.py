@@ -44,12 +44,11 @@ from moejax.errors import ConfigError, DataError
 from moejax.loading import generation_defaults
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.steering import as_steering, with_steering
-from moejax.opening import model_files, open_model
+from moejax.opening import model_files, open_model, parameter_dtype
 from moejax.parallel.mesh import make_mesh, on_mesh
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_BATCH_SIZE = 8  # packed rows (or prompts, when generating) per forward pass
 DEFAULT_MAX_LENGTH = 2048  # as lm-eval's Hugging Face backend, when neither config nor tokenizer says
 
@@ -65,15 +64,6 @@ def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, la
     greedy_bt = jnp.argmax(logp_btv, axis=-1)
     extra_btx = jnp.where(last_bt[..., None], jnp.take_along_axis(logp_btv, extra_btx, axis=-1), 0.0)
     return target_bt, greedy_bt, extra_btx
-
-
-def _dtype(name: str, declared: dict):
-    """The parameters' dtype: `name`, or with "auto" the one the checkpoint declares (float32 if none)."""
-    if name == "auto":
-        name = declared.get("dtype") or declared.get("torch_dtype") or "float32"
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[name]
 
 
 @register_model("moejax")
@@ -105,7 +95,7 @@ class MoejaxLM(TemplateLM):
             declared = types.SimpleNamespace(max_position_embeddings=self.model.config.max_positions)
         else:
             config = read_config_json(files / "config.json")
-            self.model = open_model(model_dir, _dtype(str(dtype), config), mesh, allow_nonfinite,
+            self.model = open_model(model_dir, parameter_dtype(str(dtype), config), mesh, allow_nonfinite,
                                     **config_overrides).model
             self.tokenizer = transformers_tokenizer(files, **({} if add_bos_token is None else
                                                               {"add_bos_token": add_bos_token}))

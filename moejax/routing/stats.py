@@ -23,7 +23,7 @@ from moejax.errors import DataError
 from moejax.models.common import ForcedRouting
 from moejax.models.steering import Steering, with_steering
 from moejax.parallel.mesh import on_mesh
-from moejax.routing import PROBABILITIES
+from moejax.routing import PROBABILITIES, SELECTIONS
 
 
 @struct.dataclass
@@ -42,11 +42,14 @@ class ChunkStats:
     router_logits: jax.Array | None = None  # with keep_routing: [b, L, t, E] float32, its raw router logits
 
 
-def _layer_stats(logits_bte, ids_btk, slot_btm, pairs_bmp2, pair_valid_bmp, probabilities: str):
-    """One MoE layer's statistics per segment slot; slot_btm: 1 where token t is a content token of slot m."""
+def _layer_stats(logits_bte, ids_btk, slot_btm, pairs_bmp2, pair_valid_bmp, probabilities: str, selection: str):
+    """One MoE layer's statistics per segment slot; slot_btm: 1 where token t is a content token of slot m.
+    selection "raw": the experts counted are the top-K of the (softmax of the) logits, not the model's ids_btk."""
     num_experts = logits_bte.shape[-1]
     k = ids_btk.shape[-1]
     logits = logits_bte.astype(jnp.float32)
+    if selection == "raw":
+        ids_btk = jax.lax.top_k(logits, k)[1]
     p_bte = jax.nn.softmax(logits, axis=-1) if probabilities == "softmax" else jax.nn.sigmoid(logits)
     chosen_bte = jax.nn.one_hot(ids_btk, num_experts, dtype=jnp.float32).sum(axis=-2)
     topk = jnp.einsum("bte,btm->bme", chosen_bte, slot_btm).astype(jnp.int32)
@@ -62,9 +65,9 @@ def _layer_stats(logits_bte, ids_btk, slot_btm, pairs_bmp2, pair_valid_bmp, prob
     return topk, top1, prob_sums, entropy, jaccard
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 9, 10))
+@functools.partial(jax.jit, static_argnums=(0, 7, 9, 10, 11))
 def _stats(graphdef, state, input_ids_bt, segment_ids_bt, positions_bt, content_bt, pairs_bmp2, probabilities, control,
-           keep_routing, slots):
+           keep_routing, slots, selection):
     model = nnx.merge(graphdef, state)
     out = model.forward(input_ids_bt, segment_ids_bt, positions_bt, True, control=control)
     content_bt = content_bt & (segment_ids_bt != 0)
@@ -75,7 +78,7 @@ def _stats(graphdef, state, input_ids_bt, segment_ids_bt, positions_bt, content_
     pair_valid_bmp = ((slot_of_bt[rows_b11, pairs_bmp2[..., 0]] == own_m)
                       & (slot_of_bt[rows_b11, pairs_bmp2[..., 1]] == own_m)
                       & (pairs_bmp2[..., 0] != pairs_bmp2[..., 1])).astype(jnp.float32)
-    per_layer = [_layer_stats(logits, ids, slot_btm, pairs_bmp2, pair_valid_bmp, probabilities)
+    per_layer = [_layer_stats(logits, ids, slot_btm, pairs_bmp2, pair_valid_bmp, probabilities, selection)
                  for logits, ids in zip(out.router_logits, out.router_expert_ids, strict=True)]
     topk, top1, prob_sums, entropy, jaccard = (jnp.stack(x, axis=2) for x in zip(*per_layer, strict=True))
     kept = {}
@@ -102,7 +105,8 @@ def _native(model, probabilities: str) -> str:
 
 def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, pairs_bmp2,
                   probabilities: str = "softmax", *, forced: ForcedRouting | None = None,
-                  steering: Steering | None = None, keep_routing: bool = False) -> ChunkStats:
+                  steering: Steering | None = None, keep_routing: bool = False,
+                  selection: str = "model") -> ChunkStats:
     """Routing statistics of rows that pack chunks, one segment each, reduced per segment in the same jitted call
     as the forward pass (each chunk sees only itself, as if alone: positions restart, attention and the Mamba
     state stop at its boundaries).
@@ -113,9 +117,13 @@ def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, p
     probabilities: "softmax" of the raw logits (paper a's protocol, for both architectures) or "native" (sigmoid
     scores for Nemotron-H). forced: experts imposed on some tokens (as in model(...)); steering: the router steered
     (as in model(...); the statistics are the steered routing's); keep_routing: every token's experts and router
-    logits come back too.
+    logits come back too. selection: the experts counted, the model's choice ("model") or the top-K of
+    softmax(raw router logits) ("raw", paper a's hook view; the same experts unless a correction bias, a group limit
+    or forcing decides); keep_routing returns the model's choice either way.
     """
     probabilities = _native(model, probabilities)
+    if selection not in SELECTIONS:
+        raise DataError(f"selection={selection!r} is not one of {SELECTIONS}")
     segment_ids_bt = np.asarray(segment_ids_bt, np.int32)
     graphdef, state = nnx.split(model)
     with on_mesh(state) as place:
@@ -123,7 +131,7 @@ def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, p
                                                positions(segment_ids_bt), np.asarray(content_bt, bool),
                                                np.asarray(pairs_bmp2, np.int32)), probabilities,
                        with_steering(None if forced is None else forced.control(), steering, model.config),
-                       keep_routing, np.shape(pairs_bmp2)[1])
+                       keep_routing, np.shape(pairs_bmp2)[1], selection)
     if jax.process_count() > 1:  # every host gets the whole batch's statistics
         stats = multihost_utils.process_allgather(stats, tiled=True)
     return stats
@@ -131,11 +139,12 @@ def segment_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, p
 
 def chunk_stats(model: nnx.Module, input_ids_bt, segment_ids_bt, content_bt, pairs_bp2,
                 probabilities: str = "softmax", *, forced: ForcedRouting | None = None,
-                keep_routing: bool = False) -> ChunkStats:
+                keep_routing: bool = False, selection: str = "model") -> ChunkStats:
     """segment_stats for one chunk per row (segment_ids_bt: 0 = padding, any other id = the row's chunk, so a 0/1
     attention mask will do); the statistics come back without the slot axis ([b, L, E], [b, L], [b])."""
     stats = segment_stats(model, input_ids_bt, np.asarray(segment_ids_bt) != 0, content_bt,
-                          np.asarray(pairs_bp2)[:, None], probabilities, forced=forced, keep_routing=keep_routing)
+                          np.asarray(pairs_bp2)[:, None], probabilities, forced=forced, keep_routing=keep_routing,
+                          selection=selection)
     squeezed = {name: getattr(stats, name)[:, 0] for name in ("topk_counts", "top1_counts", "prob_sums",
                                                                "entropy_sums_bits", "tokens", "pair_jaccard_sums",
                                                                "pairs")}
