@@ -4,13 +4,17 @@ for base / CPT / SFT checkpoints of Qwen3-MoE and Nemotron-H, with the full figu
     python -m experiments.multilingual_routing \\
         --model qwen3-base=/ckpt/Qwen3-30B-A3B --model qwen3-cpt=/ckpt/qwen3-he-cpt \\
         --model nemotron-base=/ckpt/Nemotron-3-Nano-30B-A3B --model nemotron-cpt=/ckpt/nemo-he-cpt \\
-        --model nemotron-sft=/ckpt/nemo-he-sft --data /data/flores200_dataset/dev --out results/
+        --model nemotron-sft=/ckpt/nemo-he-sft --data /data/flores200_dataset/dev --dtype bfloat16 \\
+        --mesh data=1,model=8 --out results/
 
 For each language pair (he-en and ja-en by default; the same English chunks serve both) it runs
 `moejax analyze` over all models together, so each figure shows the models side by side, and writes
 OUT/<pair>/ (layers.csv, experts.csv, pairs.csv, lsi.csv, metrics.json, figures, report.md), plus
-OUT/summary.md with the collapse summary of every model and language in one table. Without --model
-it runs the built-in demonstration model on the built-in corpus.
+OUT/summary.md with the collapse summary of every model and language in one table, each with its 95% bootstrap
+interval over chunks and the seed. Protocol (paper a): content tokens only, the experts counted are the top-K of
+softmax(raw router logits) as the paper's hooks on the gate compute them (--selection raw; `model` counts the
+model's own choice, which differs on Nemotron-H), probabilities are the softmax of the raw logits, paragraph chunks
+of ~300 words. Without --model it runs the built-in demonstration model on the built-in corpus.
 """
 
 from __future__ import annotations
@@ -19,52 +23,89 @@ import argparse
 import json
 from pathlib import Path
 
+from experiments.common import scale_options, study_main
 from moejax.commands.analyze import AnalyzeSettings, analyze
+from moejax.errors import SettingsError
+from moejax.io import output_directory
+from moejax.routing import SELECTIONS
+
+NAME = "multilingual_routing"
 
 
-def run(models: dict[str, str | None], pairs: list[str], data: str | None, out: Path, chunk_words: int,
-        mode: str, batch_size: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["# Deep-layer collapse: deepest quarter minus middle half of MoE layers", "",
-            "| pair | model | language | Δ usage entropy (bits) | Δ Gini | noise floor (entropy) |",
-            "|---|---|---|---|---|---|"]
-    for pair in pairs:
-        langs = pair.split("-")
-        specs = tuple(f"{label}={path}" for label, path in models.items() if path is not None)
-        result = analyze(AnalyzeSettings(model=specs, langs=tuple(langs), data=data, out=out / pair,
-                                         chunk_words=chunk_words, chunk_mode=mode, batch_size=batch_size))
-        summary = json.loads((result / "metrics.json").read_text())["summary"]
-        for model, s in summary.items():
-            for lang, c in s["collapse"].items():
-                rows.append(f"| {pair} | {model} | {lang} | {c['usage_entropy_bits']:+.3f} | {c['gini']:+.3f} | "
-                            f"{s['noise_floor'][lang]['usage_entropy_bits']:.3f} |")
-    rows += ["", "Models: " + ", ".join(f"{label} = {path or 'built-in'}" for label, path in models.items()), ""]
-    (out / "summary.md").write_text("\n".join(rows), encoding="utf-8")
-    return out
+def run(args) -> Path:
+    models = models_of(args.model)
+    pairs = [p for p in args.pairs.split(",") if p]
+    if not pairs or any(len(p.split("-")) != 2 for p in pairs):
+        raise SettingsError(f"--pairs {args.pairs!r}: expected target-reference pairs such as he-en,ja-en")
+    inputs = [p for p in (*models.values(), args.data) if p]
+    with output_directory(args.out, NAME, inputs) as tmp:
+        rows = ["# Deep-layer collapse: deepest quarter minus middle half of MoE layers", "",
+                "| pair | model | language | Δ usage entropy (bits) [95% CI] | Δ Gini [95% CI] | "
+                "noise floor (entropy) |", "|---|---|---|---|---|---|"]
+        for pair in pairs:
+            specs = tuple(f"{label}={path}" for label, path in models.items() if path is not None)
+            result = analyze(AnalyzeSettings(model=specs, langs=tuple(pair.split("-")), data=args.data,
+                                             out=tmp / pair, chunk_words=args.chunk_words, chunk_mode=args.chunk_mode,
+                                             batch_size=args.batch_size, selection=args.selection, mesh=args.mesh,
+                                             dtype=args.dtype, seed=args.seed, pairs=args.token_pairs))
+            summary = json.loads((result / "metrics.json").read_text())["summary"]
+            for model, s in summary.items():
+                for lang, c in s["collapse"].items():
+                    ci = s["collapse_ci"][lang]
+                    rows.append(f"| {pair} | {model} | {lang} | {c['usage_entropy_bits']:+.3f} "
+                                f"[{ci['usage_entropy_bits'][0]:+.3f}, {ci['usage_entropy_bits'][1]:+.3f}] | "
+                                f"{c['gini']:+.3f} [{ci['gini'][0]:+.3f}, {ci['gini'][1]:+.3f}] | "
+                                f"{s['noise_floor'][lang]['usage_entropy_bits']:.3f} |")
+        view = ("top-K of softmax(raw router logits), paper A's hook view" if args.selection == "raw"
+                else "the model's own choice (not paper A's view on Nemotron-H: a labelled alternative)")
+        rows += ["", "Models: " + ", ".join(f"{label} = {path or 'built-in'}" for label, path in models.items()),
+                 f"Experts counted: {view} (--selection {args.selection}). Probabilities: softmax of the raw logits. "
+                 f"Chunks: {args.chunk_mode}, ~{args.chunk_words} words. Parameters: {args.dtype}"
+                 + (f", mesh {args.mesh}" if args.mesh else "") + ".",
+                 f"Intervals: basic bootstrap over chunks (1000 resamples), seed {args.seed}. Noise floor: mean "
+                 "|difference| of two random halves of the chunks.", ""]
+        (tmp / "summary.md").write_text("\n".join(rows), encoding="utf-8")
+    print(f"wrote {args.out}/summary.md and one directory per pair")
+    return Path(args.out)
+
+
+def models_of(specs: list[str]) -> dict[str, str | None]:
+    models: dict[str, str | None] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not path or not label:
+            raise SettingsError(f"--model takes LABEL=DIR, got {spec!r}")
+        if label in models:
+            raise SettingsError(f"--model label {label!r} is given twice")
+        models[label] = path
+    if len(set(models.values())) != len(models):
+        raise SettingsError("the same checkpoint is given twice")
+    return models or {"builtin": None}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=DIR",
+                   help="a checkpoint to compare, with a label (repeat); default: the built-in model")
+    p.add_argument("--pairs", default="he-en,ja-en", help="language pairs, target-reference (any code moejax "
+                   "analyze --langs takes)")
+    p.add_argument("--data", help="FLORES-200 directory, Belebele, TSV/JSONL, or a {lang}.txt directory "
+                   "(default: the built-in sample corpus)")
+    p.add_argument("--out", default=NAME, type=Path, help="output directory (a new one, or this study's own)")
+    p.add_argument("--selection", choices=SELECTIONS, default="raw",
+                   help="experts counted: raw = top-K of softmax(raw router logits), paper A's hooks (default); "
+                   "model = the model's own choice")
+    p.add_argument("--chunk-mode", choices=["paragraph", "sentence"], default="paragraph")
+    p.add_argument("--chunk-words", type=int, default=300)
+    p.add_argument("--token-pairs", type=int, default=500, help="routing consistency: token pairs per chunk")
+    p.add_argument("--batch-size", type=int, default=8)
+    scale_options(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", default=[], metavar="LABEL=DIR",
-                        help="a checkpoint to compare, with a label (repeat); default: the built-in model")
-    parser.add_argument("--pairs", default="he-en,ja-en", help="language pairs, target-reference")
-    parser.add_argument("--data", help="FLORES-200 directory, TSV/JSONL, or aligned {lang}.txt directory")
-    parser.add_argument("--out", default="multilingual-routing", type=Path)
-    parser.add_argument("--chunk-mode", choices=["paragraph", "sentence"], default="paragraph")
-    parser.add_argument("--chunk-words", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-    models: dict[str, str | None] = {}
-    for spec in args.model:
-        label, sep, path = spec.partition("=")
-        if not sep or not path:
-            parser.error(f"--model takes LABEL=DIR, got {spec!r}")
-        models[label] = path
-    models = models or {"builtin": None}
-    if len(set(models.values())) != len(models):
-        parser.error("the same checkpoint is given twice")
-    out = run(models, args.pairs.split(","), args.data, args.out, args.chunk_words, args.chunk_mode, args.batch_size)
-    print(f"wrote {out}/summary.md and one directory per pair")
+    study_main(NAME, run, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
 """Paper (b)'s steering protocol end to end: find the experts English in-task data uses more than general English,
 steer the router towards them in a window of middle layers, and score every language with and without steering.
 
-    python -m experiments.steering --model /ckpt/Qwen3-30B-A3B \\
-        --in-domain en=/data/gsm8k_en_questions.txt --baseline en=/data/flores200_dataset/dev \\
-        --tasks mgsm_en,mgsm_he,mgsm_ja --include-path tasks/ --layers 7-34 --tau 0.4 --lam 0.5 --out results/steer
+    python -m experiments.steering --model /ckpt/Qwen3-30B-A3B --dtype bfloat16 --mesh data=1,model=8 \
+        --in-domain en=/data/gsm8k_instruct_en.txt --baseline en=/data/flores200_dataset/dev \
+        --window-data /data/flores200_dataset/dev --window-langs en,bn,de,es,fr,ja,ru,sw,te,th,zh \
+        --data-dir /data/datasets --tasks moejax_mgsm_native_cot_bn,moejax_mgsm_native_cot_sw --num-fewshot 2 \
+        --tau 0.4 --lam 0.5 --out results/steer
 
-Steps: (1) `moejax experts` (delta, --tau, --layers) on the in-domain and baseline corpora; (2) the selected experts
-become a soft steering spec (promote, --lam); (3) each task runs through lm-eval with moejax as the model, unsteered
-and steered, with per-item results kept; (4) OUT/steering.csv and OUT/summary.md: per task (language) the score
-without and with steering, the difference, and a paired significance test over the items (McNemar's exact test on
-0/1 metrics such as acc or exact_match, else a paired bootstrap of the mean difference), with the averages over
-tasks; OUT/steering.png plots them. Without arguments it runs the built-in model on the bundled en/he/ja tasks in
-a few minutes; that run proves nothing about real models (random weights score at chance).
+Steps: (0) the window: unless --layers gives one, `moejax analyze` computes each language's routing divergence from
+English per MoE layer (paper B's entropy-normalised JSD) and the window is the run of middle layers around the mean
+curve's minimum (derive_window; paper B read its windows, e.g. 7-34 of Qwen3's 48, off these curves); (1) `moejax
+experts` (delta per layer, --tau on each layer's delta) on the in-domain and baseline corpora; (2) the selected experts
+become a steering spec (promote; soft with --lam, or hard by eq. 5 with a signed eps per token); the share of the
+in-domain tokens at which the promoted experts are then chosen is measured and reported; (3) each task runs through
+lm-eval with moejax as the model, unsteered and steered, with per-item results kept; (4) OUT/steering.csv and
+OUT/summary.md: per task, metric and filter (MGSM's strict-match and flexible-extract are scored apart) the score
+without and with steering, the difference with its 95% bootstrap interval, and a paired test over the items
+(McNemar's exact test on 0/1 metrics such as acc or exact_match, else a paired bootstrap), with the averages;
+OUT/steering.png plots them; OUT/protocol.json records every choice and the seed. Without arguments it runs the
+built-in model on the bundled en/he/ja tasks in a few minutes; that run proves nothing about real models.
 """
 
 from __future__ import annotations
@@ -20,16 +27,18 @@ import argparse
 import csv
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from moejax.commands.experts import ExpertsSettings, find_experts
+from experiments.common import scale_options, study_main
+from moejax.commands.experts import ExpertsSettings, find_experts, read_sequences
 from moejax.evaluation import TASKS as TASK_DIR
+from moejax.io import write_csv
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.steering import Steering
 
+NAME = "steering"
 BUNDLED_TASKS = ("moejax_choice_en", "moejax_choice_he", "moejax_choice_ja")
 
 
@@ -82,60 +91,172 @@ def paired_row(task: str, metric: str, filter_name: str, before: np.ndarray, aft
             "test": "McNemar exact" if binary else "paired bootstrap"}
 
 
-def evaluate(model: str, tasks: list[str], include: list[str], steering: Steering | None, batch_size: int,
-             limit: int | None, fewshot: int | None) -> dict:
+def difference_interval(before: np.ndarray, after: np.ndarray, seed: int, draws: int = 10_000,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean paired difference (items resampled with replacement)."""
+    diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    means = np.random.default_rng([seed, 2]).choice(diff, (draws, len(diff)), replace=True).mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def derive_window(divergence_gl: np.ndarray, fraction: float = 0.5) -> tuple[int, int]:
+    """The middle window of MoE layers from divergence-from-English curves [languages, layers] (paper B reads it off
+    its U-curves): the contiguous layers around the minimum of the mean curve whose mean divergence is at most
+    min + fraction * (max - min). Inclusive (first, last)."""
+    curve = np.nanmean(np.asarray(divergence_gl, np.float64), axis=0)
+    low, high = np.nanmin(curve), np.nanmax(curve)
+    below = curve <= low + fraction * (high - low)
+    first = last = int(np.nanargmin(curve))
+    while first > 0 and below[first - 1]:
+        first -= 1
+    while last < len(curve) - 1 and below[last + 1]:
+        last += 1
+    return first, last
+
+
+def window_from_analysis(args, folder: Path) -> tuple[str, dict]:
+    """`moejax analyze` over --window-langs of --window-data (paper B: FLORES, divergence from English per layer),
+    then derive_window; returns the window "first-last" and what it was derived from."""
+    from moejax.commands.analyze import AnalyzeSettings, analyze
+
+    langs = tuple(args.window_langs.split(","))
+    result = analyze(AnalyzeSettings(model=(args.model,) if args.model else (), langs=langs, data=args.window_data,
+                                     out=folder, chunk_mode="sentence", mesh=args.mesh, dtype=args.dtype,
+                                     seed=args.seed, quiet=True))
+    reference = "en" if "en" in langs else langs[-1]
+    rows = list(csv.DictReader((result / "pairs.csv").open(encoding="utf-8")))
+    column = "njsd" if rows and rows[0].get("njsd") not in (None, "") else "njsd_pooled"
+    curves: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if reference in (r["lang_a"], r["lang_b"]):
+            other = r["lang_b"] if r["lang_a"] == reference else r["lang_a"]
+            curves.setdefault(other, {})[int(r["layer"])] = float(r[column])
+    layers = max(max(c) for c in curves.values()) + 1
+    divergence = np.array([[c.get(layer, np.nan) for layer in range(layers)] for c in curves.values()])
+    first, last = derive_window(divergence, args.window_fraction)
+    return f"{first}-{last}", {"langs": list(curves), "reference": reference, "column": column,
+                               "fraction": args.window_fraction, "mean_divergence": np.nanmean(divergence, 0).tolist()}
+
+
+def evaluate(args, tasks: list[str], include: list[str], steering: Steering | None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from moejax.evaluation.harness import MoejaxLM
 
-    lm = MoejaxLM(pretrained=model, batch_size=batch_size, steering=steering)
+    lm = MoejaxLM(pretrained=args.model or BUILTIN, batch_size=args.batch_size, steering=steering, dtype=args.dtype,
+                  mesh=args.mesh)
     manager = TaskManager(include_path=[str(TASK_DIR), *include], verbosity="ERROR")
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True, limit=limit,
-                                   num_fewshot=fewshot, verbosity="ERROR")
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True, limit=args.limit,
+                                   num_fewshot=args.num_fewshot, verbosity="ERROR", random_seed=args.seed,
+                                   numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                   fewshot_random_seed=args.seed)
+
+
+def selected_share(args, steering: Steering, texts: list[str]) -> dict:
+    """Where the steering names experts, the share of the in-domain tokens at which each promoted expert is chosen
+    and each suppressed one is (min and max over the steered experts): what the intervention actually did."""
+    from moejax.commands.analyze import load_model
+    from moejax.parallel.mesh import make_mesh
+    from moejax.routing.analysis import collect
+
+    _, _, model, tokenizer = load_model(args.model, make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype)
+    run = collect(model, tokenizer, texts, exclude_ids=set(tokenizer.special_ids), batch_size=args.batch_size,
+                  probabilities="softmax", seed=args.seed, steering=steering)
+    tokens = max(int(run.tokens.sum()), 1)
+    counts_le = run.topk_counts.sum(0)
+    promoted, suppressed = [], []
+    for layer, (up, down) in steering.resolved_layers(model.config).items():
+        promoted += [counts_le[layer, e] / tokens for e in up]
+        suppressed += [counts_le[layer, e] / tokens for e in down]
+    return {"tokens": tokens,
+            "promoted_min": float(min(promoted)) if promoted else None,
+            "promoted_mean": float(np.mean(promoted)) if promoted else None,
+            "suppressed_max": float(max(suppressed)) if suppressed else None}
 
 
 def run(args) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    from moejax.io import output_directory
+
+    inputs = [p for p in (args.model, args.window_data, args.data_dir, *args.include_path) if p]
+    with output_directory(args.out, NAME, inputs) as out:
+        window_source = {"given": args.layers}
+        if args.layers in (None, "auto"):
+            args.layers, window_source = window_from_analysis(args, out / "window")
         in_domain = args.in_domain
         if in_domain is None:  # the bundled English task's questions and answers, as in-task English text
             lines = [json.loads(line) for line in (TASK_DIR / "choice_en.jsonl").read_text().splitlines()]
-            text = Path(tmp) / "in_domain_en.txt"
+            text = out / "in_domain_en.txt"
             text.write_text("\n".join(f"{d['question']} {d['choices'][d['answer']]}" for d in lines) + "\n")
             in_domain = f"task={text}"
         label, _, path = in_domain.partition("=")
         experts_out = find_experts(ExpertsSettings(model=args.model, target=(f"{label}={path}",),
                                                    baseline=args.baseline, tau=args.tau, layers=args.layers,
-                                                   out=out / "experts", quiet=True))
-    record = json.loads((experts_out / "experts.json").read_text())
-    steering = Steering.from_experts(record, "soft", args.lam, "promote")
-    print(f"{record['selected_count']} experts selected in MoE layers {record['window'][0]}-{record['window'][-1]}; "
-          f"steering soft, lambda {args.lam}")
-    tasks = args.tasks.split(",") if args.tasks else list(BUNDLED_TASKS)
+                                                   out=out / "experts", quiet=True, mesh=args.mesh, dtype=args.dtype))
+        record = json.loads((experts_out / "experts.json").read_text())
+        steering = Steering.from_experts(record, args.mode, args.lam, "promote", seed=args.seed)
+        print(f"{record['selected_count']} experts selected in MoE layers {record['window'][0]}-"
+              f"{record['window'][-1]}; steering {args.mode}" + (f", lambda {args.lam}" if args.mode == "soft" else ""))
+        share = (selected_share(args, steering, read_sequences(label, path)[:64]) if record["selected_count"]
+                 else None)
+        tasks = args.tasks.split(",") if args.tasks else list(BUNDLED_TASKS)
+        include = list(args.include_path)
+        if args.data_dir:
+            from moejax.evaluation.offline import task_folder
+
+            include.append(str(task_folder(Path(args.data_dir), out / "tasks", tasks)))
+        results = {name: evaluate(args, tasks, include, steer) for name, steer in (("base", None),
+                                                                                    ("steered", steering))}
+        rows = []
+        for task in tasks:
+            for metric, name in metric_filters(results["base"]["results"][task]):
+                before = item_scores(results["base"]["samples"][task], metric, name)
+                after = item_scores(results["steered"]["samples"][task], metric, name)
+                row = paired_row(task, metric, name, before, after)
+                row["ci_low"], row["ci_high"] = difference_interval(before, after, args.seed)
+                rows.append(row)
+        write_csv(out / "steering.csv", rows)
+        (out / "summary.md").write_text(summary(args, record, rows, share, window_source), encoding="utf-8")
+        _figure(out / "steering.png", rows)
+        (out / "protocol.json").write_text(json.dumps({
+            "model": args.model or BUILTIN, "window": args.layers, "window_source": window_source, "tau": args.tau,
+            "mode": args.mode, "lambda": args.lam, "eps_std": steering.eps_std, "seed": args.seed,
+            "dtype": args.dtype, "mesh": args.mesh, "tasks": tasks, "selected_share": share}, indent=2))
+    print((Path(args.out) / "summary.md").read_text())
+    return Path(args.out)
+
+
+def summary(args, record: dict, rows: list[dict], share: dict | None, window_source: dict) -> str:
     model = args.model or BUILTIN
-    results = {name: evaluate(model, tasks, args.include_path, steer, args.batch_size, args.limit, args.num_fewshot)
-               for name, steer in (("base", None), ("steered", steering))}
-    rows = [paired_row(task, metric, name, item_scores(results["base"]["samples"][task], metric, name),
-                       item_scores(results["steered"]["samples"][task], metric, name))
-            for task in tasks for metric, name in metric_filters(results["base"]["results"][task])]
-    with open(out / "steering.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    how = f"soft, lambda {args.lam}" if args.mode == "soft" else "hard (eq. 5: max(z) + eps, eps ~ N(0, 1e-6) " \
+        "per token and expert, 1e-6 read as the variance)"
+    if "given" in window_source:
+        window = f"MoE layers {args.layers} (given with --layers)"
+    else:
+        window = (f"MoE layers {args.layers}, derived from the divergence from {window_source['reference']} of "
+                  f"{', '.join(window_source['langs'])} ({window_source['column']}): the layers around the minimum of "
+                  f"the mean curve within {window_source['fraction']:g} of its range above the minimum (window/ "
+                  "holds the analysis; --layers overrides)")
     lines = ["# Router steering: scores without and with steering", "",
-             f"Model: {model}. Experts: delta of {label} against {record['baseline']}, tau {args.tau}, MoE layers "
-             f"{record['window'][0]}-{record['window'][-1]}, {record['selected_count']} selected; soft steering, "
-             f"lambda {args.lam} (experts/ holds the selection).", "",
-             "Each (metric, filter) lm-eval reports is scored and tested on its own (MGSM's strict-match and "
-             "flexible-extract are two scores of the same items).", "",
-             "| task | metric | filter | items | base | steered | difference | p (paired) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Model: {model} ({args.dtype}{', mesh ' + args.mesh if args.mesh else ''}). Experts: delta per layer of "
+             f"{record['target'] if 'target' in record else 'the in-domain text'} against {record['baseline']}, tau "
+             f"{args.tau} on each layer's delta, {record['selected_count']} selected (experts/ holds them). Window: "
+             f"{window}. Steering: {how}. Seed {args.seed}.", ""]
+    if share is not None:
+        lines += [f"Selected share on {share['tokens']} in-domain tokens: each promoted expert is chosen at "
+                  f"{share['promoted_min']:.1%} of the tokens or more (mean {share['promoted_mean']:.1%})"
+                  + (f"; a suppressed one at {share['suppressed_max']:.1%} at most" if share['suppressed_max']
+                     is not None else "") + ".", ""]
+    lines += ["Each (metric, filter) lm-eval reports is scored and tested on its own (MGSM's strict-match and "
+              "flexible-extract are two scores of the same items). CI: 95% bootstrap interval of the paired "
+              "difference over items.", "",
+              "| task | metric | filter | items | base | steered | difference [95% CI] | p (paired) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['metric']} | {r['filter']} | {r['items']} | {r['base']:.4f} | "
-                     f"{r['steered']:.4f} | "
-                     f"{r['difference']:+.4f} | {r['p_value']:.3g} ({r['test']}) |")
+                     f"{r['steered']:.4f} | {r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
+                     f"{r['p_value']:.3g} ({r['test']}) |")
     for metric, name in dict.fromkeys((r["metric"], r["filter"]) for r in rows):  # an average per score, never mixed
         group = [r for r in rows if (r["metric"], r["filter"]) == (metric, name)]
         lines.append(f"| **average** | {metric} | {name} | | {np.mean([r['base'] for r in group]):.4f} | "
@@ -146,10 +267,7 @@ def run(args) -> Path:
     if model == BUILTIN:
         lines += ["", "The built-in model has random weights and the bundled tasks have 12 items each: this run "
                   "shows the protocol working and proves nothing about real models."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _figure(out / "steering.png", rows)
-    print((out / "summary.md").read_text())
-    return out
+    return "\n".join(lines) + "\n"
 
 
 def _figure(path: Path, rows: list[dict]) -> None:
@@ -166,33 +284,47 @@ def _figure(path: Path, rows: list[dict]) -> None:
     save_figure(fig, path.parent, path.name)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint directory with its tokenizer; default: the built-in model")
-    parser.add_argument("--in-domain", metavar="LABEL=CORPUS",
-                        help="English in-task text (a text file of sequences, JSONL of {'text'}, or a corpus moejax "
-                        "analyze reads); default: the bundled English task's questions with their answers")
-    parser.add_argument("--baseline", default="en=builtin", metavar="LABEL=CORPUS",
-                        help="general-domain text of the same language (default: the built-in English sample)")
-    parser.add_argument("--tau", type=float, help="delta threshold for selecting experts (default 0.3; 0.1 for the "
-                        "built-in model, whose in-domain and general English differ little)")
-    parser.add_argument("--layers", help="MoE-layer window, e.g. 7-34 (default: the middle half of the MoE layers)")
-    parser.add_argument("--lam", type=float, default=0.5, help="soft steering strength lambda")
-    parser.add_argument("--tasks", help="lm-eval tasks, comma-separated (default: the bundled en/he/ja choice tasks)")
-    parser.add_argument("--include-path", action="append", default=[], help="a folder of task YAML (repeatable)")
-    parser.add_argument("--num-fewshot", type=int)
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default="steering-experiment", type=Path)
-    args = parser.parse_args(argv)
-    if args.tau is None:
-        args.tau = 0.3 if args.model else 0.1
-    if args.layers is None:
-        from moejax.commands.analyze import load_model
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory with its tokenizer; default: the built-in model")
+    p.add_argument("--in-domain", metavar="LABEL=CORPUS",
+                   help="English in-task text (a text file of sequences, JSONL of {'text'}, or a corpus moejax "
+                   "analyze reads); default: the bundled English task's questions with their answers")
+    p.add_argument("--baseline", default="en=builtin", metavar="LABEL=CORPUS",
+                   help="general-domain text of the same language (paper B: FLORES English; default: the built-in "
+                   "English sample)")
+    p.add_argument("--tau", type=float, help="delta threshold, applied to each layer's delta (paper B: 0.3-0.5 by "
+                   "model; default 0.3, 0.1 for the built-in model, whose in-domain and general English differ little)")
+    p.add_argument("--layers", default="auto", help="MoE-layer window, e.g. 7-34 (paper B's Qwen3 window, "
+                   "0-indexed); default auto: derived from the divergence curves (--window-data, --window-langs)")
+    p.add_argument("--window-data", help="parallel corpus for the window's divergence curves (paper B: FLORES-200 "
+                   "dev; default: the built-in sample corpus)")
+    p.add_argument("--window-langs", default="en,he,ja", help="languages of the divergence curves, with en")
+    p.add_argument("--window-fraction", type=float, default=0.5,
+                   help="the window holds the layers within this fraction of the mean curve's range above its minimum")
+    p.add_argument("--mode", choices=["soft", "hard"], default="soft", help="soft: z + lambda std(z); hard: eq. 5")
+    p.add_argument("--lam", type=float, default=0.5, help="soft steering strength lambda (paper B: 0.5)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated (default: the bundled en/he/ja choice tasks); "
+                   "with --data-dir e.g. moejax_mgsm_native_cot_bn,moejax_global_mmlu_medical_sw")
+    p.add_argument("--data-dir", help="the folder of downloaded datasets the offline tasks read (MGSM, Global-MMLU, "
+                   "Belebele: docs/evaluation.md)")
+    p.add_argument("--include-path", action="append", default=[], help="a folder of task YAML (repeatable)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; MGSM 2 in paper B)")
+    p.add_argument("--limit", type=int, help="documents per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=NAME, type=Path, help="output directory (a new one, or this study's own)")
+    scale_options(p)
+    return p
 
-        layers = len(load_model(args.model)[2].config.moe_layers)
-        args.layers = f"{layers // 4}-{max(layers // 4, 3 * layers // 4 - 1)}"
-    run(args)
+
+def main(argv: list[str] | None = None) -> None:
+    def run_with_defaults(args):
+        if args.tau is None:
+            args.tau = 0.3 if args.model else 0.1
+        return run(args)
+
+    study_main(NAME, run_with_defaults, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,11 @@ def refuse_unsafe(out: str | Path, inputs=(), flag: str = "--out") -> Path:
 
 
 def _manifest(directory: Path) -> dict[str, list[int]]:
-    """{relative path: [size, mtime_ns]} of every file below `directory` (the marker apart)."""
+    """{relative path: [size, mtime_ns]} of every file below `directory` (its own marker apart; the markers of outputs
+    it holds, such as a study's command outputs, are files it wrote)."""
     files = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and not path.is_symlink() and path.name != MARKER:
+        if path.is_file() and not path.is_symlink() and path != directory / MARKER:
             stat = path.stat()
             files[path.relative_to(directory).as_posix()] = [stat.st_size, stat.st_mtime_ns]
     return files

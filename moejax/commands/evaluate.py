@@ -20,6 +20,7 @@ from moejax.commands.options import MESH_HELP, STEERING_HELP, check_options, opt
 from moejax.data.tokenize import transformers_tokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.evaluation import TASKS
+from moejax.evaluation.offline import DATA_DIR_HELP, task_folder
 from moejax.io import output_directory, write_csv
 from moejax.models.builtin import NAME as BUILTIN
 
@@ -36,6 +37,7 @@ class EvalSettings:
                                     "en/he/ja)", kind=list, metavar="T1,T2")
     include_path: tuple[Path, ...] = option((), "a folder of your own lm-eval task YAML files (repeatable); the "
                                             "bundled tasks are always included", kind=Path, repeat=True, metavar="DIR")
+    data_dir: Path | None = option(None, DATA_DIR_HELP, kind=Path, metavar="DIR")
     num_fewshot: int | None = option(None, "few-shot examples per prompt (default: each task's own)", kind=int,
                                      minimum=0)
     limit: int | None = option(None, "score only the first N documents of each task", kind=int, minimum=1,
@@ -80,20 +82,22 @@ def _offline() -> None:
         os.environ[name] = "1"
 
 
-def _task_manager(settings: EvalSettings):
+def _task_manager(settings: EvalSettings, offline: Path | None = None):
+    """lm-eval's tasks, the bundled ones, those under --include-path and `offline` (--data-dir's tasks)."""
     from lm_eval.tasks import TaskManager
 
     for folder in settings.include_path:
         if not folder.is_dir():
             raise DataError(f"--include-path {folder}: no such folder")
-    manager = TaskManager(include_path=[str(TASKS), *map(str, settings.include_path)])
+    folders = [TASKS, *settings.include_path, *([offline] if offline else [])]
+    manager = TaskManager(include_path=list(map(str, folders)))
     known = set(manager.all_tasks)
     for name in settings.tasks:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise DataError(f"--tasks: unknown task {name!r}{hint} (lm-eval's tasks, the bundled moejax_* ones, and "
-                            "those under --include-path)")
+            raise DataError(f"--tasks: unknown task {name!r}{hint} (lm-eval's tasks, the bundled moejax_* ones, "
+                            "those under --include-path and those of --data-dir's benchmarks)")
     return manager
 
 
@@ -155,7 +159,8 @@ def score_rows(results: dict, samples: dict | None = None) -> list[dict]:
 def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
     """Writes OUT: lm-eval's results and samples (as `lm_eval --output_path` writes them), scores.csv (one row per
     task, language and metric) and scores.png; returns (OUT, lm-eval's results)."""
-    inputs = [p for p in (settings.model, settings.steering, *settings.include_path) if p is not None]
+    inputs = [p for p in (settings.model, settings.steering, *settings.include_path, settings.data_dir)
+              if p is not None]
     with output_directory(settings.out, "eval", inputs) as tmp:
         _offline()
         try:
@@ -174,7 +179,9 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
             if settings.chat and not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"--chat: the tokenizer of {settings.model} has no chat template (chat_template in "
                                 "tokenizer_config.json or chat_template.jinja)")
-        manager = _task_manager(settings)
+        # --data-dir's benchmarks: task YAML over the user's files, written with the run's output (never into DIR).
+        offline = task_folder(settings.data_dir, tmp / "tasks", list(settings.tasks)) if settings.data_dir else None
+        manager = _task_manager(settings, offline)
         _check_loadable(settings, manager)
         # By name, as `lm_eval --model moejax --model_args ...` runs it (the results are named after the model).
         model_args = {"pretrained": str(settings.model) if settings.model else BUILTIN, "dtype": settings.dtype,

@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from moejax.commands.options import MESH_HELP, check_options, option
-from moejax.data.corpus import FLORES_CODES, read_corpus
+from moejax.data.corpus import SAMPLE_LANGS, read_corpus
+from moejax.data.languages import check_codes, file_names, identity
 from moejax.data.mixture import jsonl_texts
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
@@ -70,6 +71,8 @@ class ExpertsSettings:
                                        minimum=1, metavar="N")
     out: Path = option(Path("moejax-experts"), "output directory (replaced only when the run succeeds)", kind=Path)
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
+    dtype: str = option("float32", "parameter dtype (auto: the checkpoint's own; the counts are computed in float32 "
+                        "either way)", choices=("float32", "bfloat16", "auto"))
     allow_nonfinite: bool = option(False, "load a checkpoint holding NaN or infinite weights instead of refusing it",
                                    kind=bool)
     quiet: bool = option(False, "no progress bars", kind=bool)
@@ -82,8 +85,8 @@ class ExpertsSettings:
             raise SettingsError("give either --langs (with --data) or --target/--baseline, not both")
         if self.data and not self.langs:
             raise SettingsError("--data goes with --langs L1,L2,...; with --target give LABEL=CORPUS")
-        if self.langs and len(self.langs) < 2:
-            raise SettingsError(f"--langs needs at least two languages, got {','.join(self.langs)}")
+        if self.langs:
+            check_codes(self.langs, least=2)
         if self.layers and self.last_layers:
             raise SettingsError("give --layers or --last-layers, not both")
         labels = [label for label, _ in self.corpora()]
@@ -116,8 +119,8 @@ def corpus_spec(spec: str) -> tuple[str, str]:
 def read_sequences(label: str, path: str) -> list[str]:
     """The sequences of one corpus (see ExpertsSettings.target)."""
     if path == BUILTIN_CORPUS:
-        if label not in FLORES_CODES:
-            raise DataError(f"{label}=builtin: the built-in corpus has languages en, he, ja")
+        if identity(label) not in {identity(lang) for lang in SAMPLE_LANGS}:
+            raise DataError(f"{label}=builtin: the built-in corpus has languages {', '.join(SAMPLE_LANGS)}")
         return read_corpus(None, [label], least=1)[label]
     where = Path(path)
     if not where.exists():
@@ -128,17 +131,14 @@ def read_sequences(label: str, path: str) -> list[str]:
             row = json.loads(first)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:1: not valid JSON ({exc})") from None
-        if isinstance(row, dict) and "text" in row and label not in row:
+        if isinstance(row, dict) and "text" in row and not set(file_names(label)) & set(row):
             return jsonl_texts(where)
     elif where.is_file() and where.suffix != ".csv":
         lines = where.read_text(encoding="utf-8").splitlines()
         header = lines[0].lstrip("\ufeff").split("\t") if lines else []
-        if label not in header:
+        if not set(file_names(label)) & {h.strip() for h in header}:
             return [line for line in lines if line.strip()]
-    if label not in FLORES_CODES:
-        raise DataError(f"{label}={path}: a parallel corpus is read by language column, and {label!r} is not one "
-                        f"of {', '.join(sorted(FLORES_CODES))}; give a text or JSONL file of sequences instead")
-    return read_corpus(where, [label], least=1)[label]
+    return read_corpus(where, [label], least=1)[label]  # a column, or a file, named by any code of the language
 
 
 def count_corpora(settings: ExpertsSettings, model, tokenizer, corpora: dict[str, list[str]]) -> dict[str, pick.Counts]:
@@ -207,7 +207,7 @@ def find_experts(settings: ExpertsSettings) -> Path:
             raise DataError(f"--target/--baseline {label}: the corpus has no sequences")
     started = time.perf_counter()
     mesh = make_mesh(s.mesh) if s.mesh else None
-    name, where, model, tokenizer = load_model(s.model, mesh, s.allow_nonfinite)
+    name, where, model, tokenizer = load_model(s.model, mesh, s.allow_nonfinite, s.dtype)
     window = s.window(len(model.config.moe_layers))
     counts = count_corpora(s, model, tokenizer, corpora)
     chosen, extra = select(s, counts, window)

@@ -121,8 +121,8 @@ class steered:
     training), so the router's own code (softmax top-k; sigmoid, correction bias and group limit) chooses from the
     steered logits. Hard steering's eps is drawn per token position, read from the model call's position_ids (or
     cache_position, or 0, 1, ... along the row). A sigmoid router with a correction bias is hard-steered on its
-    selection scores too (its output recomputed by _steered_choice). The reference implementation of router steering, written for moejax's parity tests
-    (the papers patched vLLM instead)."""
+    selection scores too (its output recomputed by _steered_choice). The reference implementation of router
+    steering, written for moejax's parity tests (the papers patched vLLM instead)."""
 
     def __init__(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]):
         self.model, self.arrays, self.hooks, self.restore = model, arrays, [], []

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax.data.corpus import FLORES_CODES  # noqa: E402
+from moejax.data.languages import display  # noqa: E402
 
 # One colour per language, the same in every figure and every run: the common codes fixed, any other drawn from
 # the rest of the palette by a hash of its code.
@@ -22,14 +22,11 @@ LANG_COLORS = {"en": _PALETTE[0], "he": _PALETTE[2], "ja": _PALETTE[4], "ar": _P
 
 
 def lang_color(lang: str):
-    """The colour of a language: its code, or its FLORES-200 code (heb_Hebr is he's colour)."""
-    key = _SHORT.get(str(lang), str(lang)).lower()
+    """The colour of a language, by its display code (he, heb and heb_Hebr share he's colour)."""
+    key = display(str(lang)).lower()
     if key in LANG_COLORS:
         return LANG_COLORS[key]
     return _PALETTE[1 + 2 * (zlib.crc32(key.encode()) % 10)]  # the lighter shades: never a fixed language's
-
-
-_SHORT = {flores: code for code, flores in FLORES_CODES.items()}
 
 
 def _rows(rows, **match):
@@ -121,8 +118,10 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
             axes[2, col].set_ylabel("experts (theta 0.1)")
         written["lsi"] = save_figure(fig, out, "lsi.png")
 
-    for metric, label, name in (("cosine", "cosine of usage (f)", "cosine_per_layer.png"),
-                                ("njsd", "normalised JS divergence", "divergence_per_layer.png")):
+    pooled = " (pooled: not parallel)" if tables["divergence"] == "njsd_pooled" else ""
+    for key, metric, label, name in (("cosine", "cosine", "cosine of usage (f)", "cosine_per_layer.png"),
+                                     ("njsd", tables["divergence"], f"normalised JS divergence{pooled}",
+                                      "divergence_per_layer.png")):
         fig, axes = _grid(len(models))
         for ax, model in zip(axes[0], models, strict=True):
             pairs = sorted({(r["lang_a"], r["lang_b"]) for r in _rows(tables["pairs"], model=model)})
@@ -136,7 +135,7 @@ def write_figures(out: Path, tables: dict, runs, langs: list[str]) -> dict[str, 
             ax.grid(alpha=0.3)
             if pairs:
                 ax.legend(fontsize=8, title="pair", title_fontsize=8)
-        written[metric] = save_figure(fig, out, name)
+        written[key] = save_figure(fig, out, name)
     return written
 
 
@@ -353,3 +352,106 @@ def expert_score_figures(out: Path, score_le: np.ndarray, selected_le: np.ndarra
     ax.set_title(f"experts selected per MoE layer ({int(selected_le.sum())} in all)", fontsize=10)
     names.append(save_figure(fig, out, "experts_selected.png"))
     return names
+
+
+def language_figures(out: Path, tables: dict, models: list[str]) -> dict[str, str]:
+    """Paper c's language-level figures (language_routing.png, vocabulary_overlap.png) and, with scores, paper b's
+    u_curve.png; returns {figure name: file name}."""
+    written = {"languages": language_routing_figure(out, tables, models),
+               "vocabulary": vocabulary_figure(out, tables, models)}
+    if tables.get("scores"):
+        written["u_curve"] = u_curve_figure(out, tables, models)
+    return written
+
+
+def language_routing_figure(out: Path, tables: dict, models: list[str]) -> str:
+    """language_routing.png: per MoE layer, IG(L;E)/H(L) (how much the chosen expert tells of the language) and the
+    mean language-level JSD over language pairs, one line per model (paper c's figures)."""
+    ref = tables["reference"]
+    fig, (ig_ax, jsd_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, model in enumerate(models):
+        rows = _rows(tables["languages"], model=model)
+        layers = [r["layer"] for r in rows]
+        color = f"C{i % 10}"
+        ig_ax.plot(layers, [r["ig_norm"] for r in rows], marker="o", ms=3, color=color, label=model)
+        ig_ax.plot(layers, [r["ig_norm_uniform"] for r in rows], ls="--", color=color, label=f"{model} (uniform)")
+        jsd_ax.plot(layers, [r["mean_jsd"] for r in rows], marker="o", ms=3, color=color, label=model)
+        jsd_ax.plot(layers, [r["mean_jsd_no_reference"] for r in rows], ls="--", color=color,
+                    label=f"{model} (without {ref})")
+    ig_ax.set_ylabel("IG(L;E) / H(L)")
+    ig_ax.set_title("language information in the expert choice\n(dashed: languages weighted equally)", fontsize=9)
+    jsd_ax.set_ylabel("mean pairwise JSD (nats)")
+    jsd_ax.set_title(f"JSD of the languages' expert usage\n(dashed: without {ref})", fontsize=9)
+    for ax in (ig_ax, jsd_ax):
+        ax.set_xlabel("MoE layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, out, "language_routing.png")
+
+
+def vocabulary_figure(out: Path, tables: dict, models: list[str]) -> str:
+    """vocabulary_overlap.png, per model: at the last MoE layer, each language pair's JSD against its vocabulary
+    overlap with the least-squares line (paper c's scatter); below, their Pearson r per MoE layer."""
+    fig, axes = _grid(len(models), 2, sharey=False)
+    for col, model in enumerate(models):
+        summary = _rows(tables["languages"], model=model)
+        last = summary[-1]["layer"]
+        pairs = _rows(tables["pairs"], model=model, layer=last)
+        x = np.array([r["vocab_jaccard"] for r in pairs])
+        y = np.array([r["jsd"] for r in pairs])
+        scatter = axes[0, col]
+        scatter.scatter(x, y, s=30, color="tab:blue", zorder=3)
+        for r in pairs:
+            scatter.annotate(f"{r['lang_a']}-{r['lang_b']}", (r["vocab_jaccard"], r["jsd"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points")
+        r_last = summary[-1]["vocab_jsd_pearson_r"]
+        if np.isfinite(r_last):
+            slope, intercept = np.polyfit(x, y, 1)
+            line_x = np.linspace(x.min(), x.max(), 2)
+            scatter.plot(line_x, slope * line_x + intercept, ls="--", c="0.3",
+                         label=f"least squares (r = {r_last:.2f})")
+            scatter.legend(fontsize=8)
+        scatter.set_xlabel("vocabulary overlap (Jaccard of token ids)")
+        scatter.set_ylabel("JSD of expert usage (nats)")
+        scatter.set_title(f"{model}: language pairs at MoE layer {last}", fontsize=9)
+        per_layer = axes[1, col]
+        per_layer.plot([r["layer"] for r in summary], [r["vocab_jsd_pearson_r"] for r in summary], marker="o", ms=3)
+        per_layer.axhline(0, c="k", lw=0.8)
+        per_layer.set_ylim(-1.05, 1.05)
+        per_layer.set_xlabel("MoE layer")
+        per_layer.set_ylabel("Pearson r (overlap, JSD)")
+        for ax in (scatter, per_layer):
+            ax.grid(alpha=0.3)
+    return save_figure(fig, out, "vocabulary_overlap.png")
+
+
+def u_curve_figure(out: Path, tables: dict, models: list[str]) -> str:
+    """u_curve.png, per model: each language's routing divergence from the reference (the pairs table's njsd, or
+    njsd_pooled for a corpus that is not parallel) per MoE layer, coloured by its score on one colour scale (paper b's
+    Fig. 2); languages without a score grey and dashed."""
+    ref, scores, column = tables["reference"], tables["scores"], tables.get("divergence", "njsd")
+    values = [v for model in models if model in scores for lang, v in scores[model]["values"].items() if lang != ref]
+    norm = matplotlib.colors.Normalize(min(values), max(values) if max(values) > min(values) else min(values) + 1e-9)
+    cmap = matplotlib.colormaps["viridis"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models) + 0.8, 3.8), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, model in zip(axes[0], models, strict=True):
+        scored = scores.get(model, {"values": {}, "score": ""})
+        pairs = [r for r in _rows(tables["pairs"], model=model) if ref in (r["lang_a"], r["lang_b"])]
+        for lang in dict.fromkeys(r["lang_b"] if r["lang_a"] == ref else r["lang_a"] for r in pairs):
+            rows = [r for r in pairs if lang in (r["lang_a"], r["lang_b"])]
+            layers, divergence = [r["layer"] for r in rows], [r[column] for r in rows]
+            value = scored["values"].get(lang)
+            style = {"color": cmap(norm(value))} if value is not None else {"color": "0.6", "ls": "--"}
+            ax.plot(layers, divergence, marker="o", ms=3, **style)
+            ax.annotate(lang if value is not None else f"{lang} (no score)", (layers[-1], divergence[-1]),
+                        fontsize=7, xytext=(3, 0), textcoords="offset points", color=style["color"])
+        ax.set_xlabel("MoE layer")
+        ax.set_title(f"{model}: divergence from {ref}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(f"{column} from {ref} (entropy-normalised JSD)")
+    what = next((scores[m]["score"] for m in models if m in scores), "score")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=what, shrink=0.9)
+    fig.savefig(out / "u_curve.png", dpi=110)
+    plt.close(fig)
+    return "u_curve.png"

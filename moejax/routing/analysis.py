@@ -1,5 +1,5 @@
-"""Routing analysis of a parallel corpus: per-chunk statistics of each language (`collect`) and the docs/metrics.md
-tables built from them (`build_tables`), for `moejax analyze`.
+"""Routing analysis of a corpus, parallel or not: per-chunk statistics of each language (`collect`) and the
+docs/metrics.md tables built from them (`build_tables`), for `moejax analyze`.
 
 Each language's chunks run in their own forward passes (never mixed with another language), packed into rows of
 one width, each chunk a segment of its own that sees only itself (as if alone), so a corpus compiles one program
@@ -16,6 +16,7 @@ import itertools
 import jax
 import numpy as np
 
+from moejax.data.languages import identity
 from moejax.data.packing import one_per_row, pack, passes
 from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
@@ -81,7 +82,7 @@ def sample_pairs(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
 def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int, probabilities: str, seed: int,
             progress=None, forced: dict[int, ChunkRouting | tuple] | None = None, keep_routing: bool = False,
             packed: bool = True, report: dict | None = None, steering=None,
-            pairs_per_chunk: int = PAIRS_PER_CHUNK) -> LangRun:
+            pairs_per_chunk: int = PAIRS_PER_CHUNK, selection: str = "model") -> LangRun:
     """Runs every chunk of one language through the model; returns its per-chunk statistics.
 
     packed: chunks share rows of one width, each a segment of its own (it sees only itself, as if alone), batch_size
@@ -89,7 +90,7 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
     (mask [L, n], expert ids [L, n, k]): experts imposed at those tokens and layers (ForcedRouting). keep_routing:
     LangRun.routing holds each chunk's ChunkRouting. report: filled with the rows' fill ratio, the row shapes run
     and the compilations this call caused. steering: the router steered (a moejax.Steering). pairs_per_chunk: the
-    token pairs of the routing consistency (sample_pairs).
+    token pairs of the routing consistency (sample_pairs). selection: the experts counted (segment_stats).
     """
     encoded = [tokenizer.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
@@ -123,7 +124,7 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
                             imposed.mask[:, r, at:at + n], imposed.expert_ids[:, r, at:at + n] = where, experts
                 content = (segment_ids != 0) & ~np.isin(ids, excluded)
                 yield rows, segment_stats(model, ids, segment_ids, content, pairs, probabilities, forced=imposed,
-                                          steering=steering, keep_routing=keep_routing)
+                                          steering=steering, keep_routing=keep_routing, selection=selection)
 
     def unpack(rows, stats):
         stats = jax.device_get(stats)
@@ -170,22 +171,65 @@ def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
                                                                np.full(counts.shape[0], run.tokens[sel].sum()))}
 
 
+BOOTSTRAP_DRAWS = 1000  # resamples of the chunks for the collapse summary's confidence interval
+
+
+def collapse_intervals(run: LangRun, k: int, seed: int, draws: int = BOOTSTRAP_DRAWS,
+                       level: float = 0.95) -> dict[str, list[float]]:
+    """Basic (reverse-percentile) bootstrap intervals (`level`, chunks resampled with replacement, `draws` times, from
+    `seed`) of the collapse summary (metrics.collapse_summary) of usage entropy and Gini: [low, high] per metric. The
+    basic interval, 2 x estimate - the resamples' upper and lower quantiles, corrects the plug-in entropy's bias under
+    resampling (a resample repeats chunks, which shifts its entropy), where a plain percentile interval can miss the
+    estimate itself."""
+    rng = np.random.default_rng([seed, 29])
+    chunks = len(run.tokens)
+    counts_cle = np.asarray(run.topk_counts, np.float64)
+    values: dict[str, list[float]] = {"usage_entropy_bits": [], "gini": []}
+    for start in range(0, draws, 100):
+        weights_bc = rng.multinomial(chunks, np.full(chunks, 1.0 / chunks), size=min(100, draws - start))
+        counts_ble = np.einsum("bc,cle->ble", weights_bc, counts_cle)
+        per_layer = {"usage_entropy_bits": M.usage_entropy_bits(M.usage_fractions(counts_ble, k)),
+                     "gini": M.gini(counts_ble)}
+        for name, values_bl in per_layer.items():
+            values[name] += [M.collapse_summary(v_l) for v_l in values_bl]
+    tail = (1 - level) / 2
+    per_layer = layer_metrics(run, k)
+    estimate = {name: M.collapse_summary(per_layer[name]) for name in values}
+    return {name: [float(2 * estimate[name] - np.quantile(v, 1 - tail)),
+                   float(2 * estimate[name] - np.quantile(v, tail))] for name, v in values.items()}
+
+
 def chunk_stds(run: LangRun, k: int) -> dict[str, np.ndarray]:
     per_chunk = [layer_metrics(run, k, [c]) for c in range(len(run.tokens))]
     return {name: np.array([M.chunk_spread(np.array([pc[name][layer] for pc in per_chunk]))[1]
                             for layer in range(run.topk_counts.shape[1])]) for name in per_chunk[0]}
 
 
-def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
-    """All rows of layers/experts/pairs/lsi.csv and the summary for metrics.json and the report."""
-    reference = "en" if "en" in langs else langs[-1]
+# The metrics that pair chunk i of one language with chunk i of another: a corpus whose languages are not parallel
+# has no such pairs, and build_tables leaves them out, saying why.
+NEEDS_PARALLEL = {
+    "njsd": "needs parallel text: the normalised JS divergence of each aligned chunk pair, averaged over the pairs; "
+            "njsd_pooled (of each language's pooled mean probabilities) is given instead",
+}
+
+
+def reference_language(langs: list[str]) -> str:
+    """The language the others are compared with: English (any of its codes) if analysed, else the last."""
+    return next((lang for lang in langs if identity(lang) == "eng_Latn"), langs[-1])
+
+
+def build_tables(runs: list[ModelRun], langs: list[str], seed: int, parallel: bool = True) -> dict:
+    """All rows of layers/experts/pairs/lsi.csv and the summary for metrics.json and the report. parallel: chunk i
+    is the same text in every language; without it the NEEDS_PARALLEL metrics are left out (`skipped` says why)."""
+    reference = reference_language(langs)
     targets = [lang for lang in langs if lang != reference]
     layers, experts, pairs, lsi_rows, summary = [], [], [], [], {}
     for run in runs:
         per_lang = {lang: layer_metrics(r, run.k) for lang, r in run.langs.items()}
         pooled = {lang: r.pooled(run.k) for lang, r in run.langs.items()}
         stds = {lang: chunk_stds(r, run.k) for lang, r in run.langs.items()}
-        model_summary = {"collapse": {}, "noise_floor": {}, "flags": {}, "lsi_sweep": {}, "activation_difference": {},
+        model_summary = {"collapse": {}, "collapse_ci": {}, "noise_floor": {}, "flags": {}, "lsi_sweep": {},
+                         "activation_difference": {},
                          "routing_consistency": {},
                          "tokenization": {lang: r.tokenization for lang, r in run.langs.items()}}
         for lang, r in run.langs.items():
@@ -200,6 +244,7 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
                             for e in range(run.experts)]
             model_summary["collapse"][lang] = {
                 name: M.collapse_summary(per_lang[lang][name]) for name in ("usage_entropy_bits", "gini")}
+            model_summary["collapse_ci"][lang] = collapse_intervals(r, run.k, seed)
             first, second = M.split_halves(len(r.tokens), seed)
             halves = [layer_metrics(r, run.k, idx) for idx in (first, second)]
             model_summary["noise_floor"][lang] = {
@@ -212,12 +257,14 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
             for layer, block in enumerate(run.moe_blocks):
                 (_, fa, pbar_a), (_, fb, pbar_b) = ((x[layer] for x in pooled[lang]) for lang in (a, b))
                 jac, over = M.topk_overlap(fa, fb, run.k)
-                p, q = (M.mean_probabilities(x.prob_sums[:, layer], x.tokens) for x in (ra, rb))
                 pairs.append({"model": run.name, "layer": layer, "block": block, "lang_a": a, "lang_b": b,
                               "cosine": M.cosine(fa, fb), "cosine_pbar": M.cosine(pbar_a, pbar_b),
                               "topk_jaccard": jac, "topk_overlap": over,
                               "spearman": M.spearman(fa, fb), "kendall": M.kendall_tau_b(fa, fb),
-                              "njsd": M.normalized_jsd(p, q)})
+                              "njsd_pooled": M.normalized_jsd(pbar_a, pbar_b)})
+                if parallel:
+                    p, q = (M.mean_probabilities(x.prob_sums[:, layer], x.tokens) for x in (ra, rb))
+                    pairs[-1]["njsd"] = M.normalized_jsd(p, q)
         for target in targets:
             ra, rb = run.langs[target], run.langs[reference]
             per_layer = M.lsi(pooled[target][2], pooled[reference][2])
@@ -245,4 +292,6 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int) -> dict:
             model_summary["flags"][f"{target}-{reference}"] = flags
         summary[run.name] = model_summary
     return {"layers": layers, "experts": experts, "pairs": pairs, "lsi": lsi_rows, "summary": summary,
-            "reference": reference, "targets": targets}
+            "reference": reference, "targets": targets, "parallel": parallel,
+            "skipped": {} if parallel else dict(NEEDS_PARALLEL),
+            "divergence": "njsd" if parallel else "njsd_pooled"}  # the pairs column the figures and report show

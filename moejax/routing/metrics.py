@@ -184,3 +184,62 @@ def collapse_summary(per_layer: np.ndarray) -> float:
     quarter = max(n // 4, 1)
     middle = values[n // 4: n - n // 4] if n >= 4 else values
     return float(values[n - quarter:].mean() - middle.mean())
+
+
+# Language-level metrics (paper c) and the correlation with downstream scores (paper b). Shape letters: g indexes
+# languages, e experts, v token ids of the vocabulary.
+
+
+def jsd_matrix(dist_ge: np.ndarray) -> np.ndarray:
+    """[G, G] JSD (nats) between every two languages' expert-usage distributions [G, E]; 0 on the diagonal."""
+    dist_ge = np.asarray(dist_ge, np.float64)
+    return np.maximum(js_divergence(dist_ge[:, None, :], dist_ge[None, :, :]), 0.0)  # rounding can dip below 0
+
+
+def language_information_gain(counts_ge: np.ndarray, weighting: str = "tokens") -> float:
+    """IG(L;E) / H(L) = (H(L) - H(L|E)) / H(L) in [0, 1] from top-K counts [G, E] of one layer (0 if H(L) = 0).
+
+    L is the language and E the expert of one (token, chosen expert) assignment. weighting "tokens" draws the
+    assignment from all languages' pooled counts, so p(L = g) is g's share of the assignments (paper c's contingency
+    table); "uniform" gives every language the same weight: p(g, e) = f_ge / G, f each language's usage fractions.
+    """
+    counts_ge = np.asarray(counts_ge, np.float64)
+    if weighting == "tokens":
+        joint_ge = counts_ge / max(counts_ge.sum(), 1e-300)
+    elif weighting == "uniform":  # over the languages that have tokens at all
+        counts_ge = counts_ge[counts_ge.sum(axis=1) > 0]
+        joint_ge = usage_fractions(counts_ge, 1) / max(counts_ge.shape[0], 1)
+    else:
+        raise ValueError(f"weighting must be 'tokens' or 'uniform', got {weighting!r}")
+    h_lang = float(usage_entropy_bits(joint_ge.sum(axis=1)))
+    if h_lang <= 0:
+        return 0.0
+    p_e = joint_ge.sum(axis=0)
+    lang_given_expert_eg = np.divide(joint_ge.T, p_e[:, None], out=np.zeros_like(joint_ge.T), where=p_e[:, None] > 0)
+    h_lang_given_expert = float(p_e @ usage_entropy_bits(lang_given_expert_eg))
+    return (h_lang - h_lang_given_expert) / h_lang
+
+
+def vocabulary_overlap(counts_a_v: np.ndarray, counts_b_v: np.ndarray) -> tuple[float, float]:
+    """(Jaccard |V_a ∩ V_b| / |V_a ∪ V_b| of the token ids each language used, sum_v min(p_a(v), p_b(v)) of their
+    token frequencies) from two languages' token-id counts [V]; each in [0, 1], 0 when a language has no tokens."""
+    a, b = np.asarray(counts_a_v, np.float64), np.asarray(counts_b_v, np.float64)
+    union = np.count_nonzero((a > 0) | (b > 0))
+    jaccard = np.count_nonzero((a > 0) & (b > 0)) / union if union else 0.0
+    if a.sum() <= 0 or b.sum() <= 0:
+        return float(jaccard), 0.0
+    return float(jaccard), float(np.minimum(a / a.sum(), b / b.sum()).sum())
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Pearson r and Spearman rho of x and y [n] with their two-sided p-values (scipy.stats) and n; r, rho and p are
+    NaN when n < 3 (no p-value: one degree of freedom is the least) or either side is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n = len(x)
+    out = {"n": n, "pearson_r": np.nan, "pearson_p": np.nan, "spearman_rho": np.nan, "spearman_p": np.nan}
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    pearson, spearman = sps.pearsonr(x, y), sps.spearmanr(x, y)
+    out.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
+               spearman_rho=float(spearman.statistic), spearman_p=float(spearman.pvalue))
+    return out

@@ -197,11 +197,13 @@ def test_content_mask_excludes_added_specials(checkpoint, tmp_path):
     ({"en": TEXT["en"], "he": [*TEXT["he"][:2], "", *TEXT["he"][3:]]}, "line 3 has no 'he' text"),
 ])
 def test_bad_corpora(tmp_path, text, message):
+    """With --parallel asked: a corpus that is not aligned is an error (without it, it is analysed as not
+    parallel: tests/commands/test_analyze_corpora.py)."""
     corpus = write_corpus(tmp_path / "corpus", text)
     out = tmp_path / "out"
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
-        analysis(None, corpus, out)
+        analysis(None, corpus, out, parallel=True)
     assert not out.exists()
 
 
