@@ -17,6 +17,7 @@ With no arguments: the built-in small model on the built-in sample corpus, 0 / 1
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -25,8 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax.commands.options import add_options, from_mapping  # noqa: E402
+from moejax.commands.options import MESH_HELP, add_options, from_mapping  # noqa: E402
 from moejax.commands.train import TrainSettings, train  # noqa: E402
+from moejax.errors import MoejaxError  # noqa: E402
+from moejax.io import resumable_directory  # noqa: E402
 from moejax.report.figures import entropy_by_layer, mean_entropy, read_metrics, save_figure  # noqa: E402
 
 
@@ -39,8 +42,9 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def run(coefs: list[float], out: Path, settings: dict) -> dict[float, dict[str, np.ndarray]]:
-    """One `moejax train` run per coefficient, each with the same `settings` (TrainSettings fields) otherwise."""
-    out.mkdir(parents=True, exist_ok=True)
+    """One `moejax train` run per coefficient, each with the same `settings` (TrainSettings fields) otherwise, in a
+    directory that is new or this study's own (resumed)."""
+    out = resumable_directory(out, "aux_coef_ablation", [p for p in (settings.get("model"),) if p])
     metrics = {}
     for coef in coefs:
         run_dir = out / f"lb_{coef:g}"
@@ -108,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="LANG=PATH:RATIO,...; default: the built-in sample corpus, he 0.6, en 0.4")
     parser.add_argument("--coefs", default="0,1e-3,1e-2", help="load-balancing coefficients, comma-separated")
     parser.add_argument("--steps", type=int, default=300, help="steps per run")
-    parser.add_argument("--out", type=Path, default=Path("aux-coef-ablation"))
+    parser.add_argument("--out", type=Path, default=Path("aux-coef-ablation"),
+                        help="output directory: new, or this study's own (unfinished runs resume)")
+    parser.add_argument("--mesh", metavar="AXIS=N,...", help=MESH_HELP)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype of every run (default: bfloat16 on an accelerator, float32 on a CPU)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more `moejax train` flags")
     args = parser.parse_args(argv)
     try:
@@ -118,8 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     flags = argparse.ArgumentParser(prog="moejax train flags")
     add_options(flags, TrainSettings)
-    settings = {"steps": args.steps, "model": args.model, "data": args.data, **vars(flags.parse_args(extra))}
-    run(coefs, args.out, settings)
+    given = {key: value for key, value in vars(flags.parse_args(extra)).items() if value is not None}
+    settings = {**given, "steps": args.steps, "model": args.model, "data": args.data, "mesh": args.mesh or
+                given.get("mesh"), "dtype": args.dtype or given.get("dtype")}
+    try:
+        run(coefs, args.out, settings)
+    except (MoejaxError, OSError) as e:
+        print(f"experiments.aux_coef_ablation: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {args.out}/loss_curves.png, routing_entropy.png and summary.md")
 
 

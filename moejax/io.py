@@ -253,6 +253,38 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+STUDY_MARKER = ".moejax-study.json"  # what marks a resumable study's directory (resumable_directory)
+
+
+def resumable_directory(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Path:
+    """OUT for work that resumes (a study of several training runs): absent or empty, it is created and marked as
+    `command`'s; marked by `command` before, it is kept as it is, to be continued; anything else (a file, another
+    command's output, a directory of the user's) is refused, naming what is there. What the command writes inside
+    is its own: the runs it started (each resumes by its own rules) and the tables it writes again at the end."""
+    resolved = refuse_unsafe(out, inputs, flag)
+    marker = resolved / STUDY_MARKER
+    if resolved.exists():
+        if not resolved.is_dir():
+            raise OutputError(f"{flag} {out} is a file; moejax writes a directory there: give another path")
+        if marker.is_file():
+            try:
+                owner = json.loads(marker.read_text()).get("command")
+            except (json.JSONDecodeError, OSError, AttributeError):
+                owner = None
+            if owner != command:
+                raise OutputError(f"{flag} {out} holds the output of {owner or 'something else'}, not of {command}; "
+                                  "give another path")
+            return resolved
+        first = next(iter(sorted(resolved.iterdir())), None)
+        if first is not None:
+            raise OutputError(f"{flag} {out} holds {first.name}, which {command} did not write; moejax replaces "
+                              "only what it wrote itself: move that away, or give another path")
+    resolved.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"command": command, "moejax": _version("moejax"),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+    return resolved
+
+
 def write_file(path: str | Path, text: str, command: str, flag: str) -> Path:
     """Writes a one-file output (e.g. `moejax plan --json`) atomically; an existing file is replaced only when
     moejax wrote it (its JSON names the writing command)."""

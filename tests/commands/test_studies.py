@@ -104,3 +104,50 @@ def test_steering_study_end_to_end_with_derived_window_and_hard_eq5(tmp_path):
     assert protocol["selected_share"]["promoted_min"] > 0.9
     summary = (out / "summary.md").read_text()
     assert "derived from the divergence" in summary and "eq. 5" in summary and "95%" in summary
+
+
+def test_resumable_directory_rules(tmp_path):
+    from moejax.errors import OutputError
+    from moejax.io import STUDY_MARKER, resumable_directory
+
+    out = resumable_directory(tmp_path / "study", "demo")
+    (out / "run_1").mkdir()
+    (out / "run_1" / "x.txt").write_text("partial")
+    assert resumable_directory(tmp_path / "study", "demo") == out  # its own: kept, to be continued
+    assert (out / "run_1" / "x.txt").read_text() == "partial"
+    with pytest.raises(OutputError, match="not of other"):
+        resumable_directory(tmp_path / "study", "other")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(OutputError, match="thesis.tex"):
+        resumable_directory(mine, "demo")
+    assert sorted(os.listdir(mine)) == ["thesis.tex"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        resumable_directory(tmp_path / "file", "demo")
+    assert (resumable_directory(tmp_path / "empty_then", "demo") / STUDY_MARKER).is_file()
+
+
+def test_aux_coef_ablation_refuses_a_users_folder(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("keep")
+    done = study("aux_coef_ablation", ["--out", str(mine), "--steps", "2"], cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "notes.md" in done.stderr
+    assert sorted(os.listdir(mine)) == ["notes.md"]
+
+
+@pytest.mark.slow
+def test_aux_coef_ablation_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "ablation"
+    args = ["--out", str(out), "--coefs", "0,0.01", "--steps", "3", "--dtype", "float32", "--", "--seq-len", "64",
+            "--batch-size", "2", "--save-every", "3"]
+    done = study("aux_coef_ablation", args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    assert "| 0 |" in summary and "| 0.01 |" in summary
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "checkpoint" in p.parts}
+    again = study("aux_coef_ablation", args, cwd=tmp_path)  # finished runs are not trained again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
