@@ -219,6 +219,17 @@ class ModelConfig:
         """The longest sequence the model's positions cover (RoPE's trained or extended range); None: no limit."""
         return self.max_position_embeddings
 
+    @property
+    def attention_layers(self) -> int:
+        """The layers that attend (every decoder layer, unless the architecture says otherwise)."""
+        return len(self.layer_kinds)
+
+    @property
+    def attention_width(self) -> int:
+        """Query heads x head size: the width of attention's score and value products."""
+        return self.num_attention_heads * (getattr(self, "head_dim", None)
+                                           or self.hidden_size // self.num_attention_heads)
+
 
 # How tokens reach the experts' devices under expert parallelism (moejax.layers.moe.expert_parallel): not in
 # config.json; a moejax setting, given as a config override (from_pretrained(..., expert_exchange="all_to_all")).

@@ -90,6 +90,7 @@ def plan_forward(model: str, mesh_spec: str | None = None, topology: str | None 
         "per_device_bytes": total, "hbm_bytes": None if chip is None else int(chip.hbm_gib * GiB),
         "fits": None if chip is None else total <= chip.hbm_gib * GiB,
         "compile_s": time.perf_counter() - started, **layout(cfg, mesh, batch * seq, jnp.dtype(dtype).itemsize),
+        **(flops := flops_per_token(cfg, abstract, seq)), **time_estimate(flops, batch * seq, chip, train=False),
     }
 
 
@@ -145,7 +146,42 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
         "fits": None if chip is None else total <= chip.hbm_gib * GiB,
         "compile_s": time.perf_counter() - started,
         **layout(cfg, mesh, batch * seq // accum_steps, itemsize),
+        **(flops := flops_per_token(cfg, abstract, seq)), **time_estimate(flops, batch * seq, chip, True, remat),
     }
+
+
+ASSUMED_MFU = 0.4  # the share of the chips' peak a well-tuned MoE step reaches, for the time estimate
+
+
+def flops_per_token(cfg, abstract: nnx.Module, seq: int) -> dict[str, float]:
+    """Forward FLOPs per token, analytic: 2 x the matmul weights a token passes through (of the routed experts, k of
+    E; the input embedding is a lookup, not a matmul) plus causal attention's scores and weighted values, 2 x heads x
+    head size x seq per attending layer (the full sequence: an upper bound for sliding windows; Mamba-2's scan is left
+    out, a few percent of its layers' projections)."""
+    experts, k = cfg.num_routed_experts, cfg.num_experts_per_tok
+    total = routed = 0
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        size = math.prod(var.shape)
+        total += size
+        if "experts" in map(str, path) and experts in var.shape:
+            routed += size
+    embedding = cfg.vocab_size * cfg.hidden_size
+    matmul = total - embedding - routed + routed * k / max(experts, 1)
+    attention = 2 * cfg.attention_width * seq * cfg.attention_layers
+    return {"active_matmul_parameters": matmul, "forward_flops_per_token": 2 * matmul + attention}
+
+
+def time_estimate(flops: dict, tokens: int, chip, train: bool, remat: str = "none") -> dict:
+    """Seconds for `tokens` tokens on the slice: the forward (or a train step's forward, backward and, with remat,
+    the recomputed forward) at the chips' peak and at ASSUMED_MFU of it."""
+    factor = (3 + (1 if remat != "none" else 0)) if train else 1
+    work = flops["forward_flops_per_token"] * factor * tokens
+    out = {"flops_per_step": work, "step_s_at_peak": None, "step_s_assumed": None, "assumed_mfu": ASSUMED_MFU}
+    if chip is not None:
+        peak = chip.chips * chip.peak_tflops * 1e12
+        out.update(step_s_at_peak=work / peak, step_s_assumed=work / (peak * ASSUMED_MFU),
+                   tokens_per_s_assumed=tokens / (work / (peak * ASSUMED_MFU)))
+    return out
 
 
 def sharded_abstract(cfg, model: str, mesh) -> nnx.Module:

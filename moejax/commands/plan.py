@@ -69,6 +69,8 @@ class PlanSettings:
     train_experts: str | None = option(None, "with --train: expert-selective training of these experts (as "
                                        "`moejax train --train-experts`): AdamW state for their slices only",
                                        metavar="FILE[:LANG[:KEY]]")
+    tokens: int | None = option(None, "tokens a study or run processes in all (e.g. a corpus's count x the models "
+                                "and languages): prints its estimated time", kind=int, minimum=1, metavar="N")
     json: str | None = option(None, "also write the plan as JSON", metavar="FILE")
 
     def __post_init__(self):
@@ -99,11 +101,13 @@ def plan(settings: PlanSettings) -> dict:
     if needed > jax.device_count():
         return _plan_in_child(s, needed)
     if s.train:
-        return plan_train(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype, remat=s.remat,
-                          accum_steps=s.accum_steps, expert_exchange=s.expert_exchange,
-                          train_experts=read_selection(s.train_experts) if s.train_experts else None)
-    return plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype,
-                        expert_exchange=s.expert_exchange)
+        result = plan_train(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype, remat=s.remat,
+                            accum_steps=s.accum_steps, expert_exchange=s.expert_exchange,
+                            train_experts=read_selection(s.train_experts) if s.train_experts else None)
+    else:
+        result = plan_forward(s.model, s.mesh, s.topology, batch=s.batch, seq=s.seq, dtype=s.dtype,
+                              expert_exchange=s.expert_exchange)
+    return {**result, "tokens": s.tokens}
 
 
 def _plan_in_child(settings: PlanSettings, devices: int) -> dict:
@@ -160,6 +164,17 @@ def plan_text(p: dict) -> str:
         lines.append(f"  expert exchange on the accelerator: {p['expert_exchange']}, {per_layer:.3f} GiB into each "
                      f"device per MoE layer{compared}, {p['moe_layers']} MoE layers per forward")
     lines.append(f"  ({p['estimate']}; see moejax plan --help)")
+    what = "train step" if train else "forward"
+    lines.append(f"  compute: {p['forward_flops_per_token'] / 1e9:.2f} GFLOP per token forward (analytic: "
+                 f"{p['active_matmul_parameters'] / 1e9:.2f} B active matmul weights + attention), "
+                 f"{p['flops_per_step'] / 1e12:.1f} TFLOP per {what}")
+    if p["step_s_at_peak"] is not None:
+        lines.append(f"  time: {p['step_s_at_peak']:.3f} s per {what} at {p['topology']}'s peak, "
+                     f"{p['step_s_assumed']:.3f} s at an assumed {p['assumed_mfu']:.0%} of it "
+                     f"(~{p['tokens_per_s_assumed']:,.0f} tokens/s)")
+        if p.get("tokens"):
+            lines.append(f"  {p['tokens']:,} tokens: ~{p['tokens'] / p['tokens_per_s_assumed'] / 60:.1f} min at "
+                         f"{p['assumed_mfu']:.0%} of peak")
     if p["fits"] is not None:
         hbm = p["hbm_bytes"] / GiB
         lines.append(f"  FITS: {p['per_device_bytes'] / GiB:.1f} of {hbm:.0f} GiB HBM per chip" if p["fits"] else

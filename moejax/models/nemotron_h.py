@@ -221,6 +221,10 @@ class NemotronHConfig(ModelConfig):
 
     max_positions = None  # no positional encoding: attention without RoPE, positions implicit in the Mamba scan
 
+    @property
+    def attention_layers(self) -> int:
+        return self.layer_kinds.count("attention")
+
     def parameter_count(self) -> int:
         """The number of parameters, counted from the architecture's definition (not from a model)."""
         d, e, heads = self.hidden_size, self.n_routed_experts, self.mamba_num_heads
