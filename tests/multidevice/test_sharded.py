@@ -411,3 +411,20 @@ def test_new_architectures_sharded(tmp_path, arch, spec):
     assert_forward_equals(single, sharded, ids, mask)
     ids, mask = batch(np.random.default_rng(7), rows=4, seq=13)
     assert_same_generation(single, sharded, ids, mask, 12)
+
+
+@pytest.mark.parametrize("name, args", [
+    ("multilingual_routing", ["--pairs", "he-en", "--chunk-words", "60"]),
+    ("steering", ["--mode", "hard", "--limit", "2", "--layers", "2-5"]),
+    ("expert_selective", ["--variants", "seft", "--lrs", "1e-3", "--steps", "2", "--tasks", "none"]),
+])
+def test_studies_on_a_two_device_mesh(name, args, tmp_path, monkeypatch):
+    """Each study runs end to end with --mesh data=2 (two simulated devices) from outside the repository, and says
+    the mesh in what it records."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    study = importlib.import_module(f"experiments.{name}")
+    study.main([*args, "--mesh", "data=2", "--out", str(tmp_path / "out")])
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "data=2" in summary
