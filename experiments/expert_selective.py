@@ -259,6 +259,8 @@ class Plan:
              "variant", "source": "moejax option"},
             {"choice": "mesh, dtype", "value": f"{a.mesh or 'none'}, {a.dtype} (every load; training computes in "
              "it, auto: the trainer's default)", "source": "moejax option"},
+            {"choice": "seed", "value": str(a.seed), "source": "given (--seed): data order and initial state of "
+             "every run"},
         ]
 
 

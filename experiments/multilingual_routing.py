@@ -47,7 +47,8 @@ def run(args) -> Path:
             result = analyze(AnalyzeSettings(model=specs, langs=tuple(pair.split("-")), data=args.data,
                                              out=tmp / pair, chunk_words=args.chunk_words, chunk_mode=args.chunk_mode,
                                              batch_size=args.batch_size, selection=args.selection, mesh=args.mesh,
-                                             dtype=args.dtype, seed=args.seed, pairs=args.token_pairs))
+                                             dtype=args.dtype, seed=args.seed, pairs=args.token_pairs,
+                                             max_chunks=args.max_chunks, bootstrap=args.bootstrap))
             summary = json.loads((result / "metrics.json").read_text())["summary"]
             for model, s in summary.items():
                 for lang, c in s["collapse"].items():
@@ -62,8 +63,8 @@ def run(args) -> Path:
                  f"Experts counted: {view} (--selection {args.selection}). Probabilities: softmax of the raw logits. "
                  f"Chunks: {args.chunk_mode}, ~{args.chunk_words} words. Parameters: {args.dtype}"
                  + (f", mesh {args.mesh}" if args.mesh else "") + ".",
-                 f"Intervals: basic bootstrap over chunks (1000 resamples), seed {args.seed}. Noise floor: mean "
-                 "|difference| of two random halves of the chunks.", ""]
+                 f"Intervals: basic bootstrap over chunks ({args.bootstrap} resamples), seed {args.seed}. Noise "
+                 "floor: mean |difference| of two random halves of the chunks.", ""]
         (tmp / "summary.md").write_text("\n".join(rows), encoding="utf-8")
     print(f"wrote {args.out}/summary.md and one directory per pair")
     return Path(args.out)
@@ -98,7 +99,10 @@ def parser() -> argparse.ArgumentParser:
                    "model = the model's own choice")
     p.add_argument("--chunk-mode", choices=["paragraph", "sentence"], default="paragraph")
     p.add_argument("--chunk-words", type=int, default=300)
-    p.add_argument("--token-pairs", type=int, default=500, help="routing consistency: token pairs per chunk")
+    p.add_argument("--token-pairs", type=int, default=500, help="routing consistency: token pairs per chunk "
+                   "(paper B's 500)")
+    p.add_argument("--max-chunks", type=int, help="at most N chunks per language (paper A: 1300); default all")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the chunks for the intervals")
     p.add_argument("--batch-size", type=int, default=8)
     scale_options(p)
     return p

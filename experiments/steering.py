@@ -104,7 +104,10 @@ def derive_window(divergence_gl: np.ndarray, fraction: float = 0.5) -> tuple[int
     """The middle window of MoE layers from divergence-from-English curves [languages, layers] (paper B reads it off
     its U-curves): the contiguous layers around the minimum of the mean curve whose mean divergence is at most
     min + fraction * (max - min). Inclusive (first, last)."""
-    curve = np.nanmean(np.asarray(divergence_gl, np.float64), axis=0)
+    divergence_gl = np.asarray(divergence_gl, np.float64)
+    seen_l = np.isfinite(divergence_gl).any(axis=0)  # a layer no language has stays NaN (not a warning)
+    curve = np.full(divergence_gl.shape[1], np.nan)
+    curve[seen_l] = np.nanmean(divergence_gl[:, seen_l], axis=0)
     low, high = np.nanmin(curve), np.nanmax(curve)
     below = curve <= low + fraction * (high - low)
     first = last = int(np.nanargmin(curve))
@@ -198,8 +201,8 @@ def run(args) -> Path:
         steering = Steering.from_experts(record, args.mode, args.lam, "promote", seed=args.seed)
         print(f"{record['selected_count']} experts selected in MoE layers {record['window'][0]}-"
               f"{record['window'][-1]}; steering {args.mode}" + (f", lambda {args.lam}" if args.mode == "soft" else ""))
-        share = (selected_share(args, steering, read_sequences(label, path)[:64]) if record["selected_count"]
-                 else None)
+        share = (selected_share(args, steering, read_sequences(label, path)[:args.share_sequences])
+                 if record["selected_count"] else None)
         tasks = args.tasks.split(",") if args.tasks else list(BUNDLED_TASKS)
         include = list(args.include_path)
         if args.data_dir:
@@ -214,7 +217,7 @@ def run(args) -> Path:
                 before = item_scores(results["base"]["samples"][task], metric, name)
                 after = item_scores(results["steered"]["samples"][task], metric, name)
                 row = paired_row(task, metric, name, before, after)
-                row["ci_low"], row["ci_high"] = difference_interval(before, after, args.seed)
+                row["ci_low"], row["ci_high"] = difference_interval(before, after, args.seed, args.bootstrap)
                 rows.append(row)
         write_csv(out / "steering.csv", rows)
         (out / "summary.md").write_text(summary(args, record, rows, share, window_source), encoding="utf-8")
@@ -313,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; MGSM 2 in paper B)")
     p.add_argument("--limit", type=int, help="documents per task")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--share-sequences", type=int, default=64, help="in-domain sequences on which the selected share "
+                   "of the steered experts is measured")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="resamples of the items for each interval")
     p.add_argument("--out", default=NAME, type=Path, help="output directory (a new one, or this study's own)")
     scale_options(p)
     return p

@@ -19,7 +19,7 @@ from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.io import check_output, output_directory, versions, write_csv
 from moejax.models.builtin import NAME
-from moejax.routing import PAIRS_PER_CHUNK, PROBABILITIES, SELECTIONS
+from moejax.routing import BOOTSTRAP_DRAWS, PAIRS_PER_CHUNK, PROBABILITIES, SELECTIONS
 
 if TYPE_CHECKING:
     from moejax.routing.analysis import ModelRun
@@ -70,6 +70,10 @@ class AnalyzeSettings:
     allow_nonfinite: bool = option(False, "load checkpoints holding NaN or infinite weights (to study broken "
                                    "checkpoints) instead of refusing them", kind=bool)
     seed: int = option(0, "seed for same-language splits and token-pair sampling", kind=int, minimum=0)
+    max_chunks: int | None = option(None, "use at most the first N chunks of each language (paper A: 1300); "
+                                    "default all", kind=int, minimum=1, metavar="N")
+    bootstrap: int = option(BOOTSTRAP_DRAWS, "resamples of the chunks for the collapse summary's 95% interval",
+                            kind=int, minimum=10, metavar="N")
     pairs: int = option(PAIRS_PER_CHUNK, "routing consistency: distinct token pairs per chunk, sampled without "
                         "replacement (all of them in a shorter chunk); paper B's 500 per sequence by default",
                         kind=int, minimum=1, metavar="N")
@@ -191,14 +195,13 @@ def analyze(settings: AnalyzeSettings) -> Path:
     # --- languages and corpora: parallel or not, decided by the flags or by the data ---
     sentences = read_corpus(s.data, langs, skip_incomplete=s.skip_incomplete,
                             parallel=True if s.parallel else False if s.no_parallel else None)
-    if not s.quiet:
-        print(f"moejax analyze: {'parallel' if sentences.parallel else 'not parallel'} ({sentences.why})",
-              file=sys.stderr)
     # --- end languages and corpora ---
     if any(sentences.skipped.values()):
         print("moejax analyze: skipped incomplete corpus rows, by language whose text was empty: "
               + ", ".join(f"{lang} {n}" for lang, n in sentences.skipped.items()), file=sys.stderr)
     corpus = chunk(sentences, s.chunk_words, s.chunk_mode)
+    if s.max_chunks is not None:
+        corpus = {lang: texts[:s.max_chunks] for lang, texts in corpus.items()}
     runs, layouts, vocabularies = [], {}, []
     started = time.perf_counter()
     for spec in s.model or (None,):
@@ -218,7 +221,10 @@ def analyze(settings: AnalyzeSettings) -> Path:
     if len(set(names)) != len(names):
         for i, run in enumerate(runs):
             run.name = f"{i}:{run.name}"
-    tables = build_tables(runs, langs, s.seed, sentences.parallel)
+    if not s.quiet:  # said once the input is known good (bad input gets its one line alone)
+        print(f"moejax analyze: {'parallel' if sentences.parallel else 'not parallel'} ({sentences.why})",
+              file=sys.stderr)
+    tables = build_tables(runs, langs, s.seed, sentences.parallel, s.bootstrap)
     for metric, why in tables["skipped"].items():  # languages and corpora: what a non-parallel corpus cannot give
         print(f"moejax analyze: skipped {metric}: {why}", file=sys.stderr)
     add_language_tables(tables, runs, vocabularies, scores)  # papers B and C: languages.csv, divergence_scores.csv

@@ -9,3 +9,4 @@ PROBABILITIES = ("softmax", "native")  # the routing probabilities P_t the analy
 # Routing consistency (moejax.routing.analysis): distinct token pairs sampled per chunk, without replacement (every
 # pair when a chunk has fewer); paper B samples 500 pairs per sequence.
 PAIRS_PER_CHUNK = 500
+BOOTSTRAP_DRAWS = 1000  # resamples of the chunks for the collapse summary's confidence interval

@@ -21,7 +21,7 @@ from moejax.data.packing import one_per_row, pack, passes
 from moejax.data.tokenize import check_ids
 from moejax.errors import DataError
 from moejax.models.common import ForcedRouting
-from moejax.routing import PAIRS_PER_CHUNK
+from moejax.routing import BOOTSTRAP_DRAWS, PAIRS_PER_CHUNK
 from moejax.routing import metrics as M
 from moejax.routing.stats import segment_stats, stats_cache_size
 
@@ -171,9 +171,6 @@ def layer_metrics(run: LangRun, k: int, chunks=None) -> dict[str, np.ndarray]:
                                                                np.full(counts.shape[0], run.tokens[sel].sum()))}
 
 
-BOOTSTRAP_DRAWS = 1000  # resamples of the chunks for the collapse summary's confidence interval
-
-
 def collapse_intervals(run: LangRun, k: int, seed: int, draws: int = BOOTSTRAP_DRAWS,
                        level: float = 0.95) -> dict[str, list[float]]:
     """Basic (reverse-percentile) bootstrap intervals (`level`, chunks resampled with replacement, `draws` times, from
@@ -218,9 +215,11 @@ def reference_language(langs: list[str]) -> str:
     return next((lang for lang in langs if identity(lang) == "eng_Latn"), langs[-1])
 
 
-def build_tables(runs: list[ModelRun], langs: list[str], seed: int, parallel: bool = True) -> dict:
+def build_tables(runs: list[ModelRun], langs: list[str], seed: int, parallel: bool = True,
+                 bootstrap: int = BOOTSTRAP_DRAWS) -> dict:
     """All rows of layers/experts/pairs/lsi.csv and the summary for metrics.json and the report. parallel: chunk i
-    is the same text in every language; without it the NEEDS_PARALLEL metrics are left out (`skipped` says why)."""
+    is the same text in every language; without it the NEEDS_PARALLEL metrics are left out (`skipped` says why).
+    bootstrap: resamples of the collapse summary's interval."""
     reference = reference_language(langs)
     targets = [lang for lang in langs if lang != reference]
     layers, experts, pairs, lsi_rows, summary = [], [], [], [], {}
@@ -244,7 +243,7 @@ def build_tables(runs: list[ModelRun], langs: list[str], seed: int, parallel: bo
                             for e in range(run.experts)]
             model_summary["collapse"][lang] = {
                 name: M.collapse_summary(per_lang[lang][name]) for name in ("usage_entropy_bits", "gini")}
-            model_summary["collapse_ci"][lang] = collapse_intervals(r, run.k, seed)
+            model_summary["collapse_ci"][lang] = collapse_intervals(r, run.k, seed, bootstrap)
             first, second = M.split_halves(len(r.tokens), seed)
             halves = [layer_metrics(r, run.k, idx) for idx in (first, second)]
             model_summary["noise_floor"][lang] = {
