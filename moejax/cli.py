@@ -150,7 +150,8 @@ def run(command: str, settings) -> int:
             write_file(settings.json, json.dumps({"written_by": "moejax plan", **result}, indent=2), "plan", "--json")
         return 0 if result["fits"] is not False else 1
     elif command == "generate":
-        for i, result in enumerate(generate.generate(settings), 1):
+        results = generate.generate(settings)
+        for i, result in enumerate(results if not settings.streaming else (), 1):  # streamed: printed already
             print(f"[{i}] {result['prompt']}\n{result['continuation']}\n")
         if settings.out:
             print(f"wrote {settings.out}")

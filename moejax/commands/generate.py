@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,11 @@ class GenerateSettings:
     steering: Path | None = option(None, STEERING_HELP, kind=Path, metavar="FILE")
     dtype: str = option("float32", "parameter dtype", choices=("float32", "bfloat16"))
     mesh: str | None = option(None, MESH_HELP, metavar="AXIS=N,...")
+    stream: bool = option(False, "print each continuation as its tokens come, with the time to the first token "
+                          "and the tokens per second at the end (the default when the output is a terminal); "
+                          "prompts then run one at a time", kind=bool)
+    no_stream: bool = option(False, "print each continuation whole once its batch is done (the default when the "
+                             "output is not a terminal)", kind=bool)
     out: Path | None = option(None, "also write the prompts and continuations to this JSON file (replaced only if "
                               "`moejax generate` wrote it)", kind=Path, metavar="FILE")
     allow_nonfinite: bool = option(False, "load a checkpoint holding NaN or infinite weights instead of refusing it",
@@ -50,6 +57,13 @@ class GenerateSettings:
             raise SettingsError("give exactly one of --prompt TEXT and --prompts FILE")
         if not self.sample and (self.top_k is not None or self.top_p is not None or self.temperature != 1.0):
             raise SettingsError("--temperature, --top-k and --top-p apply to sampling: add --sample")
+        if self.stream and self.no_stream:
+            raise SettingsError("give --stream or --no-stream, not both")
+
+    @property
+    def streaming(self) -> bool:
+        """--stream, --no-stream, or by default whether standard output is a terminal."""
+        return self.stream or (not self.no_stream and sys.stdout.isatty())
 
 
 def read_prompts(settings: GenerateSettings) -> list[str]:
@@ -96,7 +110,15 @@ def generate(settings: GenerateSettings) -> list[dict]:
     sampling = (dict(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                      seed=settings.seed) if settings.sample else {})
     results = []
-    for start in range(0, len(encoded), settings.batch_size):
+    if settings.streaming:
+        for i, (prompt, tokens) in enumerate(zip(prompts, encoded, strict=True), 1):
+            print(f"[{i}] {prompt}", flush=True)
+            ids = np.asarray([tokens], np.int64)
+            stream = Stream(tokenizer, eos)
+            model.generate(ids, np.ones_like(ids), max_new_tokens=settings.max_new_tokens, eos_token_id=eos or None,
+                           pad_token_id=pad, steering=steering, on_token=stream, **sampling)
+            results.append({"prompt": prompt, "continuation": stream.finish()})
+    for start in range(0, len(encoded) if not settings.streaming else 0, settings.batch_size):
         batch = encoded[start:start + settings.batch_size]
         width = max(len(e) for e in batch)
         ids = np.full((len(batch), width), pad, np.int64)
@@ -114,6 +136,50 @@ def generate(settings: GenerateSettings) -> list[dict]:
                   "generations": results}
         write_file(settings.out, json.dumps(record, ensure_ascii=False, indent=2), "generate", "--out")
     return results
+
+
+class Stream:
+    """on_token for one prompt: prints the continuation's new text as each token comes (decoding the whole
+    continuation again each time, so tokens that only make text together, such as a character's UTF-8 bytes, print
+    once complete), stops at an end-of-sequence token, and at the end says the time to the first token (the
+    prefill), the first decode step (both include compiling, on a shape this process has not run) and the decode
+    rate after them."""
+
+    def __init__(self, tokenizer, eos: list[int]):
+        self.tokenizer, self.eos = tokenizer, set(eos)
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.ended = False
+        self.started = time.perf_counter()
+        self.times: list[float] = []  # when each token came, from the start
+
+    def __call__(self, token_b: np.ndarray) -> None:
+        self.times.append(time.perf_counter() - self.started)
+        token = int(token_b[0])
+        if self.ended:
+            return
+        if token in self.eos:
+            self.ended = True
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        ready = text.rstrip("\ufffd")  # an incomplete character waits for its next bytes
+        if ready.startswith(self.printed) and len(ready) > len(self.printed):
+            print(ready[len(self.printed):], end="", flush=True)
+            self.printed = ready
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.startswith(self.printed):
+            print(text[len(self.printed):], end="")
+        times = self.times
+        said = [f"{len(self.tokens)} tokens"] + ([f"first after {times[0]:.2f} s"] if times else [])
+        if len(times) > 1:
+            said.append(f"the first decode step {times[1] - times[0]:.2f} s")
+        if len(times) > 2:
+            said.append(f"then {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s")
+        print(f"\n({'; '.join(said)}; compiling is included on a shape not run before)\n", flush=True)
+        return text
 
 
 def _chat(tokenizer, prompt: str, model_dir: Path | None) -> str:

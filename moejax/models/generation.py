@@ -127,7 +127,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              stop: Callable[[np.ndarray], np.ndarray] | None = None, return_logits: bool = False,
-             steering=None) -> GenerateOutput:
+             steering=None, on_token: Callable[[np.ndarray], None] | None = None) -> GenerateOutput:
     """Continues each prompt of input_ids [batch, prompt] (left-padded where attention_mask [batch, prompt] is 0:
     transformers' name for what is here the segment ids of one document per row, 1 = a prompt token)
     by up to max_new_tokens tokens; greedy unless do_sample. eos_token_id (one id or several): a row stops there
@@ -135,8 +135,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     stop: a stopping criterion, as transformers' StoppingCriteria: given the new tokens so far [batch, n], the rows
     that are done; generation ends once every row is done or has ended, and, as transformers does, a done row is
     padded from then on only when eos_token_id is set. Sampling is reproducible from `seed`. steering: a
-    moejax.Steering (or its dict, or a JSON path) applied at every MoE layer, prompt and new tokens alike. On a mesh
-    when the model's parameters are."""
+    moejax.Steering (or its dict, or a JSON path) applied at every MoE layer, prompt and new tokens alike.
+    on_token: called with each new token of every row [batch] as soon as it is computed (streaming; this brings
+    each token to the host, one sync per token, which the default path avoids). On a mesh when the model's
+    parameters are."""
     ids_bt = np.asarray(input_ids)
     if ids_bt.ndim != 2 or ids_bt.shape[1] == 0:
         raise DataError(f"input_ids must be [batch, prompt] with at least one token, got shape {ids_bt.shape}")
@@ -186,6 +188,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         done_b = np.zeros(batch, bool)
         for step in range(1, max_new_tokens + 1):
             tokens.append(token_b)
+            if on_token is not None:
+                on_token(np.asarray(jax.device_get(token_b)))
             if return_logits:
                 logits.append(logits_bv)
             if step == max_new_tokens:

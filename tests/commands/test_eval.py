@@ -10,9 +10,11 @@ scores identical.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # the test extra (it brings lm-eval and its Hugging Face backend)
@@ -23,6 +25,7 @@ import torch
 import transformers
 from lm_eval.tasks import TaskManager
 
+import moejax
 from moejax.cli import main
 from moejax.commands.evaluate import EvalSettings, evaluate, score_rows
 from moejax.commands.generate import GenerateSettings, generate
@@ -213,6 +216,32 @@ def test_generate_command(checkpoint, tmp_path, capsys):
     sampled = [generate(GenerateSettings(model=path, prompt="abc", max_new_tokens=8, sample=True, temperature=1.5,
                                          seed=s))[0]["continuation"] for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_generate_streams_the_same_text(checkpoint, tmp_path, capsys):
+    """--stream prints each continuation as its tokens come (the on_token callback gets every new token, in order),
+    the same text as the batched path, then the time to the first token and the decode rate; --no-stream prints
+    whole continuations."""
+    arch, path, _ = checkpoint
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Monday, Tuesday,\nשלום\n", encoding="utf-8")
+    batched = generate(GenerateSettings(model=path, prompts=prompts, max_new_tokens=7, no_stream=True))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "7",
+                 "--stream"]) == 0
+    printed = capsys.readouterr().out
+    for i, result in enumerate(batched, 1):
+        block = printed.split(f"[{i}] {result['prompt']}\n", 1)[1]
+        assert block.startswith(result["continuation"]), (block, result)
+        stats = block[len(result["continuation"]):].splitlines()[1]
+        assert re.fullmatch(r"\(\d+ tokens; first after [\d.]+ s; the first decode step [\d.]+ s; then [\d.]+ "
+                            r"tokens/s; compiling is included on a shape not run before\)", stats), stats
+    assert main(["generate", "--model", str(path), "--prompt", "abc", "--stream", "--no-stream"]) == 2
+    seen = []
+    model = moejax.from_pretrained(path)
+    ids = np.array([[5, 6, 7, 8]])
+    out = model.generate(ids, max_new_tokens=5, on_token=lambda token_b: seen.append(token_b.copy()))
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out.sequences[:, 4:])
 
 
 @pytest.mark.parametrize("case", ["no_tokenizer", "chat_without_template", "prompt_too_long", "no_prompt",
