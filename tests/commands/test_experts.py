@@ -149,8 +149,9 @@ def test_steering_with_experts_json_through_the_commands(setup, tmp_path, capsys
     spec.write_text(json.dumps({**record, "mode": "hard", "lambda": 0.5, "direction": "promote"}))
     assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "4",
                  "--steering", str(spec)]) == 0
+    # Two short chunks per language (rows of 1024 tokens, not 4096): what is tested is that the spec steers.
     assert main(["analyze", "--model", str(path), "--langs", "en,he", "--steering", str(spec), "--quiet",
-                 "--out", str(tmp_path / "analysis")]) == 0
+                 "--chunk-words", "60", "--max-chunks", "2", "--out", str(tmp_path / "analysis")]) == 0
     models = {r["model"] for r in read_csv(tmp_path / "analysis" / "layers.csv")}
     assert models == {"model", "model+steered"}
     metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
