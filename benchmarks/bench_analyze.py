@@ -2,7 +2,8 @@
 (transformers forward with hooks capturing router logits, numpy metrics afterwards), same run, same model.
 
     python benchmarks/bench_analyze.py                      # 50k and 200k tokens (about 15 minutes)
-    python benchmarks/bench_analyze.py --tokens 20000       # a quick look
+    python benchmarks/bench_analyze.py --tokens 20000       # a quick look (part of the sample, one copy)
+    python benchmarks/bench_analyze.py --json analyze.json  # also the numbers, machine-readable
 
 Model: the Qwen3-MoE forward-benchmark config with a byte-level tokenizer; corpus: the built-in en/he/ja
 sample corpus repeated to at least the requested size. Chunks are ~40 English words: with one token
@@ -33,15 +34,18 @@ CHUNK_WORDS = 40
 
 
 def make_corpus(directory: Path, tokens: int) -> None:
-    """The sample corpus repeated until the byte tokenizer yields ~`tokens` tokens over all languages."""
+    """The sample corpus repeated until the byte tokenizer yields ~`tokens` tokens over all languages; below one copy
+    of the sample (~40k tokens), the same first share of each language's (parallel) lines."""
     from moejax.data.corpus import SAMPLE_DIR
 
     texts = {lang: (SAMPLE_DIR / f"{lang}.txt").read_text(encoding="utf-8").splitlines() for lang in LANGS}
     per_copy = sum(len(line.encode()) + 1 for lines in texts.values() for line in lines)
     copies = -(-tokens // per_copy)
+    share = min(1.0, tokens / per_copy)
     directory.mkdir(parents=True, exist_ok=True)
     for lang, lines in texts.items():
-        (directory / f"{lang}.txt").write_text("\n".join(lines * copies) + "\n", encoding="utf-8")
+        kept = lines[:max(1, round(share * len(lines)))]
+        (directory / f"{lang}.txt").write_text("\n".join(kept * copies) + "\n", encoding="utf-8")
 
 
 def run_moejax(model_dir: str, corpus: str, out: str) -> dict:
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--model-dir", dest="model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the measured throughputs and the speed-ups here")
     args = parser.parse_args()
     if args.side:
         return child(args)
@@ -152,6 +157,7 @@ def main() -> None:
         save_byte_tokenizer(model_dir)
         print(f"analysis throughput, Qwen3-MoE bench config, en/he/ja, {os.cpu_count()} CPU threads, CPU: "
               f"{cpu_model()}")
+        results = {}
         for tokens in args.tokens:
             corpus = Path(tmp) / f"corpus-{tokens}"
             make_corpus(corpus, tokens)
@@ -164,6 +170,11 @@ def main() -> None:
                   f"{100 * ours['compile_seconds'] / ours['seconds']:.0f}% of its time; rows {', '.join(fills)} full), "
                   f"peak RSS {ours['peak_rss_mb']:6.0f} MB | speed-up "
                   f"{ref['seconds'] / ref['tokens'] * ours['tokens'] / ours['seconds']:.2f}x (target >= 3x)")
+            results[f"{tokens}_tokens"] = {"torch": ref, "moejax": ours}
+    if args.json:
+        ratios = {size: r["moejax"]["tokens"] / r["moejax"]["seconds"] / (r["torch"]["tokens"] / r["torch"]["seconds"])
+                  for size, r in results.items()}
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ eager), same checkpoint, same machine, same run.
 
     python benchmarks/bench_eval.py                         # both bench models, 120 questions x 4 choices
     python benchmarks/bench_eval.py --arch qwen3_moe --questions 40 --repeats 1   # a quick look
+    python benchmarks/bench_eval.py --json eval.json     # also the numbers, machine-readable
 
 The task is written here, offline, from the bundled en/he/ja sample corpus: each question is the first half of a
 sentence and its choices are that sentence's second half and the second halves of three other sentences of the same
@@ -76,7 +77,7 @@ def evaluate(lm, tasks: TaskManager, limit: int | None):
     return time.perf_counter() - start, out
 
 
-def bench(arch: str, args) -> None:
+def bench(arch: str, args) -> dict:
     cfg = CONFIGS[arch]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -109,6 +110,10 @@ def bench(arch: str, args) -> None:
     print(f"  speed-up: {results['hf'][1] / results['moejax'][1]:.2f}x requests/s (target >= 2x); same accuracy: "
           f"{'yes' if acc['hf'] == acc['moejax'] else 'NO'}; largest loglikelihood difference "
           f"{np.abs(loglik['hf'] - loglik['moejax']).max():.1e}")
+    return {"requests": requests["moejax"], "same_accuracy": acc["hf"] == acc["moejax"],
+            "largest_loglikelihood_difference": float(np.abs(loglik["hf"] - loglik["moejax"]).max()),
+            **{name: {"seconds": warm_s, "first_run_s": cold_s, "acc": acc[name]}
+               for name, (cold_s, warm_s, _) in results.items()}}
 
 
 def main() -> None:
@@ -118,11 +123,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="both backends' batch_size")
     parser.add_argument("--context", type=int, default=256, help="both backends' max_length")
     parser.add_argument("--repeats", type=int, default=2, help="timed evaluations per side; the best is reported")
+    parser.add_argument("--json", type=Path, help="also write the measured seconds and the speed-ups here")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
-    for arch in CONFIGS if args.arch == "all" else [args.arch]:
-        bench(arch, args)
+    results = {arch: bench(arch, args) for arch in (CONFIGS if args.arch == "all" else [args.arch])}
+    if args.json:
+        ratios = {arch: r["hf"]["seconds"] / r["moejax"]["seconds"] for arch, r in results.items()}
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

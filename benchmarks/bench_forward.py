@@ -3,6 +3,7 @@
     python benchmarks/bench_forward.py                       # both issue configs, batch 4 x 512
     python benchmarks/bench_forward.py --arch nemotron_h     # one of them
     python benchmarks/bench_forward.py --batch 1 --seq 128 --repeats 2   # a quick look
+    python benchmarks/bench_forward.py --json forward.json   # also the numbers, machine-readable
 
 Both sides load one checkpoint written by save_pretrained with every weight random, run float32 with
 router logits requested, and use the same number of CPU threads; they alternate, a second apart, and
@@ -14,9 +15,11 @@ SSD scan's share of the forward time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +91,7 @@ def ssd_share(cfg, batch: int, seq: int, forward_s: float, repeats: int) -> str:
             f"{layers * scan_s / forward_s:.0%} of the forward time")
 
 
-def bench(arch: str, args) -> None:
+def bench(arch: str, args) -> dict:
     cfg = CONFIGS[arch]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +133,7 @@ def bench(arch: str, args) -> None:
     print(f"  {extra}")
     if args.steering:
         print(f"  {steering_row(model, ids, args.repeats)}")
+    return {"tokens": tokens, "transformers_s": ref_s, "moejax_s": ours_s, "compile_s": compile_s}
 
 
 def steering_row(model, ids, repeats: int) -> str:
@@ -162,10 +166,13 @@ def main() -> None:
     parser.add_argument("--steering", action="store_true",
                         help="also time a soft-steered forward (a quarter of each MoE layer's experts promoted, one "
                         "suppressed) against the unsteered one, alternating; target <= 3%% more")
+    parser.add_argument("--json", type=Path, help="also write the measured seconds and the speed-ups here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for arch in CONFIGS if args.arch == "all" else [args.arch]:
-        bench(arch, args)
+    results = {arch: bench(arch, args) for arch in (CONFIGS if args.arch == "all" else [args.arch])}
+    if args.json:
+        ratios = {arch: r["transformers_s"] / r["moejax_s"] for arch, r in results.items()}
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

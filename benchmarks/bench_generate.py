@@ -3,6 +3,7 @@ transformers' `generate` (its own caches, PyTorch eager), same weights, same mac
 
     python benchmarks/bench_generate.py                      # both bench models, batch 8, 128 + 128 tokens
     python benchmarks/bench_generate.py --arch qwen3_moe --new 32 --repeats 1   # a quick look
+    python benchmarks/bench_generate.py --json generate.json   # also the numbers, machine-readable
 
 Both sides load one checkpoint written by save_pretrained with every weight random (the forward benchmark's
 models), run float32 on the same prompts (random ids, two rows left-padded) and must produce the same tokens (the
@@ -14,9 +15,11 @@ that includes moejax's compilation), the prefill alone (a generation of one toke
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ def best(fn, repeats: int) -> tuple[float, object]:
     return min(times), out
 
 
-def bench(arch: str, args) -> None:
+def bench(arch: str, args) -> dict:
     cfg = CONFIGS[arch]
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (args.batch, args.prompt))
@@ -83,6 +86,9 @@ def bench(arch: str, args) -> None:
           f"{sides['transformers'][2] / sides['moejax'][2]:.2f}x, "
           f"prefill {sides['transformers'][1] / sides['moejax'][1]:.2f}x; "
           f"same tokens: {'yes' if same else 'NO'}")
+    return {"new_tokens": tokens, "first_calls_s": first_s, "same_tokens": bool(same),
+            **{name: {"whole_s": whole_s, "prefill_s": prefill_s, "decode_s_per_token": step_s}
+               for name, (whole_s, prefill_s, step_s, _) in sides.items()}}
 
 
 def main() -> None:
@@ -92,10 +98,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is reported")
+    parser.add_argument("--json", type=Path, help="also write the measured seconds and the speed-ups here")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    for arch in CONFIGS if args.arch == "all" else [args.arch]:
-        bench(arch, args)
+    results = {arch: bench(arch, args) for arch in (CONFIGS if args.arch == "all" else [args.arch])}
+    if args.json:
+        ratios = {f"{arch}{part}": r["transformers"][key] / r["moejax"][key] for arch, r in results.items()
+                  for part, key in (("", "whole_s"), ("_prefill", "prefill_s"), ("_decode", "decode_s_per_token"))}
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

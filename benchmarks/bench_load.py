@@ -2,6 +2,7 @@
 
     python benchmarks/bench_load.py                   # the forward benchmark's Qwen3-MoE, float32 and bfloat16 on disk
     python benchmarks/bench_load.py --repeats 5
+    python benchmarks/bench_load.py --json load.json  # also the numbers, machine-readable
 
 After the parameters are loaded, one jitted reduction over them on their devices flags any array holding a NaN or
 an infinity (moejax.loading.check_finite), then names the tensor: a CheckpointError unless allow_nonfinite=True.
@@ -13,6 +14,7 @@ check costs at most 5% of a load.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import tempfile
@@ -52,9 +54,12 @@ def load_seconds(path: Path, dtype, allow_nonfinite: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path,
+                        help="also write the measured seconds here, with the ratio unchecked / checked load time")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     print(f"from_pretrained with and without the finiteness check; CPU: {cpu_model()}, jax {jax.__version__}")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for disk, dtype in (("float32", jax.numpy.float32), ("bfloat16", jax.numpy.bfloat16)):
             path = Path(tmp) / disk
@@ -79,6 +84,10 @@ def main() -> None:
                   f"{middle:.2f} s; checked best {min(checked):.2f} s, median {statistics.median(checked):.2f} s; the "
                   f"check alone {min(alone[1:]):.3f} s ({100 * min(alone[1:]) / best:.1f}% of the best unchecked load; "
                   f"its first call, compiling, {alone[0]:.3f} s = {100 * alone[0] / best:.1f}%)")
+            results[disk] = {"bytes": size, "unchecked_s": unchecked, "checked_s": checked, "check_alone_s": alone}
+    if args.json:
+        ratios = {disk: min(r["unchecked_s"]) / min(r["checked_s"]) for disk, r in results.items()}
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

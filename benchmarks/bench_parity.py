@@ -2,6 +2,7 @@
 
     python benchmarks/bench_parity.py                         # both architectures, float32 and bfloat16
     python benchmarks/bench_parity.py --arch qwen3_moe --dtype float32 --tokens 2048
+    python benchmarks/bench_parity.py --json parity.json   # also the numbers, machine-readable
 
 For each architecture (the configs of bench_forward.py, d=512, 64 experts) a checkpoint is written by
 save_pretrained with every weight random, plus a byte-level tokenizer; `parity()` then compares
@@ -17,6 +18,7 @@ and the whole command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,7 +45,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default="all")
     parser.add_argument("--tokens", type=int, action="append", help="tokens per run (default: 2048 and 10240)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
+    parser.add_argument("--json", type=Path, help="also write each run's timings here, with the ratio transformers / "
+                        "moejax forward time")
     args = parser.parse_args()
+    runs = {}
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -71,6 +76,11 @@ def main() -> None:
                           f"comparison {t['compare_s']:.1f} s; loads {t['moejax_load_s']:.1f} s / "
                           f"{t['reference_load_s']:.1f} s; whole command {t['total_s']:.1f} s; transformers / "
                           f"moejax forward time {t['reference_forward_s'] / t['moejax_forward_s']:.2f}x")
+                    runs[f"{arch}_{dtype}_{tokens}"] = {"verdict": s["verdict"], "tokens": s["tokens"], "timings": t}
+    if args.json:
+        ratios = {name: r["timings"]["reference_forward_s"] / r["timings"]["moejax_forward_s"]
+                  for name, r in runs.items()}
+        args.json.write_text(json.dumps({"results": runs, "ratios": ratios}, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ exchange, the bytes one MoE layer's exchange moves at expert = 4 .. 64, and load
     python benchmarks/bench_scale.py                          # Qwen3-MoE forward-benchmark model, batch 4 x 512
     python benchmarks/bench_scale.py --arch nemotron_h --mesh data=2,tensor=4
     python benchmarks/bench_scale.py --bytes-only             # the bytes table alone (docs/scaling.md)
+    python benchmarks/bench_scale.py --json scale.json        # also the numbers, machine-readable
 
 The 8 devices share this machine's cores, so no speed-up is expected: the ratio measures what the sharded program
 costs over the one-device program (collectives, the exchanged tokens, per-device dispatch) on the same hardware.
@@ -110,7 +111,7 @@ def print_bytes(rows: list[dict]) -> None:
               f"| {r['ragged_expected'] / r['all_gather_formula']:.2f} |")
 
 
-def forward_benchmark(args) -> None:
+def forward_benchmark(args) -> dict:
     import torch
     import transformers
     from bench_forward import CONFIGS, best_time
@@ -136,6 +137,7 @@ def forward_benchmark(args) -> None:
 
         forward(single)()
         one_s = best_time(forward(single), args.repeats)
+        results = {"tokens": tokens, "one_device_s": one_s}
         print(f"{args.arch} bench model, batch {args.batch} x {args.seq}, float32, {jax.device_count()} simulated "
               f"CPU devices on {os.cpu_count()} cores ({cpu_model()}), jax {jax.__version__}")
         print(f"  forward, one device: {tokens / one_s:8.1f} tok/s ({one_s:.2f} s)")
@@ -146,8 +148,9 @@ def forward_benchmark(args) -> None:
             mesh_s = best_time(forward(sharded), args.repeats)
             print(f"  forward, mesh {args.mesh}, {exchange}: {tokens / mesh_s:8.1f} tok/s ({mesh_s:.2f} s); "
                   f"one device / mesh = {one_s / mesh_s:.2f}x (overhead {mesh_s / one_s - 1:+.0%})")
+            results[f"mesh_{exchange}_s"] = mesh_s
         if args.skip_loads:
-            return
+            return results
         size = read_files(hf_dir)  # warms the page cache
         raw_s = best_time(lambda: read_files(hf_dir), args.repeats)
         read_files(orbax_dir)
@@ -160,6 +163,7 @@ def forward_benchmark(args) -> None:
         print(f"  load {gb:.2f} GB onto {args.mesh} (page cache warm): raw read {gb / raw_s:.2f} GB/s, "
               f"safetensors {gb / st_s:.2f} GB/s ({raw_s / st_s:.0%} of raw), Orbax {gb / orbax_s:.2f} GB/s "
               f"({raw_s / orbax_s:.0%} of raw)")
+        return results | {"load_bytes": size, "raw_read_s": raw_s, "safetensors_s": st_s, "orbax_s": orbax_s}
 
 
 def read_files(directory: Path) -> int:
@@ -184,10 +188,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-loads", action="store_true", help="time the forward passes only")
     parser.add_argument("--bytes-only", action="store_true", help="print the bytes table only")
+    parser.add_argument("--json", type=Path, help="also write the bytes table, the timings and the ratios (mesh over "
+                        "one-device speed, load over raw-read speed) here")
     args = parser.parse_args()
-    print_bytes(bytes_table())
-    if not args.bytes_only:
-        forward_benchmark(args)
+    rows = bytes_table()
+    print_bytes(rows)
+    results = {} if args.bytes_only else forward_benchmark(args)
+    if args.json:
+        ratios = {f"{args.arch}_{args.mesh}_{key[len('mesh_'):-len('_s')]}": results["one_device_s"] / seconds
+                  for key, seconds in results.items() if key.startswith("mesh_")}
+        ratios |= {f"load_{kind}": results["raw_read_s"] / results[f"{kind}_s"] for kind in ("safetensors", "orbax")
+                   if f"{kind}_s" in results}
+        args.json.write_text(json.dumps({"bytes": rows, "results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

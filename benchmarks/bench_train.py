@@ -4,7 +4,8 @@ framework's dense-matmul FLOP/s measured in the same run.
 
     python benchmarks/bench_train.py                              # Qwen3-MoE bench model, batch 4 x 256, float32
     python benchmarks/bench_train.py --dtype bfloat16             # bf16 compute, float32 master weights
-    python benchmarks/bench_train.py --arch nemotron_h --remat dots --json
+    python benchmarks/bench_train.py --arch nemotron_h --remat dots --json      # the results as one JSON line
+    python benchmarks/bench_train.py --json train.json             # or written to a file
 
 The model is bench_forward.py's, every weight random, written by save_pretrained and loaded from that
 directory by both sides, in float32. One step, each side:
@@ -62,6 +63,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -312,7 +314,8 @@ def main() -> None:
                         help="expert-selective: train K experts in each of the last two MoE layers (13 ~ SSFT-k5 of "
                         "a 64-expert model), against transformers with those layers' expert tensors trained behind "
                         "gradient-mask hooks, and against moejax's full step")
-    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="also write the results, with the speed-ups, to FILE (alone: print them as one line)")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="keep glibc's default malloc (moejax train asks it for transparent huge pages)")
     args = parser.parse_args()
@@ -325,7 +328,12 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/bench_train.py", *sys.argv[1:]])
     report(results, command)
     if args.json:
-        print(json.dumps(results))
+        name = f"{args.arch}_{args.dtype}" + ("_selective" if results["selection"] else "")
+        text = json.dumps({**results, "ratios": {name: results["speedup"]}})
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
     check_losses(results)
 
 
