@@ -17,7 +17,6 @@ With no arguments: the built-in small model on the built-in sample corpus, 0 / 1
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -26,9 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.common import study_main  # noqa: E402
 from moejax.commands.options import MESH_HELP, add_options, from_mapping  # noqa: E402
 from moejax.commands.train import TrainSettings, train  # noqa: E402
-from moejax.errors import MoejaxError  # noqa: E402
 from moejax.io import resumable_directory  # noqa: E402
 from moejax.report.figures import entropy_by_layer, mean_entropy, read_metrics, save_figure  # noqa: E402
 
@@ -118,23 +117,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype of every run (default: bfloat16 on an accelerator, float32 on a CPU)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more `moejax train` flags")
-    args = parser.parse_args(argv)
-    try:
-        coefs = [float(c) for c in args.coefs.split(",") if c]
-    except ValueError:
-        parser.error(f"--coefs takes numbers separated by commas, got {args.coefs!r}")
-    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    flags = argparse.ArgumentParser(prog="moejax train flags")
-    add_options(flags, TrainSettings)
-    given = {key: value for key, value in vars(flags.parse_args(extra)).items() if value is not None}
-    settings = {**given, "steps": args.steps, "model": args.model, "data": args.data, "mesh": args.mesh or
-                given.get("mesh"), "dtype": args.dtype or given.get("dtype")}
-    try:
+
+    def run_args(args) -> None:
+        try:
+            coefs = [float(c) for c in args.coefs.split(",") if c]
+        except ValueError:
+            parser.error(f"--coefs takes numbers separated by commas, got {args.coefs!r}")
+        extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+        flags = argparse.ArgumentParser(prog="moejax train flags")
+        add_options(flags, TrainSettings)
+        given = {key: value for key, value in vars(flags.parse_args(extra)).items() if value is not None}
+        settings = {**given, "steps": args.steps, "model": args.model, "data": args.data, "mesh": args.mesh or
+                    given.get("mesh"), "dtype": args.dtype or given.get("dtype")}
         run(coefs, args.out, settings)
-    except (MoejaxError, OSError) as e:
-        print(f"experiments.aux_coef_ablation: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {args.out}/loss_curves.png, routing_entropy.png and summary.md")
+        print(f"wrote {args.out}/loss_curves.png, routing_entropy.png and summary.md")
+
+    study_main("aux_coef_ablation", run_args, parser, argv)
 
 
 if __name__ == "__main__":

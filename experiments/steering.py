@@ -53,12 +53,17 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> float:
     return min(1.0, 2 * tail)
 
 
+def resampled_means(diff: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:
+    """[draws] means of the paired differences, the items resampled with replacement each time."""
+    return rng.choice(diff, (draws, len(diff)), replace=True).mean(axis=1)
+
+
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, seed: int = 0, draws: int = 10_000) -> float:
     """Two-sided bootstrap p-value of the mean paired difference (items resampled with replacement)."""
     diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
     if not diff.any():
         return 1.0
-    means = np.random.default_rng(seed).choice(diff, (draws, len(diff)), replace=True).mean(axis=1)
+    means = resampled_means(diff, np.random.default_rng(seed), draws)
     return float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
 
 
@@ -95,7 +100,7 @@ def difference_interval(before: np.ndarray, after: np.ndarray, seed: int, draws:
                         level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean paired difference (items resampled with replacement)."""
     diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
-    means = np.random.default_rng([seed, 2]).choice(diff, (draws, len(diff)), replace=True).mean(axis=1)
+    means = resampled_means(diff, np.random.default_rng([seed, 2]), draws)
     tail = (1 - level) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
@@ -122,19 +127,18 @@ def window_from_analysis(args, folder: Path) -> tuple[str, dict]:
     """`moejax analyze` over --window-langs of --window-data (paper B: FLORES, divergence from English per layer),
     then derive_window; returns the window "first-last" and what it was derived from."""
     from moejax.commands.analyze import AnalyzeSettings, analyze
+    from moejax.routing.analysis import reference_language
+    from moejax.routing.languages import divergence_from_reference
 
     langs = tuple(args.window_langs.split(","))
     result = analyze(AnalyzeSettings(model=(args.model,) if args.model else (), langs=langs, data=args.window_data,
                                      out=folder, chunk_mode="sentence", mesh=args.mesh, dtype=args.dtype,
                                      seed=args.seed, quiet=True))
-    reference = "en" if "en" in langs else langs[-1]
+    reference = reference_language(list(langs))
     rows = list(csv.DictReader((result / "pairs.csv").open(encoding="utf-8")))
     column = "njsd" if rows and rows[0].get("njsd") not in (None, "") else "njsd_pooled"
-    curves: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if reference in (r["lang_a"], r["lang_b"]):
-            other = r["lang_b"] if r["lang_a"] == reference else r["lang_a"]
-            curves.setdefault(other, {})[int(r["layer"])] = float(r[column])
+    typed = [{**r, "layer": int(r["layer"]), column: float(r[column])} for r in rows]
+    curves = divergence_from_reference(typed, rows[0]["model"], reference, column)
     layers = max(max(c) for c in curves.values()) + 1
     divergence = np.array([[c.get(layer, np.nan) for layer in range(layers)] for c in curves.values()])
     first, last = derive_window(divergence, args.window_fraction)
