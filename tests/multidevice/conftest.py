@@ -35,12 +35,16 @@ def pytest_collection_modifyitems(session, config, items):
             stand_in = InWorker.from_parent(item.parent, name=item.name)
             stand_in.own_markers = list(item.own_markers)
             stand_in.keywords.update(item.keywords)
+            stand_in.add_marker(pytest.mark.xdist_group("eight_devices"))
             items[i] = stand_in
 
 
 def pytest_collection_finish(session):
+    """Start the worker at once, so it runs beside the rest of the session. Under pytest-xdist (`-n 2`) every xdist
+    worker collects the whole suite: there the stand-ins are one xdist group (`--dist loadgroup`, one xdist worker
+    runs them all) and that worker starts the 8-device worker when it reaches the first of them."""
     selected = [item for item in session.items if isinstance(item, InWorker)]
-    if selected:
+    if selected and not hasattr(session.config, "workerinput"):
         _start_worker(selected)
 
 
@@ -62,6 +66,8 @@ class InWorker(pytest.Item):
     """A test of test_sharded.py, run in the 8-device worker."""
 
     def runtest(self):
+        if "process" not in _WORKER:
+            _start_worker([item for item in self.session.items if isinstance(item, InWorker)])
         if not _RESULTS:
             _finish_worker()
         outcome = _RESULTS.get(self.nodeid)
