@@ -50,7 +50,7 @@ def write_corpus(directory, text=TEXT):
     return directory
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     reference, path = make_checkpoint(request.param, root / "model", seed=31, byte_tokenizer=True)

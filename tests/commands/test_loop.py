@@ -60,6 +60,7 @@ def test_generate_and_chat_on_the_export(exported, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_moejax_eval_and_lm_eval_on_the_export(exported, tmp_path):
     pytest.importorskip("lm_eval")
     _, export = exported
@@ -152,6 +153,7 @@ def _events(directory: Path) -> list[tuple[str, int]]:
     return found
 
 
+@pytest.mark.slow
 def test_resume_writes_each_step_once_and_announces_compiling(tmp_path, capsys):
     """Four steps saved at 2 and 4; the step-4 checkpoint lost (a kill after its events were written, before the
     save completed): the resume computes steps 3 and 4 again, and TensorBoard still has each step once."""

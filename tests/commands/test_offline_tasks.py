@@ -318,6 +318,7 @@ def choice_lls(sample):
     return [float(resp[0][0]) for resp in sample["resps"]]
 
 
+@pytest.mark.slow
 def test_eval_scores_the_downloaded_benchmarks(data_dir, tmp_path):
     """One run of the built-in model over four benchmarks (--limit 2): each task scored the fixture's first items,
     each accuracy is the share of documents whose highest-log-likelihood choice is the fixture's answer, MultiBLiMP's

@@ -39,6 +39,7 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@pytest.mark.slow
 def test_same_command_replaces_its_output_atomically_with_normal_permissions(tmp_path, monkeypatch):
     out = tmp_path / "analysis"
     args = [*SMALL_ANALYSIS, "--out", str(out)]

@@ -69,12 +69,12 @@ def _checkpoint(tmp_path_factory, arch, save_dtype=None, seed=17):
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
 def fp32(request, tmp_path_factory):
     return request.param, _checkpoint(tmp_path_factory, request.param)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
 def bf16(request, tmp_path_factory):
     return request.param, _checkpoint(tmp_path_factory, request.param, torch.bfloat16)
 
@@ -228,10 +228,10 @@ def _perturbed_softmax(logits_te, k, normalize, control=None):
 
 
 @pytest.mark.parametrize("arch, routing, wrong", [
-    ("nemotron_h", "sigmoid_group_topk", "bias_doubled"),
-    ("nemotron_h", "sigmoid_group_topk", "group_limit_ignored"),
-    ("nemotron_h", "sigmoid_group_topk", "renormalisation_skipped"),
-    ("nemotron_h", "sigmoid_group_topk", "other_tie_break"),
+    pytest.param("nemotron_h", "sigmoid_group_topk", "bias_doubled", marks=pytest.mark.slow),
+    pytest.param("nemotron_h", "sigmoid_group_topk", "group_limit_ignored", marks=pytest.mark.slow),
+    pytest.param("nemotron_h", "sigmoid_group_topk", "renormalisation_skipped", marks=pytest.mark.slow),
+    pytest.param("nemotron_h", "sigmoid_group_topk", "other_tie_break", marks=pytest.mark.slow),
     ("qwen3_moe", "softmax_topk", "perturbed_probabilities"),
 ])
 def test_wrong_selection_with_exact_logits_fails(tmp_path_factory, tmp_path, patch_router, arch, routing, wrong):

@@ -46,6 +46,7 @@ def bf16_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_multilingual_routing_in_bfloat16_from_outside_the_repository(tmp_path, corpus, bf16_checkpoint):
     out = tmp_path / "study"
     done = study("multilingual_routing", ["--model", f"tiny={bf16_checkpoint}", "--pairs", "he-en", "--data",

@@ -66,6 +66,7 @@ def checkpoint(request, tmp_path_factory):
     return request.param, reference, path
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_transformers(checkpoint):
     arch, reference, path = checkpoint
     model = moejax.from_pretrained(path)

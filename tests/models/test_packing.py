@@ -38,7 +38,7 @@ OVERRIDES = {"nemotron_h": {"dt_floor": "time_step_min"}, "qwen3_moe": {}}
 LENGTHS = (13, 3, 21)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "model"
     make_checkpoint(request.param, path, seed=31, vocab_size=259)

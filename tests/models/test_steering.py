@@ -31,7 +31,9 @@ from moejax.parity.fixtures import make_checkpoint, steered, steering_eps
 pytestmark = pytest.mark.torch
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="module", params=[  # the quick loop runs two of the four; the full suite all
+    arch if arch in ("qwen3_moe", "olmoe") else pytest.param(arch, marks=pytest.mark.slow)
+    for arch in sorted(ARCHITECTURES)])
 def checkpoint(request, tmp_path_factory):
     reference, path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=4)
     overrides = dict(config_class(request.param).transformers_overrides)

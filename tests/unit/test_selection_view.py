@@ -36,6 +36,7 @@ def views(model, seed: int = 0):
     return ids, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [0.5])
 def test_raw_counts_are_top_k_of_softmax_of_the_logits(bias):
     model = tiny(nemotron_h, 1, bias)
