@@ -5,7 +5,8 @@ fewer than 8 devices, each collected test of test_sharded.py is replaced by a st
 done, the selected ones start, once, in one worker process (pytest, with
 XLA_FLAGS=--xla_force_host_platform_device_count=8) that runs beside the rest of the session, and each stand-in
 reports its own test's outcome and failure text from the worker's JUnit report. Inside the worker the tests run as
-themselves.
+themselves. Under pytest-xdist (`-n 2 --dist loadscope`) each module's stand-ins have a worker process of their own,
+started by the xdist worker the module was sent to.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pytest
 
 DEVICES = 8
 REMOTE_MODULES = ("test_sharded.py", "test_scaleout.py", "test_vocab_split.py")
-_RESULTS: dict = {}
-_WORKER: dict = {}
+_RESULTS: dict = {}  # nodeid -> (outcome, text), from the workers' JUnit reports
+_WORKERS: dict = {}  # batch ("all", or one module's path under pytest-xdist) -> its process, report and log
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -35,27 +36,30 @@ def pytest_collection_modifyitems(session, config, items):
             stand_in = InWorker.from_parent(item.parent, name=item.name)
             stand_in.own_markers = list(item.own_markers)
             stand_in.keywords.update(item.keywords)
-            stand_in.add_marker(pytest.mark.xdist_group("eight_devices"))
             items[i] = stand_in
 
 
+def _under_xdist(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_finish(session):
-    """Start the worker at once, so it runs beside the rest of the session. Under pytest-xdist (`-n 2`) every xdist
-    worker collects the whole suite: there the stand-ins are one xdist group (`--dist loadgroup`, one xdist worker
-    runs them all) and that worker starts the 8-device worker when it reaches the first of them."""
+    """Start the worker at once, so it runs beside the rest of the session. Under pytest-xdist every xdist worker
+    collects the whole suite and runs only what it is sent (`--dist loadscope`: whole modules), so there each module's
+    stand-ins start their own 8-device worker when the first of them runs."""
     selected = [item for item in session.items if isinstance(item, InWorker)]
-    if selected and not hasattr(session.config, "workerinput"):
-        _start_worker(selected)
+    if selected and not _under_xdist(session.config):
+        _start_worker("all", selected)
 
 
 def pytest_sessionfinish(session):
     """A worker still running (its stand-ins never ran: -x, a keyboard interrupt) is stopped; its files go."""
-    if "process" in _WORKER and _WORKER["process"].poll() is None:
-        _WORKER["process"].kill()
-        _WORKER["process"].wait()
-    if "report" in _WORKER:
-        _WORKER["log"].close()
-        shutil.rmtree(_WORKER["report"].parent, ignore_errors=True)
+    for worker in _WORKERS.values():
+        if worker["process"].poll() is None:
+            worker["process"].kill()
+            worker["process"].wait()
+        worker["log"].close()
+        shutil.rmtree(worker["report"].parent, ignore_errors=True)
 
 
 class WorkerFailure(Exception):
@@ -66,13 +70,16 @@ class InWorker(pytest.Item):
     """A test of test_sharded.py, run in the 8-device worker."""
 
     def runtest(self):
-        if "process" not in _WORKER:
-            _start_worker([item for item in self.session.items if isinstance(item, InWorker)])
-        if not _RESULTS:
-            _finish_worker()
+        batch = str(self.path) if _under_xdist(self.config) else "all"
+        if batch not in _WORKERS:
+            _start_worker(batch, [item for item in self.session.items
+                                  if isinstance(item, InWorker) and (batch == "all" or str(item.path) == batch)])
+        worker = _WORKERS[batch]
+        if "log_tail" not in worker:
+            _finish_worker(worker)
         outcome = _RESULTS.get(self.nodeid)
         if outcome is None:
-            raise WorkerFailure(f"the 8-device worker reported nothing for this test:\n{_RESULTS.get('log', '')}")
+            raise WorkerFailure(f"the 8-device worker reported nothing for this test:\n{worker['log_tail']}")
         kind, text = outcome
         if kind == "skipped":
             pytest.skip(text)
@@ -88,7 +95,7 @@ class InWorker(pytest.Item):
         return self.path, None, self.name
 
 
-def _start_worker(items: list[InWorker]) -> None:
+def _start_worker(batch: str, items: list[InWorker]) -> None:
     root = Path(items[0].config.rootpath)
     report = Path(tempfile.mkdtemp(prefix="moejax-8-devices-")) / "junit.xml"
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
@@ -97,14 +104,14 @@ def _start_worker(items: list[InWorker]) -> None:
     process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                                 f"--junitxml={report}", *(item.nodeid for item in items)], cwd=root, env=env,
                                stdout=log, stderr=subprocess.STDOUT, text=True)
-    _WORKER.update(process=process, report=report, log=log)
+    _WORKERS[batch] = dict(process=process, report=report, log=log)
 
 
-def _finish_worker() -> None:
-    _WORKER["process"].wait()
-    log, report = _WORKER["log"], _WORKER["report"]
+def _finish_worker(worker: dict) -> None:
+    worker["process"].wait()
+    log, report = worker["log"], worker["report"]
     log.seek(0)
-    _RESULTS["log"] = log.read()[-6000:]
+    worker["log_tail"] = log.read()[-6000:]
     if not report.is_file():
         return
     for case in ET.parse(report).getroot().iter("testcase"):
