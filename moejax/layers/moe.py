@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
@@ -194,6 +195,37 @@ class Dispatch:
     group_sizes_e: jax.Array  # [E] rows per expert, each a multiple of align
 
 
+@struct.dataclass
+class TrainedRows:
+    """A layer stack's expert tensor of which only the rows (repeat_n[i], expert_n[i]) train (expert-selective
+    training; no rows: the tensor is frozen). `stack` [repeats, E, ...] is read in place and gets no gradient; the
+    gradient of row i is taken with respect to rows_n[i] [...], which holds that row's values (the tiled kernel
+    reads them from the stack). The kernel then forms weight gradients for those experts alone, and passes only the
+    input gradient through the others. The training step puts it in place of an nnx Variable's value."""
+
+    stack: jax.Array
+    rows_n: jax.Array
+    repeat_n: tuple[int, ...] = struct.field(pytree_node=False)
+    expert_n: tuple[int, ...] = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stack.shape
+
+    def __getitem__(self, index):
+        """Read whole, as an nnx Variable reads its value (value[...]): the expert kernel takes it apart."""
+        if index is not Ellipsis:
+            raise TypeError(f"TrainedRows is read whole (value[...]), not at {index!r}")
+        return self
+
+    def layer(self, repeat: jax.Array) -> jax.Array:
+        """The weights [E, ...] of layer `repeat`: the stack's, with that layer's trained rows taken from rows_n."""
+        experts = self.stack.shape[1]
+        at_n = jnp.where(jnp.asarray(self.repeat_n, jnp.int32) == repeat, jnp.asarray(self.expert_n, jnp.int32),
+                         experts)  # other layers' rows: out of range, dropped
+        return jax.lax.stop_gradient(self.stack[repeat]).at[at_n].set(self.rows_n, mode="drop")
+
+
 def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
     """Sorts the pairs by expert; each expert's group is padded to a multiple of `align` rows."""
     tokens, k = ids_tk.shape
@@ -222,7 +254,8 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     experts first_expert, first_expert + 1, ... (one device's share): pairs routed to any other expert
     are grouped last and never computed, so they contribute nothing. With `repeat`, `w` holds a layer stack's
     weights [repeats, E, ...] and the layer `repeat` is used: the tiles read its experts in place (a gradient, rarely
-    wanted on this path, slices the layer out and scatters its weight gradients back into the stack).
+    wanted on this path, slices the layer out and scatters its weight gradients back into the stack), or `w` holds
+    TrainedRows (expert-selective training), whose gradient goes to the trained rows alone.
     """
     tokens, k = ids_tk.shape
     num_experts = w["up_edf"].shape[-3]
@@ -238,11 +271,18 @@ def mix_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w: di
     if tiles:
         weights_m = jnp.zeros(plan.source_token_m.shape, jnp.float32).at[plan.row_tk.reshape(-1)].set(
             weights_tk.reshape(-1).astype(jnp.float32))
+        if isinstance(w["up_edf"], TrainedRows):  # all of a layer's expert tensors train at the same rows
+            rows_at = (w["up_edf"].repeat_n, w["up_edf"].expert_n)
+            return _selective_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e,
+                                      {name: value.stack for name, value in w.items()},
+                                      {name: value.rows_n for name, value in w.items()}, repeat, rows_at, tiles,
+                                      activation)
         if repeat is not None:
             return _indexed_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, repeat, tiles, activation)
         return _tiled_mixture(x_td, weights_m, plan.source_token_m, group_sizes_e, w, tiles, activation)
     if repeat is not None:
-        w = {name: value[repeat] for name, value in w.items()}
+        w = {name: value.layer(repeat) if isinstance(value, TrainedRows) else value[repeat]
+             for name, value in w.items()}
     x_md = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[plan.source_token_m]
     # Each grouped row's expert, for the biases: num_experts past the groups, whose bias row is zero.
     expert_m = jnp.searchsorted(jnp.cumsum(group_sizes_e), jnp.arange(x_md.shape[0]), side="right")
@@ -344,50 +384,64 @@ def _tiled_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, w, tiles, activ
     return out, (x_td, weights_m, source_m, group_sizes_e, w, kept)
 
 
+def _expert_backward(w_e, over_tiles, inputs, activation, carry, weight_grads: bool):
+    """One expert's backward over its tiles: six matmuls per tile from the forward's kept pre-activations, or three
+    without `weight_grads` (the input and combine-weight gradients alone). d weight = h . (dout @ down^T) (+ dout .
+    down_bias), so the expert outputs need not be kept. carry (dx_pad, dweights_m) -> (dx_pad, dweights_m, the
+    expert's float32 weight gradients or None)."""
+    x_pad, dout_pad, weights_m, source_m, kept = inputs
+    f32 = jnp.float32
+
+    def visit(row, size, carry):
+        dx_pad, dweights_m, dw_e = carry
+        tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
+        pre = [jax.lax.dynamic_slice_in_dim(kept[name], row, size) if name in kept else None
+               for name in ("up_edf", "gate_edf")]
+        h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *pre)
+        dout_td = dout_pad[tokens_t]
+        dh_unweighted_tf = dout_td @ w_e["down_efd"].T
+        weights_t = jax.lax.dynamic_slice_in_dim(weights_m, row, size)
+        dweight_t = jnp.sum(h_tf * dh_unweighted_tf, axis=-1)
+        if "down_bias_ed" in w_e:
+            dweight_t = dweight_t + dout_td @ w_e["down_bias_ed"]
+        dweights_m = jax.lax.dynamic_update_slice_in_dim(dweights_m, dweight_t, row, 0)
+        d_up, d_gate = act_vjp(dh_unweighted_tf * weights_t[:, None])
+        dx_td = d_up @ w_e["up_edf"].T
+        if d_gate is not None:
+            dx_td = dx_td + d_gate @ w_e["gate_edf"].T
+        dx_pad = dx_pad.at[tokens_t].add(dx_td)
+        if not weight_grads:
+            return dx_pad, dweights_m, dw_e
+        x32 = x_pad[tokens_t].astype(f32)
+        dy_td = dout_td * weights_t[:, None]
+        grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
+        if d_gate is not None:
+            grads["gate_edf"] = x32.T @ d_gate
+        for name, d in (("up_bias_ef", d_up), ("gate_bias_ef", d_gate), ("down_bias_ed", dy_td)):
+            if name in w_e:
+                grads[name] = jnp.sum(d, axis=0)
+        return dx_pad, dweights_m, {n: dw_e[n] + grads[n] for n in dw_e}
+
+    zeros = {name: jnp.zeros(value.shape, f32) for name, value in w_e.items()} if weight_grads else None
+    return over_tiles(visit, (*carry, zeros))
+
+
 def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
-    """Six matmuls per tile from the forward's kept pre-activations; weight gradients accumulate per
-    expert in float32. d weight = h . (dout @ down^T) (+ dout . down_bias), so the expert outputs need not be
-    kept."""
+    """Weight gradients accumulate per expert in float32 (`_expert_backward`)."""
     x_td, weights_m, source_m, group_sizes_e, w, kept = residuals
     f32 = jnp.float32
     x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
+    inputs = (x_pad, dout_pad, weights_m, source_m, kept)
+    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
 
     def expert(carry, e):
         w_e = {name: value[e].astype(f32) for name, value in w.items()}
-
-        def visit(row, size, carry):
-            dx_pad, dweights_m, dw_e = carry
-            tokens_t = jax.lax.dynamic_slice_in_dim(source_m, row, size)
-            pre = [jax.lax.dynamic_slice_in_dim(kept[name], row, size) if name in kept else None
-                   for name in ("up_edf", "gate_edf")]
-            h_tf, act_vjp = jax.vjp(lambda u, g: activate(activation, u, g), *pre)
-            dout_td = dout_pad[tokens_t]
-            dh_unweighted_tf = dout_td @ w_e["down_efd"].T
-            weights_t = jax.lax.dynamic_slice_in_dim(weights_m, row, size)
-            dweight_t = jnp.sum(h_tf * dh_unweighted_tf, axis=-1)
-            if "down_bias_ed" in w_e:
-                dweight_t = dweight_t + dout_td @ w_e["down_bias_ed"]
-            dweights_m = jax.lax.dynamic_update_slice_in_dim(dweights_m, dweight_t, row, 0)
-            d_up, d_gate = act_vjp(dh_unweighted_tf * weights_t[:, None])
-            x32 = x_pad[tokens_t].astype(f32)
-            dy_td = dout_td * weights_t[:, None]
-            grads = {"up_edf": x32.T @ d_up, "down_efd": h_tf.T @ dy_td}
-            dx_td = d_up @ w_e["up_edf"].T
-            if d_gate is not None:
-                grads["gate_edf"] = x32.T @ d_gate
-                dx_td = dx_td + d_gate @ w_e["gate_edf"].T
-            for name, d in (("up_bias_ef", d_up), ("gate_bias_ef", d_gate), ("down_bias_ed", dy_td)):
-                if name in w_e:
-                    grads[name] = jnp.sum(d, axis=0)
-            return dx_pad.at[tokens_t].add(dx_td), dweights_m, {n: dw_e[n] + grads[n] for n in dw_e}
-
-        zeros = {name: jnp.zeros(value.shape[1:], f32) for name, value in w.items()}
-        dx_pad, dweights_m, dw_e = _over_tiles(group_sizes_e[e], start_e[e], tiles, visit, (*carry, zeros))
+        over_tiles = functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles)
+        dx_pad, dweights_m, dw_e = _expert_backward(w_e, over_tiles, inputs, activation, carry, True)
         return (dx_pad, dweights_m), {name: dw_e[name].astype(w[name].dtype) for name in dw_e}
 
     # A scan over every expert (an idle one runs no tile): its stacked outputs are the weight gradients, with
     # no zero-filled [E, ...] buffer to update.
-    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
     (dx_pad, dweights_m), dw = jax.lax.scan(expert, (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m)),
                                             jnp.arange(len(group_sizes_e)))
     return dx_pad[:-1].astype(x_td.dtype), dweights_m, None, None, dw
@@ -419,6 +473,72 @@ def _indexed_mixture_bwd(tiles, activation, residuals, dout_td):
 
 
 _indexed_mixture.defvjp(_indexed_mixture_fwd, _indexed_mixture_bwd)
+
+
+def _row_tables(repeat_n: tuple[int, ...], expert_n: tuple[int, ...], repeats: int, experts: int):
+    """TrainedRows' rows as tables: trained_re [repeats, E] bool, and per repeat its rows' indices slots_rj [repeats,
+    J] (padded) and their number count_r [repeats]."""
+    trained_re = np.zeros((repeats, experts), bool)
+    trained_re[list(repeat_n), list(expert_n)] = True
+    count_r = np.bincount(np.asarray(repeat_n, np.int64), minlength=repeats).astype(np.int32)
+    slots_rj = np.zeros((repeats, max(int(count_r.max(initial=0)), 1)), np.int32)
+    for r in range(repeats):
+        mine = np.flatnonzero(np.asarray(repeat_n) == r)
+        slots_rj[r, :len(mine)] = mine
+    return trained_re, slots_rj, count_r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _selective_mixture(x_td, weights_m, source_m, group_sizes_e, stack, rows_n, repeat, rows_at, tiles, activation):
+    """_indexed_mixture of layer `repeat` of `stack` (TrainedRows' stacks, read in place) whose rows at rows_at =
+    (repeat_n, expert_n) train: their weight gradients go to rows_n, the stack gets none."""
+    return _tiled_forward(x_td, weights_m, source_m, group_sizes_e, stack, tiles, activation, keep=False,
+                          repeat=repeat)[0]
+
+
+def _selective_mixture_fwd(x_td, weights_m, source_m, group_sizes_e, stack, rows_n, repeat, rows_at, tiles,
+                           activation):
+    out, kept = _tiled_forward(x_td, weights_m, source_m, group_sizes_e, stack, tiles, activation, keep=True,
+                               repeat=repeat)
+    return out, (x_td, weights_m, source_m, group_sizes_e, stack, rows_n, repeat, kept)
+
+
+def _selective_mixture_bwd(rows_at, tiles, activation, residuals, dout_td):
+    """Two loops over the layer's experts: those that do not train pass the input gradient alone (three matmuls per
+    tile, no weight-gradient accumulator), then the layer's trained rows, whose weight gradients are written into
+    their rows of the rows_n gradient."""
+    x_td, weights_m, source_m, group_sizes_e, stack, rows_n, repeat, kept = residuals
+    f32 = jnp.float32
+    trained_re, slots_rj, count_r = _row_tables(*rows_at, *stack["up_edf"].shape[:2])
+    trained_e = jnp.asarray(trained_re)[repeat]
+    x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
+    inputs = (x_pad, dout_pad, weights_m, source_m, kept)
+    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+
+    def backward(e, carry, weight_grads):
+        w_e = {name: value[repeat, e].astype(f32) for name, value in stack.items()}
+        over_tiles = functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles)
+        return _expert_backward(w_e, over_tiles, inputs, activation, carry, weight_grads)
+
+    frozen_e = jnp.argsort((group_sizes_e == 0) | trained_e, stable=True)  # busy frozen experts first
+    carry = jax.lax.fori_loop(0, jnp.sum((group_sizes_e > 0) & ~trained_e),
+                              lambda j, carry: backward(frozen_e[j], carry, False)[:2],
+                              (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m)))
+    drows_n = {name: jnp.zeros_like(value) for name, value in rows_n.items()}
+    if rows_at[0]:
+        def trained(j, carry):
+            *carry, drows_n = carry
+            row = jnp.asarray(slots_rj)[repeat, j]
+            dx_pad, dweights_m, dw_e = backward(jnp.asarray(rows_at[1], jnp.int32)[row], carry, True)
+            return dx_pad, dweights_m, {name: jax.lax.dynamic_update_index_in_dim(
+                drows_n[name], dw_e[name].astype(drows_n[name].dtype), row, 0) for name in drows_n}
+
+        *carry, drows_n = jax.lax.fori_loop(0, jnp.asarray(count_r)[repeat], trained, (*carry, drows_n))
+    dx_pad, dweights_m = carry
+    return dx_pad[:-1].astype(x_td.dtype), dweights_m, None, None, None, drows_n, None
+
+
+_selective_mixture.defvjp(_selective_mixture_fwd, _selective_mixture_bwd)
 
 
 # "auto" exchanges all-to-all from this many devices on the expert axis, where the backend has ragged_all_to_all

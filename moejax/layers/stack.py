@@ -8,6 +8,7 @@ unit of 1-4 consecutive kinds repeated R times. Each unit's parameters are stack
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -175,7 +176,9 @@ class LayerStack(nnx.Module):
             frozen = sum(all(repeats[r] < self.grad_from for repeats in ids) for r in range(len(ids[0])))
             if frozen:
                 head = jax.lax.stop_gradient(jax.tree.map(lambda a, n=frozen: a[:n], xs))
-                x, (aux_u, caches_u) = jax.lax.scan(body, x, head)
+                # The weights read whole as well: they may hold later repeats' trained rows (TrainedRows).
+                frozen_body = functools.partial(body, whole=jax.lax.stop_gradient(whole))
+                x, (aux_u, caches_u) = jax.lax.scan(frozen_body, x, head)
                 x, aux_u = jax.lax.stop_gradient((x, aux_u))
             if frozen < len(ids[0]):
                 tail = jax.tree.map(lambda a, n=frozen: a[n:], xs) if frozen else xs

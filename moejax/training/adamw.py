@@ -66,10 +66,10 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
                   train: optax.Params, decay: optax.Params, eps: float = 1e-8) -> optax.GradientTransformation:
     """train, decay: trees with the parameters' structure (a leaf per parameter array): train holds True, False or
     Slices (only those sub-arrays train), decay bools. Frozen parameters (train False) get a zero update and keep no
-    moments; their gradients are left out of the clipping norm. A Slices parameter keeps moments for its slices alone
-    ([slices, ...]), only its slices' gradients enter the norm, and its update is for the slices alone ([slices, ...]:
-    add it with `apply_updates`). Decoupled weight decay applies where decay is
-    True (to the trained slices only)."""
+    moments; their gradients (which may be None) are left out of the clipping norm. A Slices parameter's gradient is
+    its slices' alone ([slices, ...]), it keeps moments for them alone, and its update is for the slices alone
+    ([slices, ...]: add it with `apply_updates`). Decoupled weight decay applies where decay is True (to the trained
+    slices only)."""
 
     def init(params):
         def moment(is_trained, p):
@@ -81,8 +81,8 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
                                  jax.tree.map(moment, train, params))
 
     def update(grads, state, params):
-        trained = [t.take(g) if isinstance(t, Slices) else g
-                   for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(train), strict=True) if not frozen(t)]
+        trained = [g for g, t in zip(jax.tree.leaves(grads, is_leaf=lambda g: g is None), jax.tree.leaves(train),
+                                     strict=True) if not frozen(t)]
         norm = optax.tree.norm(trained)
         # A scalar factor, not optax's (g / norm) * clip_norm: XLA fuses a multiply into each use of the
         # clipped gradient, but keeps a divide once, in a fresh gradient-sized buffer (1 ulp apart).
@@ -93,9 +93,9 @@ def clipped_adamw(learning_rate: optax.Schedule, b1: float, b2: float, weight_de
 
         def one(is_trained, decays, g, m, v, p):
             if frozen(is_trained):
-                return jnp.zeros_like(g), m, v
+                return jnp.zeros_like(p), m, v
             if isinstance(is_trained, Slices):  # the update of the slices alone: apply_updates adds it there
-                return one(True, decays, is_trained.take(g), m, v, is_trained.take(p))
+                return one(True, decays, g, m, v, is_trained.take(p))
             g = g * clip.astype(g.dtype)
             m = (1 - b1) * g + b1 * m
             v = (1 - b2) * (g**2) + b2 * v

@@ -9,6 +9,11 @@ sequence-wise loss on its sigmoid scores, and the aux-loss-free alternative its 
 trained with: after each step, every MoE layer's `e_score_correction_bias` moves by `bias_update_rate`
 towards balance (up for experts under the mean load, down for those over it). The step also counts,
 inside the jit, the top-k assignments per MoE layer, language and expert.
+
+The gradient is taken with respect to what trains alone. In expert-selective training the stacked expert weights are
+read in place and enter as TrainedRows: the selected experts' rows are separate small arrays, the expert kernel forms
+weight gradients for them alone and passes only the input gradient through the other experts, so no gradient of a
+whole [layers, E, d, f] tensor is ever formed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax.data.mixture import IGNORE_INDEX
 from moejax.data.packing import positions
 from moejax.errors import DataError, SettingsError
-from moejax.layers.moe import RouterControl
+from moejax.layers.moe import RouterControl, TrainedRows
 from moejax.layers.stack import layer_position, segment_layer_ids
 from moejax.models import abstract_model
 from moejax.parallel.mesh import mesh_of, on_mesh
@@ -66,6 +71,50 @@ def _is_matrix(var: nnx.Variable) -> bool:
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def _is_expert_tensor(var: nnx.Variable) -> bool:
+    """A layer stack's stacked expert tensor [layers, E, ...], which the stack can read in place."""
+    return tuple(var.get_metadata().get("logical_axes") or ())[:2] == ("layers", "expert")
+
+
+def _experts_in_place(train, params) -> bool:
+    """Whether the step reads the stacked expert weights in place (LayerStack.index_experts) and takes their gradients
+    at the trained rows alone (TrainedRows): when no expert tensor trains whole and the parameters are on one device
+    (the expert-parallel kernel takes whole layers). Frozen expert weights then pass the input gradient only."""
+    whole = any(t is True and _is_expert_tensor(var) for t, var in
+                zip(jax.tree.leaves(train), jax.tree.leaves(params, is_leaf=_is_variable), strict=True))
+    return not whole and mesh_of(params) is None
+
+
+def _read_as_rows(params, in_place: bool):
+    """Per parameter: whether it enters the model as TrainedRows (an expert tensor, when they are read in place)."""
+    return jax.tree.map(lambda var: jax.tree.map(lambda _: in_place and _is_expert_tensor(var), var), params,
+                        is_leaf=_is_variable)
+
+
+def _trained_part(train, params, as_rows):
+    """What the gradient is taken with respect to, per parameter: its trained rows [n, ...] (Slices read as rows), the
+    whole array (it trains whole, or its Slices are taken from its gradient after), or None (frozen)."""
+    def one(t, p, rows):
+        if isinstance(t, Slices) and rows:
+            return t.take(p)
+        return None if frozen(t) else p
+
+    return jax.tree.map(one, train, params, as_rows)
+
+
+def _with_trained(train, params, trained, as_rows):
+    """The model's parameters from the frozen ones and the trained part (_trained_part): an expert tensor read as
+    rows becomes TrainedRows (no rows when frozen)."""
+    def one(t, p, g, rows):
+        if not rows:
+            return p if g is None else g
+        if isinstance(t, Slices):
+            return TrainedRows(p, g, *(tuple(int(i) for i in column) for column in t.index))
+        return TrainedRows(p, jnp.zeros((0, *p.shape[2:]), p.dtype), (), ())
+
+    return jax.tree.map(one, train, params, trained, as_rows)
 
 
 def trainable(cfg: TrainConfig, params, model_config):
@@ -181,16 +230,19 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     """(graphdef, state, optimizer) with float32 master weights, keeping the parameters' shardings (cfg resolved)."""
     cfg = cfg.resolved(model.config)
     model.layers.remat = cfg.remat
-    model.layers.index_experts = False  # gradients flow through sliced layer weights
     model.layers.grad_from = first_trained_block(cfg, model.config)
+    # Under eval_shape, as `moejax plan --train` and export use it, the caller's graphdef decides how the expert
+    # weights are read.
+    abstract = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(model)))
+    model.layers.index_experts = not abstract and _experts_in_place(trainable(cfg, nnx.state(model), model.config),
+                                                                    nnx.state(model))
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     tx = optimizer(cfg, params, model.config)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     # The step counters are created uncommitted; the step returns them committed, which would make its second
-    # call compile the whole step again. Placing them as the step will return them avoids that. (Under
-    # eval_shape, as `moejax plan --train` and export use it, there is nothing to place.)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+    # call compile the whole step again. Placing them as the step will return them avoids that.
+    if abstract:
         return graphdef, state, tx
     mesh = mesh_of(params)
     home = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
@@ -198,9 +250,9 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.GraphDef, Train
     return graphdef, jax.tree.map(lambda x: x if x.committed else jax.device_put(x, home), state), tx
 
 
-def _compute_model(graphdef: nnx.GraphDef, params, compute) -> nnx.Module:
-    """The model from float32 master weights cast to the compute dtypes (a tree from _compute_dtypes)."""
-    return nnx.merge(graphdef, jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute))
+def _cast(params, compute):
+    """Float32 master weights cast to the compute dtypes (a tree from _compute_dtypes)."""
+    return jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute)
 
 
 def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int):
@@ -224,7 +276,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     document), labels (-100: not predicted), and optionally position_ids (default 0..t-1) and lang_ids
     [b] (each row's language, in [0, num_langs); default 0).
 
-    metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm, lr (of this step), finite,
+    metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm (of what trains: the norm the clipping
+    sees), lr (of this step), finite,
     tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32; moejax.training.run turns them
     into usage entropies)."""
     cfg = cfg.resolved(model_config)
@@ -238,11 +291,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
     control = route_control(cfg, model_config)
 
-    def loss_fn(params, micro):
-        # Frozen parameters enter without a gradient, so XLA computes none for them.
-        params = jax.tree.map(lambda t, p: jax.lax.stop_gradient(p) if frozen(t) else p,
-                              trainable(cfg, params, model_config), params)
-        model = _compute_model(graphdef, params, compute)
+    def loss_fn(trained, params, micro, train, as_rows):
+        # The gradient is taken with respect to `trained` alone: XLA computes none for the frozen parameters.
+        cast = jax.tree.map(lambda dtype, x: None if x is None else x.astype(dtype), compute, trained)
+        model = nnx.merge(graphdef, _with_trained(train, _cast(params, compute), cast, as_rows))
         valid_bt = micro["segment_ids"] != 0
         out = model.forward(micro["input_ids"], micro["segment_ids"], micro["position_ids"], True, control=control)
         ce = next_token_loss(out.logits, micro["labels"])
@@ -257,32 +309,40 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         counts = expert_counts(out.router_expert_ids, experts, micro["lang_ids"], num_langs, valid_bt)
         return ce + cfg.lb_coef * aux + cfg.z_coef * z, ({"loss": ce, "aux_loss": aux, "z_loss": z}, counts)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def accumulated(params, batch):
-        """grad_fn's ((total, (metrics, counts)), grads), averaged over accum_steps micro-batches (counts summed)."""
+    def accumulated(params, batch, train):
+        """((total, (metrics, counts)), grads), averaged over accum_steps micro-batches (counts summed). grads: per
+        parameter, the gradient of what trains (a Slices parameter's: of its slices alone, [slices, ...]), None for
+        a frozen one."""
+        as_rows = _read_as_rows(params, nnx.merge(graphdef, params).layers.index_experts)
+        trained = _trained_part(train, params, as_rows)
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, train=train, as_rows=as_rows), has_aux=True)
         if cfg.accum_steps == 1:
-            return grad_fn(params, batch)
-        micro = jax.tree.map(lambda a: a.reshape(cfg.accum_steps, a.shape[0] // cfg.accum_steps, *a.shape[1:]),
-                             batch)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], micro)))
-        summed, _ = jax.lax.scan(lambda carry, m: (jax.tree.map(jnp.add, carry, grad_fn(params, m)), None),
-                                 zeros, micro)
-        (total, (metrics, counts)), grads = summed
-        mean = jax.tree.map(lambda x: x / cfg.accum_steps, (total, metrics, grads))
-        return (mean[0], (mean[1], counts)), mean[2]
+            out, grads = grad_fn(trained, params, batch)
+        else:
+            micro = jax.tree.map(lambda a: a.reshape(cfg.accum_steps, a.shape[0] // cfg.accum_steps, *a.shape[1:]),
+                                 batch)
+            zeros = jax.tree.map(jnp.zeros_like,
+                                 jax.eval_shape(grad_fn, trained, params, jax.tree.map(lambda a: a[0], micro)))
+            summed, _ = jax.lax.scan(lambda carry, m: (jax.tree.map(jnp.add, carry, grad_fn(trained, params, m)),
+                                                       None), zeros, micro)
+            (total, (metrics, counts)), grads = summed
+            mean = jax.tree.map(lambda x: x / cfg.accum_steps, (total, metrics, grads))
+            out, grads = (mean[0], (mean[1], counts)), mean[2]
+        return out, jax.tree.map(lambda t, g, rows: t.take(g) if isinstance(t, Slices) and not rows else g,
+                                 train, grads, as_rows)
 
     # The state is donated: the new parameters and optimizer state take the old ones' buffers, so a step
     # holds one copy of them, not two (callers rebind: state = step(state, batch)[0]).
     @functools.partial(jax.jit, donate_argnums=0)
     def jitted(state: TrainState, batch):
-        (total, (metrics, counts_lge)), grads = accumulated(state.params, batch)
+        train = trainable(cfg, state.params, model_config)
+        (total, (metrics, counts_lge)), grads = accumulated(state.params, batch, train)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 
         def update(state, grads):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = apply_updates(state.params, updates, trainable(cfg, state.params, model_config))
+            params = apply_updates(state.params, updates, train)
             if cfg.bias_update_rate:
                 params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1),
                                                cfg.bias_update_rate)
@@ -309,7 +369,7 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
 
     @jax.jit
     def jitted(params, batch):
-        model = _compute_model(graphdef, params, compute)
+        model = nnx.merge(graphdef, _cast(params, compute))
         out = model.forward(batch["input_ids"], batch["segment_ids"], batch["position_ids"], False)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return next_token_loss(out.logits, batch["labels"]) * tokens, tokens

@@ -12,6 +12,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -23,13 +24,15 @@ from safetensors.numpy import save_file
 
 import moejax
 from moejax.errors import DataError, SettingsError
+from moejax.layers import moe
 from moejax.layers.stack import layer_position, segment_layer_ids
 from moejax.models import config_class
 from moejax.parity.fixtures import make_checkpoint, steered
 from moejax.routing.experts import read_selection
+from moejax.training.adamw import Slices
 from moejax.training.config import TrainConfig
 from moejax.training.losses import load_balancing_loss, next_token_loss, sigmoid_balance_loss
-from moejax.training.step import _dotted, init_state, make_train_step, route_control
+from moejax.training.step import _dotted, init_state, make_train_step, route_control, schedule, trainable
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # the quick loop covers their parts (steering, packing)
 # MoE layers 0 and 1 (the Nemotron-H tiny model has two), k = 3 experts each, for Nemotron-H within one group of its
@@ -279,3 +282,121 @@ def test_bad_selections(checkpoint, selection, message):
     with pytest.raises(SettingsError) as caught:
         init_state(moejax.from_pretrained(path), TrainConfig(train_experts=selection))
     assert message in str(caught.value)
+
+
+def test_trained_rows_take_the_stacks_gradient_at_those_rows():
+    """The expert kernel on TrainedRows (a stacked expert tensor of which a few (repeat, expert) rows train) against
+    the same kernel on the plain stack: same output, same input and combine-weight gradients, and the rows' gradient
+    is the stack's gradient at those rows, on the tiled CPU path and the ragged_dot path, for a layer with several
+    trained rows, one whose trained expert gets no token, and one with none. Bound: float32 summation order (the
+    input gradient adds the experts' tiles in another order)."""
+    tokens, experts, k, d, f = 40, 6, 2, 16, 12
+    keys = jax.random.split(jax.random.key(0), 6)
+    stack = {"up_edf": jax.random.normal(keys[0], (3, experts, d, f)) * d**-0.5,
+             "gate_edf": jax.random.normal(keys[1], (3, experts, d, f)) * d**-0.5,
+             "down_efd": jax.random.normal(keys[2], (3, experts, f, d)) * f**-0.5}
+    x = jax.random.normal(keys[3], (tokens, d))
+    ids = jnp.stack([jnp.arange(tokens) % 5, (jnp.arange(tokens) + 2) % 5], -1).astype(jnp.int32)  # 5 gets none
+    weights = jax.nn.softmax(jax.random.normal(keys[4], (tokens, k)), -1)
+    repeat_n, expert_n = (0, 0, 1, 1), (1, 4, 2, 5)
+    rows = {name: value[np.array(repeat_n), np.array(expert_n)] for name, value in stack.items()}
+
+    def loss(x, weights, w, tiles, repeat):
+        return jnp.sum(jnp.sin(moe.mix_experts(x, ids, weights, w, "swiglu", tiles, repeat=repeat)))
+
+    def selective(x, weights, rows, tiles, repeat):
+        w = {name: moe.TrainedRows(stack[name], rows[name], repeat_n, expert_n) for name in stack}
+        return loss(x, weights, w, tiles, repeat)
+
+    plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    trained = jax.jit(jax.value_and_grad(selective, argnums=(0, 1, 2)), static_argnums=3)
+    for tiles in [(16, 8), ()]:
+        for repeat in range(3):
+            want, want_g = plain(x, weights, stack, tiles, jnp.int32(repeat))
+            got, got_g = trained(x, weights, rows, tiles, jnp.int32(repeat))
+            assert float(got) == pytest.approx(float(want), rel=1e-6)
+            for a, b in zip(want_g[:2], got_g[:2], strict=True):
+                np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
+            mine = np.array(repeat_n) == repeat
+            for name in stack:
+                at = np.asarray(want_g[2][name])[np.array(repeat_n), np.array(expert_n)]
+                got_rows = np.asarray(got_g[2][name])
+                np.testing.assert_allclose(got_rows, at, rtol=0, atol=1e-5 * max(np.abs(at).max(), 1))
+                busy = mine & (np.array(expert_n) != 5)
+                assert all(np.abs(got_rows[i]).max() > 0 for i in np.flatnonzero(busy)), "a trained row got none"
+                assert not got_rows[~busy].any(), "a row of another layer, or of an expert without tokens, moved"
+    with pytest.raises(TypeError, match="read whole"):
+        moe.TrainedRows(stack["up_edf"], rows["up_edf"], repeat_n, expert_n)[0]
+
+
+# One MoE layer with a frozen MoE layer above it (its tokens need the input gradient through it, its weights none),
+# and several layers with their routers.
+STEP_SELECTIONS = [("qwen3_moe", {"2": [1, 4, 6]}, False), ("qwen3_moe", {"0": [0, 5], "1": [2, 3, 7], "3": [4]}, True),
+                   ("nemotron_h", {"0": [4, 5, 6]}, False), ("nemotron_h", {"0": [1, 2], "1": [0, 3, 5]}, True)]
+
+
+@pytest.mark.parametrize("arch,selection,routers", STEP_SELECTIONS)
+def test_selective_step_equals_the_full_gradient_masked(tmp_path, arch, selection, routers):
+    """The selective step against an independent computation: the gradient of the whole model's loss (every
+    parameter, jax.grad through the plain stacked expert weights), masked to the trained slices, then optax's
+    clip_by_global_norm + adamw on those slices. Step 1 (learning rate 0 in warm-up) leaves its gradient in the first
+    moment: mu = (1 - b1) * clip * g, compared at float32 summation order (1e-5 of the largest entry); step 2 (same
+    batch, same parameters) gives the update, compared to 1e-6 relative (plus, where a gradient is near 0, what its
+    rounding does to Adam's g / |g|). Everything else stays bit for bit."""
+    _, path = make_checkpoint(arch, tmp_path / "model", seed=3)
+    cfg = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.1, lb_coef=0.05,
+                      compute_dtype="float32", train_experts=selection, train_routers=routers)
+    model = moejax.from_pretrained(path)
+    config = model.config
+    ids = np.random.default_rng(5).integers(1, 97, (2, 16))
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        out = nnx.merge(graphdef, params).forward(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
+                                                  jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), True)
+        valid = jnp.ones(ids.shape, bool)
+        aux = (sigmoid_balance_loss(out.router_logits, out.router_expert_ids, valid) if config.router_kind == "sigmoid"
+               else load_balancing_loss(out.router_logits, config.num_experts_per_tok, valid))
+        return next_token_loss(out.logits, jnp.asarray(ids)) + 0.05 * aux
+
+    full = jax.grad(loss)(params)
+    graphdef, state, tx = init_state(model, cfg)
+    start = jax.tree.map(np.array, state.params)
+    train = trainable(cfg.resolved(config), state.params, config)
+    step = make_train_step(graphdef, tx, cfg, config)
+    state, metrics = step(state, {"input_ids": ids})
+    masked = [np.asarray(t.take(g)) for t, g in zip(jax.tree.leaves(train), jax.tree.leaves(full), strict=True)
+              if isinstance(t, Slices)]
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in masked))
+    assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    clip = min(1.0, cfg.clip_norm / float(metrics["grad_norm"]))
+    stepped = [np.asarray(mu) / ((1 - cfg.b1) * clip) for mu in jax.tree.leaves(state.opt_state.mu)]
+    for got, want in zip(stepped, masked, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    state, _ = step(state, {"input_ids": ids})
+
+    reference = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                            optax.adamw(schedule(cfg.resolved(config)), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay))
+    slices = [t.take(p) for t, p in zip(jax.tree.leaves(train), jax.tree.leaves(start), strict=True)
+              if isinstance(t, Slices)]
+    opt_state = reference.init(slices)
+    for _ in range(2):
+        updates, opt_state = reference.update([jnp.asarray(g) for g in masked], opt_state, slices)
+        slices = optax.apply_updates(slices, updates)
+    # Adam's early updates are ~lr * g / |g|: where a gradient is near 0, its rounding (measured above) moves the
+    # update by up to ~lr * |dg| / |g|; everywhere else the new slices agree to 1e-6 relative.
+    expected = iter(zip(slices, masked, stepped, strict=True))
+    for (p, before), after, t in zip(jax.tree_util.tree_flatten_with_path(start)[0], jax.tree.leaves(state.params),
+                                     jax.tree.leaves(train), strict=True):
+        after = np.asarray(after)
+        if not isinstance(t, Slices):
+            np.testing.assert_array_equal(after, before, err_msg=f"{_dotted(p)} is frozen")
+            continue
+        kept = np.ones(before.shape[:len(t.index)], bool)
+        kept[t.index] = False
+        np.testing.assert_array_equal(after[kept], before[kept], err_msg=f"{_dotted(p)}: a frozen slice moved")
+        want, g, g_step = (np.asarray(a) for a in next(expected))
+        sensitive = cfg.learning_rate * np.minimum(2, 2 * np.abs(g_step - g) / np.maximum(np.abs(g), 1e-30))
+        off = np.abs(after[t.index] - want)
+        rounding = 1e-6 * (np.abs(want) + np.abs(before[t.index]))  # float32's p + u, relative to its operands
+        assert (off <= rounding + sensitive).all(), f"{_dotted(p)}: {off.max()} off"
