@@ -5,14 +5,17 @@ It answers requests as lm-eval's Hugging Face backend (`--model hf`) does, with 
 that decide the numbers: the same tokenization (BOS handling included), the same left truncation to max_length, the
 same rolling windows for loglikelihood_rolling, the same stop sequences and end-of-text handling for generate_until.
 Only the model underneath differs:
-- loglikelihood: each request's input is a segment of its own in packed rows of one width (moejax's segment ids: it
-  sees only itself, as if alone), identical inputs run once (a multiple-choice question whose answers are single
-  tokens runs once for all of them), and only per-token log-probabilities and greedy flags leave the device;
+- loglikelihood: the requests that share a context (a multiple-choice question's answers) are one document laid out
+  as a tree, the context once and each continuation after it, seeing the context and itself only (for a model whose
+  layers read such a layout, `CausalLM.reads_branches`; otherwise each continuation repeats the context), in packed
+  rows of one width (moejax's segment ids: a document sees only itself, as if alone); identical inputs run once, and
+  only the asked tokens' log-probabilities and the argmax leave the device;
 - generate_until: model.generate with its caches, batch_size prompts at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +41,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from moejax.config import read_config_json
-from moejax.data.packing import pack, passes, positions
+from moejax.data.packing import pack, passes
 from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import ConfigError, DataError
 from moejax.loading import generation_defaults
@@ -54,16 +57,64 @@ DEFAULT_MAX_LENGTH = 2048  # as lm-eval's Hugging Face backend, when neither con
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, last_bt, extra_btx, control):
-    """Per position t: the log-probability of targets_bt[t] and whether it is the argmax; at the positions where
-    last_bt is set, the log-probabilities of the extra_btx tokens too (the last tokens of several continuations
-    sharing one input)."""
-    logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segment_ids_bt, positions_bt, False, control=control).logits
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    target_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-    greedy_bt = jnp.argmax(logp_btv, axis=-1)
-    extra_btx = jnp.where(last_bt[..., None], jnp.take_along_axis(logp_btv, extra_btx, axis=-1), 0.0)
+def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, last_bt, extra_btx, control,
+           branch_ids_bt=None):
+    """Per position t: the log-probability of targets_bt[t] and the argmax token; at the positions where last_bt is
+    set, the log-probabilities of the extra_btx tokens too (the tokens several continuations ask for there).
+    branch_ids_bt: documents laid out as trees (CausalLM.forward)."""
+    logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
+                                                    branch_ids_bt=branch_ids_bt).logits.astype(jnp.float32)
+    # Each asked logit less its position's logsumexp: log_softmax without its [rows, seq, vocab] result.
+    logz_bt1 = jax.nn.logsumexp(logits_btv, axis=-1, keepdims=True)
+    target_bt = (jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1) - logz_bt1)[..., 0]
+    greedy_bt = jnp.argmax(logits_btv, axis=-1)
+    extra_btx = jnp.where(last_bt[..., None], jnp.take_along_axis(logits_btv, extra_btx, axis=-1) - logz_bt1, 0.0)
     return target_bt, greedy_bt, extra_btx
+
+
+@dataclasses.dataclass
+class _Segment:
+    """One packed segment of loglikelihood inputs: its tokens, their branch ids (0: the shared trunk) and positions,
+    and per column the tokens asked for as the next token there (sorted)."""
+
+    tokens: list[int]
+    branches: list[int]
+    positions: list[int]
+    asked: dict[int, list[int]]
+
+
+def _segments(trees: dict[tuple[int, ...], dict[tuple[int, ...], set[int]]], shared: bool):
+    """Loglikelihood inputs grouped by context -> (segments, where).
+
+    trees: {trunk: {branch: last tokens}}: a request's model input is its context (the trunk) and its continuation's
+    tokens but the last (a branch, possibly empty), and it asks for each continuation token after the token before it.
+    shared: a segment per trunk, holding it once and each of its branches after it; else a segment per branch, the
+    trunk repeated in each. where: {(trunk, branch): the (segment, column) that predicts each continuation token}.
+    """
+    segments, where = [], {}
+    for trunk, branches in trees.items():
+        end, first = len(trunk) - 1, len(segments)
+        segment = None
+        for branch, lasts in branches.items():
+            if not branch:
+                continue
+            if segment is None or not shared:
+                segment = _Segment(list(trunk), [0] * len(trunk), list(range(len(trunk))), {})
+                segments.append(segment)
+            start, index = len(segment.tokens), segment.branches[-1] + 1 if shared else 0
+            segment.tokens += branch
+            segment.branches += [index] * len(branch)
+            segment.positions += range(len(trunk), len(trunk) + len(branch))
+            for i in range(len(branch)):
+                segment.asked[start + i] = [branch[i + 1]] if i + 1 < len(branch) else sorted(lasts)
+            where[trunk, branch] = [(first, end)] + [(len(segments) - 1, start + i) for i in range(len(branch))]
+        if segment is None:
+            segments.append(_Segment(list(trunk), [0] * len(trunk), list(range(len(trunk))), {}))
+        # The trunk's last position predicts every continuation's first token, once.
+        segments[first].asked[end] = sorted({branch[0] for branch in branches if branch} | branches.get((), set()))
+        if () in branches:
+            where[trunk, ()] = [(first, end)]
+    return segments, where
 
 
 @register_model("moejax")
@@ -165,63 +216,66 @@ class MoejaxLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding reproduces it) per request, from token ids."""
-        inputs: dict[tuple[int, ...], int] = {}  # each distinct model input, once
-        asked = []  # per request: (its input's index, the continuation's tokens)
+        trees = defaultdict(lambda: defaultdict(set))  # {context: {continuation but its last token: last tokens}}
+        asked = []
         for _, context_enc, continuation_enc in requests:
             if not continuation_enc or not context_enc:
                 raise DataError("a loglikelihood request has an empty context or continuation after tokenizing")
+            # As lm-eval's Hugging Face backend: the last max_length tokens of the input (the whole but its last).
             whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
-            index = inputs.setdefault(tuple(whole[:-1]), len(inputs))
-            asked.append((index, whole[len(whole) - len(continuation_enc):]))
-        finals = defaultdict(set)  # the tokens each input's last position is asked about
-        for index, continuation in asked:
-            finals[index].add(continuation[-1])
-        scored = self._score_inputs(list(inputs), {i: sorted(t) for i, t in finals.items()}, disable_tqdm)
+            n = len(continuation_enc)
+            if n >= len(whole):
+                raise DataError(f"a loglikelihood request's continuation of {n} tokens leaves no context within "
+                                f"max_length={self.max_length}")
+            trunk, continuation = tuple(whole[:-n]), tuple(whole[-n:])
+            trees[trunk][continuation[:-1]].add(continuation[-1])
+            asked.append((trunk, continuation))
+        shared = self.model.reads_branches
+        segments, where = _segments(trees, shared)
+        scored = self._score_segments(segments, shared, disable_tqdm)
         results = []
-        for index, continuation in asked:
-            target_logp, greedy, final_logp, final_greedy = scored[index]
-            n = len(continuation)
-            # Position i predicts token i + 1 of the input; the input's last position predicts the continuation's
-            # last token.
-            logp = float(np.sum(target_logp[len(target_logp) - n:-1], dtype=np.float64) + final_logp[continuation[-1]])
-            is_greedy = bool(greedy[len(greedy) - n:-1].all() and final_greedy == continuation[-1])
-            results.append((logp, is_greedy))
+        for trunk, continuation in asked:
+            logps, greedy = zip(*(scored[at][token] for at, token in zip(where[trunk, continuation[:-1]], continuation,
+                                                                         strict=True)), strict=True)
+            results.append((float(np.sum(logps, dtype=np.float64)), all(greedy)))
         return results
 
-    def _score_inputs(self, inputs: list[tuple[int, ...]], finals: dict[int, list[int]], disable_tqdm: bool):
-        """Per input: log-probabilities of its own next tokens [n] and greedy flags [n] (the last position's are
-        unused), {token: log-probability} at its last position and that position's argmax."""
-        layout = pack([len(i) for i in inputs])
-        extra = 1 << (max(len(t) for t in finals.values()) - 1).bit_length()
+    def _score_segments(self, segments: list[_Segment], shared: bool, disable_tqdm: bool) -> dict:
+        """{(segment, column): {asked token: (its log-probability, whether it is the argmax)}}, the segments packed
+        into rows of one width, batch_size rows per forward pass; shared: the segments hold branches."""
+        layout = pack([len(s.tokens) for s in segments])
+        extra = 1 << (max(len(t) for s in segments for t in s.asked.values()) - 1).bit_length()
         graphdef, state = nnx.split(self.model)
         out = {}
-        bar = tqdm(total=len(inputs), desc="moejax loglikelihood", disable=disable_tqdm)
+        bar = tqdm(total=len(segments), desc="moejax loglikelihood", disable=disable_tqdm)
         with on_mesh(state) as place:
             for rows, size in passes(layout, self.batch_size):
-                ids = np.zeros((size, layout.width), np.int32)
-                segment_ids = np.zeros((size, layout.width), np.int32)
-                targets = np.zeros((size, layout.width), np.int32)
+                ids, segment_ids, branch_ids, positions, targets = (np.zeros((size, layout.width), np.int32)
+                                                                    for _ in range(5))
                 last = np.zeros((size, layout.width), bool)
                 extras = np.zeros((size, layout.width, extra), np.int32)
                 for r, row in enumerate(rows):
                     for slot, (i, at) in enumerate(row):
-                        tokens = inputs[i]
-                        n = len(tokens)
-                        ids[r, at:at + n], segment_ids[r, at:at + n] = tokens, slot + 1
-                        targets[r, at:at + n - 1] = tokens[1:]
-                        last[r, at + n - 1] = True
-                        extras[r, at + n - 1, :len(finals[i])] = finals[i]
-                got = jax.device_get(_score(graphdef, state, *place(ids, segment_ids, positions(segment_ids),
-                                                                     targets, last, extras), self._control))
-                target_logp, greedy, extra_logp = got
+                        segment = segments[i]
+                        n = len(segment.tokens)
+                        ids[r, at:at + n], segment_ids[r, at:at + n] = segment.tokens, slot + 1
+                        branch_ids[r, at:at + n], positions[r, at:at + n] = segment.branches, segment.positions
+                        for column, tokens in segment.asked.items():
+                            targets[r, at + column] = tokens[0]
+                            if len(tokens) > 1:
+                                last[r, at + column] = True
+                                extras[r, at + column, :len(tokens)] = tokens
+                arrays = place(ids, segment_ids, positions, targets, last, extras)
+                branches = place(branch_ids)[0] if shared else None
+                target_logp, greedy, extra_logp = jax.device_get(_score(graphdef, state, *arrays, self._control,
+                                                                        branches))
                 for r, row in enumerate(rows):
                     for i, at in row:
-                        n = len(inputs[i])
-                        end = at + n - 1
-                        out[i] = (target_logp[r, at:at + n], greedy[r, at:at + n] == targets[r, at:at + n],
-                                  dict(zip(finals[i], extra_logp[r, end, :len(finals[i])].astype(np.float64),
-                                           strict=True)),
-                                  int(greedy[r, end]))
+                        for column, tokens in segments[i].asked.items():
+                            t = at + column
+                            logps = extra_logp[r, t, :len(tokens)] if len(tokens) > 1 else target_logp[r, t, None]
+                            out[i, column] = {token: (float(logp), token == int(greedy[r, t]))
+                                              for token, logp in zip(tokens, logps, strict=True)}
                 bar.update(sum(len(row) for row in rows))
         bar.close()
         return out

@@ -22,13 +22,18 @@ from moejax.layers.params import param
 from moejax.layers.rope import apply_rope
 
 
-def attention_mask(segment_ids_bs: jax.Array, seq_len: int) -> jax.Array:
+def attention_mask(segment_ids_bs: jax.Array, seq_len: int, branch_ids_bs: jax.Array | None = None) -> jax.Array:
     """[batch, seq, seq] boolean: query t may attend key s when s <= t, s is not padding (0) and, for
     packed rows (ids 1, 2, ... per document), s belongs to t's document. A padding query sees every
-    earlier non-padding key, as transformers' masks let it; a 0/1 attention mask is one document."""
+    earlier non-padding key, as transformers' masks let it; a 0/1 attention mask is one document.
+    branch_ids_bs: documents laid out as trees, 0 for a document's trunk and 1, 2, ... for branches that follow
+    it: a key on a branch is seen only from its own branch."""
     causal_ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
     query_bt1, key_b1s = segment_ids_bs[:, :, None], segment_ids_bs[:, None, :]
     same_bts = (query_bt1 == key_b1s) | (query_bt1 == 0)
+    if branch_ids_bs is not None:
+        key_branch_b1s = branch_ids_bs[:, None, :]
+        same_bts &= (key_branch_b1s == 0) | (key_branch_b1s == branch_ids_bs[:, :, None])
     return causal_ts[None] & (key_b1s != 0) & same_bts
 
 

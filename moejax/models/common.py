@@ -73,9 +73,15 @@ class CausalLM(nnx.Module):
     its layers take besides x and the mask) and `head` (final norm and LM head)."""
 
     def forward(self, input_ids_bt, segment_ids_bt, position_ids_bt, return_router_logits: bool,
-                return_hidden_states: bool = False, control=None, cache=None) -> CausalLMOutput:
+                return_hidden_states: bool = False, control=None, cache=None, last_logits: bool = False,
+                branch_ids_bt=None) -> CausalLMOutput:
         """Token ids [batch, seq] -> CausalLMOutput (continuing from a DecodeCache, if given): embeddings, the
-        layer stack, the head. segment_ids_bt: 0 = padding, 1, 2, ... = the documents of a row."""
+        layer stack, the head. segment_ids_bt: 0 = padding, 1, 2, ... = the documents of a row. last_logits: the
+        logits of the last column only, [batch, 1, vocab] (generation's prefill needs no others). branch_ids_bt: a
+        document laid out as a tree (only where `reads_branches`): 0 = its shared trunk, which comes first, and
+        1, 2, ... = branches that each continue the trunk and see it and themselves only (position ids given)."""
+        if branch_ids_bt is not None and not self.reads_branches:
+            raise ValueError(f"{type(self).__name__} cannot read a document laid out as a tree (branch ids)")
         x_btd = self.embed_vd[...][input_ids_bt]
         context = self.layer_context(segment_ids_bt, position_ids_bt, x_btd.dtype)
         if control is not None and control.noise_key is not None:  # hard steering's eps is drawn per position
@@ -83,8 +89,9 @@ class CausalLM(nnx.Module):
             control = control.replace(position_t=jnp.broadcast_to(jnp.reshape(position_ids_bt, (-1,)),
                                                                   (layers, position_ids_bt.size)))
         x_btd, aux, cache = self.run_layers(x_btd, segment_ids_bt, cache, keep_hidden=return_hidden_states,
-                                            moe_inputs=control, **context)
-        return causal_lm_output(self.head(x_btd), aux, return_router_logits, return_hidden_states, cache)
+                                            moe_inputs=control, branch_ids_bt=branch_ids_bt, **context)
+        logits_btv = self.head(x_btd[:, -1:] if last_logits else x_btd)
+        return causal_lm_output(logits_btv, aux, return_router_logits, return_hidden_states, cache, x_btd.shape[:2])
 
     def block_forward(self, block: int, x_btd, segment_ids_bt, position_ids_bt, control: RouterControl | None = None,
                       dtype=jnp.float32):
@@ -114,13 +121,17 @@ class CausalLM(nnx.Module):
         dtype = self.embed_vd.get_value().dtype
         return DecodeCache(self.layers.cache(batch, length, dtype), jnp.zeros((batch, length), bool), 0)
 
-    def run_layers(self, x_btd, segment_ids_bt, cache: DecodeCache | None, **context):
-        """The layer stack with the attention mask these tokens need: causal within each document, or, continuing
-        from a cache, over its slots (these tokens written at cache.slot onwards) -> (x, aux, the cache after
-        them or None)."""
+    # Whether every layer mixes tokens through the attention mask alone, so that a document may be laid out as a
+    # tree (forward's branch_ids_bt): not with a recurrence (Mamba-2), nor with a sliding window (it counts columns).
+    reads_branches = False
+
+    def run_layers(self, x_btd, segment_ids_bt, cache: DecodeCache | None, branch_ids_bt=None, **context):
+        """The layer stack with the attention mask these tokens need: causal within each document (and branch), or,
+        continuing from a cache, over its slots (these tokens written at cache.slot onwards) -> (x, aux, the cache
+        after them or None)."""
         t = segment_ids_bt.shape[1]
         if cache is None:
-            x_btd, aux, _ = self.layers(x_btd, mask_bts=attention_mask(segment_ids_bt, t), **context)
+            x_btd, aux, _ = self.layers(x_btd, mask_bts=attention_mask(segment_ids_bt, t, branch_ids_bt), **context)
             return x_btd, aux, None
         valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, segment_ids_bt != 0, (0, cache.slot))
         x_btd, aux, layers = self.layers(x_btd, mask_bts=cache_attention_mask(valid_bs, cache.slot, t),
@@ -212,10 +223,12 @@ def _jitted_head(graphdef, state, x_btd, dtype):
 
 
 def causal_lm_output(logits_btv, aux_by_layer: list, return_router_logits: bool,
-                     return_hidden_states: bool, cache: DecodeCache | None = None) -> CausalLMOutput:
+                     return_hidden_states: bool, cache: DecodeCache | None = None,
+                     tokens: tuple[int, int] | None = None) -> CausalLMOutput:
     """The output of a forward pass from its logits and LayerStack's per-layer aux (each a RouterOutput
-    or None, paired with the layer's output when return_hidden_states)."""
-    batch, seq = logits_btv.shape[:2]
+    or None, paired with the layer's output when return_hidden_states); tokens: the (batch, seq) the layers ran on,
+    when the logits cover fewer columns."""
+    batch, seq = logits_btv.shape[:2] if tokens is None else tokens
     hidden = None
     if return_hidden_states:
         aux_by_layer, hidden = zip(*aux_by_layer, strict=True)

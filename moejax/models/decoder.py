@@ -59,6 +59,11 @@ class DecoderLM(CausalLM):
     make_layer = None
     make_norm = staticmethod(rms_norm)
 
+    @property
+    def reads_branches(self) -> bool:
+        """Attention alone mixes tokens here; a sliding window would count the columns between branches."""
+        return getattr(self.config, "sliding_window", None) is None
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         build = type(self)
         self.config = cfg

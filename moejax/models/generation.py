@@ -1,12 +1,15 @@
-"""Generation with caches: the prompts go through the model once (prefill) into a DecodeCache, then each new token
-is one jitted call that donates the cache and gets it back updated.
+"""Generation with caches: the prompts go through the model once (prefill) into a DecodeCache, then the new tokens
+come from one compiled loop on the device (`lax.while_loop`), each step feeding the token it chose to the next with
+the cache updated in place.
 
 Laid out as transformers' `generate` lays it out: prompts left-padded (an attention mask with zeros on the left),
 RoPE positions counted over each row's tokens, the new tokens appended, a row that produced an end-of-sequence id
 padded from then on, and generation stopping once every row has finished or after max_new_tokens. Choosing a token:
 greedy (argmax), or sampled after the logits are divided by the temperature, cut to the top-k, then to the top-p
-nucleus. Programs compile once per (batch, prompt bucket, cache bucket): prompts are left-padded to a multiple of
-PROMPT_BUCKET columns and the cache holds a multiple of CACHE_BUCKET slots.
+nucleus. Programs compile once per (batch, prompt bucket, cache bucket), whatever the number of new tokens: prompts
+are left-padded to a multiple of PROMPT_BUCKET columns, the cache holds a multiple of CACHE_BUCKET slots, and the loop
+takes its number of steps as data. Without a callback (on_token, stop) nothing comes back to the host until the loop
+ends; with one, the loop runs one step per call and each token comes back as it is made.
 """
 
 from __future__ import annotations
@@ -94,27 +97,61 @@ def _finish(token_b, finished_b, pad_id, eos_ids):
     return token_b, finished_b | jnp.isin(token_b, eos_ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _prefill(graphdef, state, ids_bt, segment_ids_bt, positions_bt, length: int, sampler: Sampler, key, pad_id,
-             eos_ids, control):
+@struct.dataclass
+class _Decoding:
+    """What the decode loop carries from step to step: the cache, the last chosen token [batch], its position
+    [batch], which rows have finished [batch], the new tokens so far tokens_bn [batch, room] (the first `made`
+    columns filled) and, when kept, the logits each was chosen from logits_bnv [batch, room, vocab]."""
+
+    cache: object
+    token_b: jax.Array
+    position_b: jax.Array
+    finished_b: jax.Array
+    tokens_bn: jax.Array
+    logits_bnv: jax.Array | None
+    made: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _prefill(graphdef, state, ids_bt, segment_ids_bt, positions_bt, length: int, sampler: Sampler, keep_logits: bool,
+             key, pad_id, eos_ids, control) -> _Decoding:
+    """The prompts into a cache of `length` slots, and the first new token chosen from the last position's logits
+    (the only ones computed)."""
     model = nnx.merge(graphdef, state)
+    batch, columns = ids_bt.shape
     out = model.forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
-                        cache=model.init_cache(ids_bt.shape[0], length))
+                        cache=model.init_cache(batch, length), last_logits=True)
     logits_bv = out.logits[:, -1].astype(jnp.float32)
-    token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, 0)),
-                                  jnp.zeros(ids_bt.shape[0], bool), pad_id, eos_ids)
-    return token_b, finished_b, logits_bv, out.cache
+    token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, 0)), jnp.zeros(batch, bool), pad_id,
+                                  eos_ids)
+    room = length - columns  # every new token has a cache slot, so no more than this many are ever asked for
+    tokens_bn = jnp.zeros((batch, room), jnp.int32).at[:, 0].set(token_b)
+    logits_bnv = (jnp.zeros((batch, room, logits_bv.shape[-1]), jnp.float32).at[:, 0].set(logits_bv)
+                  if keep_logits else None)
+    return _Decoding(out.cache, token_b, positions_bt[:, -1] + 1, finished_b, tokens_bn, logits_bnv, jnp.int32(1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _decode(graphdef, state, cache, token_b, position_b, finished_b, sampler: Sampler, key, step, pad_id, eos_ids,
-            control):
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
+def _decode(graphdef, state, carry: _Decoding, limit, sampler: Sampler, key, pad_id, eos_ids, control) -> _Decoding:
+    """Decode steps until `limit` new tokens are made or every row has finished, all on the device."""
     model = nnx.merge(graphdef, state)
-    segment_ids_b1 = jnp.ones((token_b.shape[0], 1), jnp.int32)
-    out = model.forward(token_b[:, None], segment_ids_b1, position_b[:, None], False, control=control, cache=cache)
-    logits_bv = out.logits[:, 0].astype(jnp.float32)
-    token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, step)), finished_b, pad_id, eos_ids)
-    return token_b, finished_b, logits_bv, out.cache
+    segment_ids_b1 = jnp.ones((carry.token_b.shape[0], 1), jnp.int32)
+
+    def running(c: _Decoding):
+        return (c.made < limit) & ~jnp.all(c.finished_b)
+
+    def step(c: _Decoding) -> _Decoding:
+        out = model.forward(c.token_b[:, None], segment_ids_b1, c.position_b[:, None], False, control=control,
+                            cache=c.cache)
+        logits_bv = out.logits[:, 0].astype(jnp.float32)
+        token_b, finished_b = _finish(sampler(logits_bv, jax.random.fold_in(key, c.made)), c.finished_b, pad_id,
+                                      eos_ids)
+        tokens_bn = jax.lax.dynamic_update_slice(c.tokens_bn, token_b[:, None], (0, c.made))
+        logits_bnv = (None if c.logits_bnv is None
+                      else jax.lax.dynamic_update_slice(c.logits_bnv, logits_bv[:, None], (0, c.made, 0)))
+        return _Decoding(out.cache, token_b, c.position_b + 1, finished_b, tokens_bn, logits_bnv, c.made + 1)
+
+    return jax.lax.while_loop(running, step, carry)
 
 
 def _eos_list(eos_token_id) -> list[int]:
@@ -136,9 +173,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     that are done; generation ends once every row is done or has ended, and, as transformers does, a done row is
     padded from then on only when eos_token_id is set. Sampling is reproducible from `seed`. steering: a
     moejax.Steering (or its dict, or a JSON path) applied at every MoE layer, prompt and new tokens alike.
-    on_token: called with each new token of every row [batch] as soon as it is computed (streaming; this brings
-    each token to the host, one sync per token, which the default path avoids). On a mesh when the model's
-    parameters are."""
+    on_token: called with each new token of every row [batch] as soon as it is computed (streaming: the loop then
+    stops after every token to bring it to the host, which the default path, one loop on the device, avoids; `stop`
+    does the same). On a mesh when the model's parameters are."""
     ids_bt = np.asarray(input_ids)
     if ids_bt.ndim != 2 or ids_bt.shape[1] == 0:
         raise DataError(f"input_ids must be [batch, prompt] with at least one token, got shape {ids_bt.shape}")
@@ -180,29 +217,35 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     key = jax.random.key(seed)
 
     graphdef, state = nnx.split(model)
-    tokens, logits = [], []
+    # With a callback the loop stops after each token so that the host sees it; otherwise it runs to the end.
+    per_token = on_token is not None or stop is not None
     with on_mesh(state) as place:
-        token_b, finished_b, logits_bv, cache = _prefill(graphdef, state, *place(ids_in, mask_in, positions_in),
-                                                         length, sampler, key, pad_id, eos_ids, control)
-        position_b = jnp.asarray(mask_bt.sum(axis=1), jnp.int32)
+        carry = _prefill(graphdef, state, *place(ids_in, mask_in, positions_in), length, sampler, return_logits, key,
+                         pad_id, eos_ids, control)
+        made, seen = 1, 0
         done_b = np.zeros(batch, bool)
-        for step in range(1, max_new_tokens + 1):
-            tokens.append(token_b)
-            if on_token is not None:
-                on_token(np.asarray(jax.device_get(token_b)))
-            if return_logits:
-                logits.append(logits_bv)
-            if step == max_new_tokens:
+        while True:
+            if per_token:
+                tokens_bn = np.asarray(jax.device_get(carry.tokens_bn))[:, :made]
+                for i in range(seen, made) if on_token is not None else ():
+                    on_token(tokens_bn[:, i].copy())
+                seen = made
+            if made == max_new_tokens:
                 break
             if stop is not None:
-                done_b |= np.asarray(stop(np.stack(jax.device_get(tokens), axis=1)), bool)
+                done_b |= np.asarray(stop(tokens_bn), bool)
                 if eos:
-                    finished_b = finished_b | jnp.asarray(done_b)
-            if (eos or stop is not None) and (done_b | np.asarray(jax.device_get(finished_b))).all():
+                    carry = carry.replace(finished_b=carry.finished_b | jnp.asarray(done_b))
+                if (done_b | np.asarray(jax.device_get(carry.finished_b))).all():
+                    break
+            elif per_token and eos and np.asarray(jax.device_get(carry.finished_b)).all():
                 break
-            token_b, finished_b, logits_bv, cache = _decode(graphdef, state, cache, token_b, position_b, finished_b,
-                                                            sampler, key, step, pad_id, eos_ids, control)
-            position_b = position_b + 1
-    new_bn = np.stack(jax.device_get(tokens), axis=1).astype(ids_bt.dtype)
-    return GenerateOutput(sequences=np.concatenate([ids_bt, new_bn], axis=1),
-                          logits=np.stack(jax.device_get(logits), axis=1) if return_logits else None)
+            limit = made + 1 if per_token else max_new_tokens
+            carry = _decode(graphdef, state, carry, jnp.int32(limit), sampler, key, pad_id, eos_ids, control)
+            made_now = int(carry.made)
+            if made_now == made:  # every row had finished: the loop made nothing
+                break
+            made = made_now
+        new_bn, logits = jax.device_get((carry.tokens_bn[:, :made], carry.logits_bnv))
+    return GenerateOutput(sequences=np.concatenate([ids_bt, np.asarray(new_bn).astype(ids_bt.dtype)], axis=1),
+                          logits=None if logits is None else np.asarray(logits)[:, :made])

@@ -126,6 +126,33 @@ def test_decode_logits_equal_forward(checkpoint):
     np.testing.assert_allclose(out.logits, full[:, prompt - 1:-1], atol=1e-4, rtol=0)
 
 
+def test_callbacks_see_the_loops_tokens(checkpoint):
+    """on_token and stop make the decode loop stop after every token (to bring it to the host): the tokens are those
+    of the single loop on the device. stop ends generation once every row is done; with an end-of-sequence id, a row
+    that is done is padded from the next token on (transformers' StoppingCriteria with its unfinished_sequences)."""
+    _, model = checkpoint
+    ids, mask = prompts(3)
+    prompt = ids.shape[1]
+    whole = model.generate(ids, mask, max_new_tokens=NEW).sequences
+    seen = []
+    streamed = model.generate(ids, mask, max_new_tokens=NEW, on_token=lambda token_b: seen.append(token_b.copy()))
+    np.testing.assert_array_equal(streamed.sequences, whole)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), whole[:, prompt:])
+    done_after = np.array([3, 5, 7])  # new tokens after which each row is done
+
+    def stop(new_bn):
+        return new_bn.shape[1] >= done_after
+
+    unpadded = model.generate(ids, mask, max_new_tokens=NEW, stop=stop).sequences
+    np.testing.assert_array_equal(unpadded, whole[:, :prompt + 7])
+    eos = next(t for t in range(97) if t not in whole[:, prompt:])  # never produced: only `stop` ends rows
+    padded = model.generate(ids, mask, max_new_tokens=NEW, stop=stop, eos_token_id=eos, pad_token_id=0).sequences
+    want = whole[:, :prompt + 7].copy()
+    for row, n in enumerate(done_after):
+        want[row, prompt + n:] = 0
+    np.testing.assert_array_equal(padded, want)
+
+
 @pytest.mark.parametrize("chunk", [8, 16])
 def test_ssd_step_continues_chunked(chunk):
     rng = np.random.default_rng(0)
