@@ -21,15 +21,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# The suite's programs are tiny, so compiling them is most of its time: XLA's CPU backend (LLVM) compiles them at
-# optimization level 1 instead of its default, which takes about a third less time per program (a first forward of a
-# tiny model: 3.5-3.9 s -> 2.3 s) at nearly the same run time. The operations are the same; the summation order of a
-# few reductions is not, which the comparisons already handle as they handle AVX2 against AVX-512 (ties proven, never
-# a wider bound). Benchmarks and users' runs keep XLA's default. Set before jax is imported; a level the environment
-# already names is kept, and the processes the tests start inherit it.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
-
 # The processes the tests start share that cache; this process keeps its compiled programs in memory only. XLA's CPU
 # client has aborted here while serialising a program for the persistent cache, late in a full run (in
 # `executable.serialize()`, never when the same tests ran alone); in-process, the cache would only save
