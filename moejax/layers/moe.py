@@ -235,8 +235,8 @@ def plan_dispatch(ids_tk: jax.Array, num_experts: int, align: int) -> Dispatch:
     counts_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
     padded_e = (counts_e + align - 1) // align * align
     sorted_e = flat_m[order_m]
-    rank_m = jnp.arange(pairs, dtype=jnp.int32) - (jnp.cumsum(counts_e) - counts_e)[sorted_e]
-    dest_m = (jnp.cumsum(padded_e) - padded_e)[sorted_e] + rank_m
+    rank_m = jnp.arange(pairs, dtype=jnp.int32) - _group_starts(counts_e)[sorted_e]
+    dest_m = _group_starts(padded_e)[sorted_e] + rank_m
     rows = -(-(pairs + num_experts * (align - 1)) // align) * align
     source = jnp.full((rows,), tokens, jnp.int32).at[dest_m].set(order_m // k)
     row_tk = jnp.zeros((pairs,), jnp.int32).at[order_m].set(dest_m).reshape(tokens, k)
@@ -310,20 +310,31 @@ def _over_tiles(rows, row0, tiles: tuple[int, ...], visit, carry):
     return carry
 
 
-def _for_each_tile(group_sizes_e: jax.Array, tiles: tuple[int, ...], run_expert, carry):
-    """carry = run_expert(e, over_tiles, carry) for each expert e with rows, in order.
+def _group_starts(group_sizes_e: jax.Array) -> jax.Array:
+    """Each expert's first grouped row."""
+    return jnp.cumsum(group_sizes_e) - group_sizes_e
+
+
+def _expert_tiles(group_sizes_e: jax.Array, start_e: jax.Array, tiles: tuple[int, ...], e):
+    """over_tiles(visit, carry): `_over_tiles` on expert e's grouped rows."""
+    return functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles)
+
+
+def _for_each_tile(group_sizes_e: jax.Array, tiles: tuple[int, ...], run_expert, carry, skip_e=None):
+    """carry = run_expert(e, over_tiles, carry) for each expert e with rows (and not in the mask skip_e), in order.
 
     over_tiles(visit, carry) runs `_over_tiles` on the expert's rows. The callee slices its expert's
-    weights once for all its tiles; experts without rows cost nothing.
+    weights once for all its tiles; experts without rows (or skipped) cost nothing.
     """
-    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
-    busy_e = jnp.argsort(group_sizes_e == 0, stable=True)
+    start_e = _group_starts(group_sizes_e)
+    idle_e = group_sizes_e == 0 if skip_e is None else (group_sizes_e == 0) | skip_e
+    busy_e = jnp.argsort(idle_e, stable=True)
 
     def expert(j, carry):
         e = busy_e[j]
-        return run_expert(e, functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles), carry)
+        return run_expert(e, _expert_tiles(group_sizes_e, start_e, tiles, e), carry)
 
-    return jax.lax.fori_loop(0, jnp.sum(group_sizes_e > 0), expert, carry)
+    return jax.lax.fori_loop(0, jnp.sum(~idle_e), expert, carry)
 
 
 def _tile_mlp(x_td, w_e):
@@ -432,11 +443,11 @@ def _tiled_mixture_bwd(tiles, activation, residuals, dout_td):
     f32 = jnp.float32
     x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
     inputs = (x_pad, dout_pad, weights_m, source_m, kept)
-    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+    start_e = _group_starts(group_sizes_e)
 
     def expert(carry, e):
         w_e = {name: value[e].astype(f32) for name, value in w.items()}
-        over_tiles = functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles)
+        over_tiles = _expert_tiles(group_sizes_e, start_e, tiles, e)
         dx_pad, dweights_m, dw_e = _expert_backward(w_e, over_tiles, inputs, activation, carry, True)
         return (dx_pad, dweights_m), {name: dw_e[name].astype(w[name].dtype) for name in dw_e}
 
@@ -513,23 +524,21 @@ def _selective_mixture_bwd(rows_at, tiles, activation, residuals, dout_td):
     trained_e = jnp.asarray(trained_re)[repeat]
     x_pad, dout_pad = _with_zero_row(x_td), _with_zero_row(dout_td.astype(f32))
     inputs = (x_pad, dout_pad, weights_m, source_m, kept)
-    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+    start_e = _group_starts(group_sizes_e)
 
-    def backward(e, carry, weight_grads):
+    def backward(e, over_tiles, carry, weight_grads):
         w_e = {name: value[repeat, e].astype(f32) for name, value in stack.items()}
-        over_tiles = functools.partial(_over_tiles, group_sizes_e[e], start_e[e], tiles)
         return _expert_backward(w_e, over_tiles, inputs, activation, carry, weight_grads)
 
-    frozen_e = jnp.argsort((group_sizes_e == 0) | trained_e, stable=True)  # busy frozen experts first
-    carry = jax.lax.fori_loop(0, jnp.sum((group_sizes_e > 0) & ~trained_e),
-                              lambda j, carry: backward(frozen_e[j], carry, False)[:2],
-                              (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m)))
+    carry = _for_each_tile(group_sizes_e, tiles, lambda e, over_tiles, carry: backward(e, over_tiles, carry, False)[:2],
+                           (jnp.zeros(x_pad.shape, f32), jnp.zeros_like(weights_m)), skip_e=trained_e)
     drows_n = {name: jnp.zeros_like(value) for name, value in rows_n.items()}
     if rows_at[0]:
         def trained(j, carry):
             *carry, drows_n = carry
             row = jnp.asarray(slots_rj)[repeat, j]
-            dx_pad, dweights_m, dw_e = backward(jnp.asarray(rows_at[1], jnp.int32)[row], carry, True)
+            e = jnp.asarray(rows_at[1], jnp.int32)[row]
+            dx_pad, dweights_m, dw_e = backward(e, _expert_tiles(group_sizes_e, start_e, tiles, e), carry, True)
             return dx_pad, dweights_m, {name: jax.lax.dynamic_update_index_in_dim(
                 drows_n[name], dw_e[name].astype(drows_n[name].dtype), row, 0) for name in drows_n}
 
