@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -111,8 +110,9 @@ def plan(settings: PlanSettings) -> dict:
 
 
 def _plan_in_child(settings: PlanSettings, devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+    from moejax.parallel.mesh import simulated_devices_env
+
+    env = simulated_devices_env(devices, JAX_PLATFORMS="cpu")
     code = ("import dataclasses, json, sys; from moejax.commands.plan import PlanSettings, plan; "
             "print(json.dumps(plan(PlanSettings(**json.loads(sys.stdin.read())))))")
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(dataclasses.asdict(settings)), env=env,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import jax
 import numpy as np
@@ -71,6 +72,14 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
                         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} set before jax is imported")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices[:needed])
+
+
+def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """This process's environment for a child process that sees `devices` simulated CPU devices: XLA_FLAGS keeps its
+    flags and adds --xla_force_host_platform_device_count (XLA reads it when jax starts, so it takes a new process);
+    `extra` sets further variables."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, **extra}
 
 
 def as_moejax_mesh(mesh: Mesh | None) -> Mesh | None:

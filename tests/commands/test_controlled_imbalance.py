@@ -18,6 +18,7 @@ import pytest
 from experiments.controlled_imbalance import Condition, ImbalanceSettings, Side, analyse, conditions, main, split
 from moejax.data.corpus import read_corpus
 from moejax.data.transliterate import HEBREW_LETTERS, dominant_script, transliterate
+from moejax.parallel.mesh import simulated_devices_env
 from moejax.routing import imbalance as I
 from moejax.routing import metrics as M
 
@@ -139,7 +140,7 @@ def test_nemotron_h_on_a_mesh_in_bfloat16(tmp_path):
          "--ratios", "1,4", "--seeds", "0", "--controls", "none", "--steps", "2", "--batch-size", "2", "--seq-len",
          "32", "--bootstrap", "50", "--mesh", "data=2", "--dtype", "bfloat16", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"})
+        env=simulated_devices_env(2))
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((out / "main" / "ratio_4" / "seed_0" / "run.json").read_text())
     assert run["mesh"] == "data=2" and run["train"]["compute_dtype"] == "bfloat16"

@@ -42,6 +42,7 @@ from moejax.layers.attention import Attention, KVCache, attention_mask, cache_at
 from moejax.layers.mlp import GPT_OSS_SWIGLU, ClampedSwiGLU, activate
 from moejax.layers.moe import Experts, GptOssMoE, Router, RouterControl, mix_experts, topk_softmax
 from moejax.mxfp4 import dequantize_mxfp4
+from moejax.parallel.mesh import simulated_devices_env
 
 pytestmark = pytest.mark.torch
 
@@ -365,8 +366,7 @@ def test_expert_parallel_with_biases_matches_one_device(tmp_path):
                     assert_close_trees(jax.jit(run)(x, weights, w), want)
                 print("ok", spec, exchange)
     """))
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")]))
+    env = simulated_devices_env(8, PYTHONPATH=os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
                           cwd=HERE.parents[2])
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]

@@ -11,7 +11,6 @@ started by the xdist worker the module was sent to.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import jax
 import pytest
+
+from moejax.parallel.mesh import simulated_devices_env
 
 DEVICES = 8
 REMOTE_MODULES = ("test_sharded.py", "test_scaleout.py", "test_vocab_split.py")
@@ -98,8 +99,7 @@ class InWorker(pytest.Item):
 def _start_worker(batch: str, items: list[InWorker]) -> None:
     root = Path(items[0].config.rootpath)
     report = Path(tempfile.mkdtemp(prefix="moejax-8-devices-")) / "junit.xml"
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-               f"--xla_force_host_platform_device_count={DEVICES}")
+    env = simulated_devices_env(DEVICES)
     log = open(report.with_name("log.txt"), "w+")  # noqa: SIM115 (read back when the worker is done)
     process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                                 f"--junitxml={report}", *(item.nodeid for item in items)], cwd=root, env=env,

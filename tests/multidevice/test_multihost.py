@@ -10,7 +10,6 @@ across both processes writes the tables of those statistics.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import moejax
 from moejax.data.corpus import chunk, read_corpus
 from moejax.data.tokenize import HFTokenizer
 from moejax.models.common import ForcedRouting
+from moejax.parallel.mesh import simulated_devices_env
 from moejax.parity.fixtures import make_checkpoint, save_byte_tokenizer
 from moejax.parity.ties import OTHER, classify_flips, router_rules
 from moejax.routing.analysis import collect
@@ -57,8 +57,7 @@ def test_two_processes_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = simulated_devices_env(4, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port), str(path),
                                str(data), str(tmp_path / "one_device.npz"), str(tmp_path / "out.npz")], env=env,
                               cwd=HERE.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
