@@ -5,11 +5,13 @@ It answers requests as lm-eval's Hugging Face backend (`--model hf`) does, with 
 that decide the numbers: the same tokenization (BOS handling included), the same left truncation to max_length, the
 same rolling windows for loglikelihood_rolling, the same stop sequences and end-of-text handling for generate_until.
 Only the model underneath differs:
-- loglikelihood: the requests that share a context (a multiple-choice question's answers) are one document laid out
-  as a tree, the context once and each continuation after it, seeing the context and itself only (for a model whose
-  layers read such a layout, `CausalLM.reads_branches`; otherwise each continuation repeats the context), in packed
-  rows of one width (moejax's segment ids: a document sees only itself, as if alone); identical inputs run once, and
-  only the asked tokens' log-probabilities and the argmax leave the device;
+- loglikelihood: each context runs once however many continuations share it (a multiple-choice question's
+  answers). For a model whose layers read a tree (`CausalLM.reads_branches`) a context and its continuations are one
+  document laid out as a tree, each continuation seeing the context and itself only, in packed rows of one width
+  (moejax's segment ids: a document sees only itself, as if alone). For one that cannot (Mamba-2 layers, a sliding
+  window) the contexts run into a generation cache, longest first, and each continuation continues from its
+  context's cache row (Mamba-2 state, convolution window, keys and values), as decoding does. Identical inputs run
+  once, and only the asked tokens' log-probabilities and whether each is the argmax leave the device;
 - generate_until: model.generate with its caches, batch_size prompts at a time.
 """
 
@@ -41,7 +43,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from moejax.config import read_config_json
-from moejax.data.packing import pack, passes
+from moejax.data.packing import BUCKETS, bucket, pack, passes
 from moejax.data.tokenize import byte_level_tokenizer, transformers_tokenizer
 from moejax.errors import ConfigError, DataError
 from moejax.loading import generation_defaults
@@ -56,6 +58,14 @@ DEFAULT_BATCH_SIZE = 8  # packed rows (or prompts, when generating) per forward 
 DEFAULT_MAX_LENGTH = 2048  # as lm-eval's Hugging Face backend, when neither config nor tokenizer says
 
 
+def _asked_log_probs(logits_btv, tokens_btx):
+    """log softmax(logits)[tokens] at each position [b, t, x] (each asked logit less its position's logsumexp: no
+    [b, t, vocab] log_softmax result) and the argmax token [b, t]."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    logz_bt1 = jax.nn.logsumexp(logits_btv, axis=-1, keepdims=True)
+    return jnp.take_along_axis(logits_btv, tokens_btx, axis=-1) - logz_bt1, jnp.argmax(logits_btv, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, last_bt, extra_btx, control,
            branch_ids_bt=None):
@@ -63,13 +73,31 @@ def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, la
     set, the log-probabilities of the extra_btx tokens too (the tokens several continuations ask for there).
     branch_ids_bt: documents laid out as trees (CausalLM.forward)."""
     logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
-                                                    branch_ids_bt=branch_ids_bt).logits.astype(jnp.float32)
-    # Each asked logit less its position's logsumexp: log_softmax without its [rows, seq, vocab] result.
-    logz_bt1 = jax.nn.logsumexp(logits_btv, axis=-1, keepdims=True)
-    target_bt = (jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1) - logz_bt1)[..., 0]
-    greedy_bt = jnp.argmax(logits_btv, axis=-1)
-    extra_btx = jnp.where(last_bt[..., None], jnp.take_along_axis(logits_btv, extra_btx, axis=-1) - logz_bt1, 0.0)
-    return target_bt, greedy_bt, extra_btx
+                                                    branch_ids_bt=branch_ids_bt).logits
+    target_bt1, greedy_bt = _asked_log_probs(logits_btv, targets_bt[..., None])
+    extra_btx, _ = _asked_log_probs(logits_btv, extra_btx)
+    return target_bt1[..., 0], greedy_bt, jnp.where(last_bt[..., None], extra_btx, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill_contexts(graphdef, state, ids_bt, segment_ids_bt, positions_bt, length: int, asked_bx, control):
+    """Contexts (left-padded rows) into a generation cache of `length` slots -> (the cache, the log-probabilities of
+    the asked_bx tokens after each context [b, x], whether each is the argmax [b, x])."""
+    model = nnx.merge(graphdef, state)
+    out = model.forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
+                        cache=model.init_cache(ids_bt.shape[0], length), last_logits=True)
+    logp_b1x, greedy_b1 = _asked_log_probs(out.logits, asked_bx[:, None])
+    return out.cache, logp_b1x[:, 0], asked_bx == greedy_b1
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _continue_contexts(graphdef, state, cache, context_r, ids_rt, segment_ids_rt, positions_rt, asked_rtx, control):
+    """Continuations (right-padded rows), row r after the context in cache row context_r[r] -> the log-probabilities
+    of the asked_rtx tokens at each position [r, t, x] and whether each is the argmax [r, t, x]."""
+    out = nnx.merge(graphdef, state).forward(ids_rt, segment_ids_rt, positions_rt, False, control=control,
+                                             cache=cache.rows(context_r))
+    logp_rtx, greedy_rt = _asked_log_probs(out.logits, asked_rtx)
+    return logp_rtx, asked_rtx == greedy_rt[..., None]
 
 
 @dataclasses.dataclass
@@ -83,38 +111,49 @@ class _Segment:
     asked: dict[int, list[int]]
 
 
-def _segments(trees: dict[tuple[int, ...], dict[tuple[int, ...], set[int]]], shared: bool):
-    """Loglikelihood inputs grouped by context -> (segments, where).
+def _segments(trees: dict[tuple[int, ...], dict[tuple[int, ...], set[int]]]):
+    """Loglikelihood inputs grouped by context, laid out as trees -> (segments, where).
 
     trees: {trunk: {branch: last tokens}}: a request's model input is its context (the trunk) and its continuation's
     tokens but the last (a branch, possibly empty), and it asks for each continuation token after the token before it.
-    shared: a segment per trunk, holding it once and each of its branches after it; else a segment per branch, the
-    trunk repeated in each. where: {(trunk, branch): the (segment, column) that predicts each continuation token}.
+    A segment per trunk holds it once and each of its branches after it. where: {(trunk, branch): the (segment,
+    column) that predicts each continuation token}.
     """
     segments, where = [], {}
     for trunk, branches in trees.items():
-        end, first = len(trunk) - 1, len(segments)
-        segment = None
+        end, index = len(trunk) - 1, len(segments)
+        segment = _Segment(list(trunk), [0] * len(trunk), list(range(len(trunk))), {})
+        segments.append(segment)
         for branch, lasts in branches.items():
             if not branch:
                 continue
-            if segment is None or not shared:
-                segment = _Segment(list(trunk), [0] * len(trunk), list(range(len(trunk))), {})
-                segments.append(segment)
-            start, index = len(segment.tokens), segment.branches[-1] + 1 if shared else 0
+            start = len(segment.tokens)
             segment.tokens += branch
-            segment.branches += [index] * len(branch)
+            segment.branches += [segment.branches[-1] + 1] * len(branch)
             segment.positions += range(len(trunk), len(trunk) + len(branch))
-            for i in range(len(branch)):
-                segment.asked[start + i] = [branch[i + 1]] if i + 1 < len(branch) else sorted(lasts)
-            where[trunk, branch] = [(first, end)] + [(len(segments) - 1, start + i) for i in range(len(branch))]
-        if segment is None:
-            segments.append(_Segment(list(trunk), [0] * len(trunk), list(range(len(trunk))), {}))
+            segment.asked.update(_branch_asks(branch, lasts, start))
+            where[trunk, branch] = [(index, end)] + [(index, start + i) for i in range(len(branch))]
         # The trunk's last position predicts every continuation's first token, once.
-        segments[first].asked[end] = sorted({branch[0] for branch in branches if branch} | branches.get((), set()))
+        segment.asked[end] = _first_asks(branches)
         if () in branches:
-            where[trunk, ()] = [(first, end)]
+            where[trunk, ()] = [(index, end)]
     return segments, where
+
+
+def _first_asks(branches: dict[tuple[int, ...], set[int]]) -> list[int]:
+    """The tokens asked after a trunk: every continuation's first (a branch's first, or a one-token continuation)."""
+    return sorted({branch[0] for branch in branches if branch} | branches.get((), set()))
+
+
+def _branch_asks(branch: tuple[int, ...], lasts: set[int], start: int = 0) -> dict[int, list[int]]:
+    """{column: the tokens asked there} along a branch placed at `start`: each of its tokens predicts the next, its
+    last predicts every last token of the continuations that end after it."""
+    return {start + i: [branch[i + 1]] if i + 1 < len(branch) else sorted(lasts) for i in range(len(branch))}
+
+
+def _short_bucket(length: int) -> int:
+    """Continuation rows' width: powers of two from 8 up to packing's first bucket, then packing's buckets."""
+    return max(8, 1 << (length - 1).bit_length()) if length <= BUCKETS[0] else bucket(length)
 
 
 @register_model("moejax")
@@ -230,19 +269,22 @@ class MoejaxLM(TemplateLM):
             trunk, continuation = tuple(whole[:-n]), tuple(whole[-n:])
             trees[trunk][continuation[:-1]].add(continuation[-1])
             asked.append((trunk, continuation))
-        shared = self.model.reads_branches
-        segments, where = _segments(trees, shared)
-        scored = self._score_segments(segments, shared, disable_tqdm)
+        if self.model.reads_branches:
+            segments, where = _segments(trees)
+            scored = self._score_segments(segments, disable_tqdm)
+            per_token = {key: [scored[at] for at in ats] for key, ats in where.items()}
+        else:
+            per_token = self._score_from_contexts(trees, disable_tqdm)
         results = []
         for trunk, continuation in asked:
-            logps, greedy = zip(*(scored[at][token] for at, token in zip(where[trunk, continuation[:-1]], continuation,
-                                                                         strict=True)), strict=True)
+            logps, greedy = zip(*(scores[token] for scores, token in zip(per_token[trunk, continuation[:-1]],
+                                                                         continuation, strict=True)), strict=True)
             results.append((float(np.sum(logps, dtype=np.float64)), all(greedy)))
         return results
 
-    def _score_segments(self, segments: list[_Segment], shared: bool, disable_tqdm: bool) -> dict:
-        """{(segment, column): {asked token: (its log-probability, whether it is the argmax)}}, the segments packed
-        into rows of one width, batch_size rows per forward pass; shared: the segments hold branches."""
+    def _score_segments(self, segments: list[_Segment], disable_tqdm: bool) -> dict:
+        """{(segment, column): {asked token: (its log-probability, whether it is the argmax)}}, the segments (trees)
+        packed into rows of one width, batch_size rows per forward pass."""
         layout = pack([len(s.tokens) for s in segments])
         extra = 1 << (max(len(t) for s in segments for t in s.asked.values()) - 1).bit_length()
         graphdef, state = nnx.split(self.model)
@@ -266,9 +308,8 @@ class MoejaxLM(TemplateLM):
                                 last[r, at + column] = True
                                 extras[r, at + column, :len(tokens)] = tokens
                 arrays = place(ids, segment_ids, positions, targets, last, extras)
-                branches = place(branch_ids)[0] if shared else None
                 target_logp, greedy, extra_logp = jax.device_get(_score(graphdef, state, *arrays, self._control,
-                                                                        branches))
+                                                                        *place(branch_ids)))
                 for r, row in enumerate(rows):
                     for i, at in row:
                         for column, tokens in segments[i].asked.items():
@@ -279,6 +320,67 @@ class MoejaxLM(TemplateLM):
                 bar.update(sum(len(row) for row in rows))
         bar.close()
         return out
+
+    def _score_from_contexts(self, trees: dict[tuple[int, ...], dict[tuple[int, ...], set[int]]],
+                             disable_tqdm: bool) -> dict:
+        """{(trunk, branch): per continuation token, {asked token: (its log-probability, whether it is the
+        argmax)}}, for a model that cannot read a tree (Mamba-2 layers, a sliding window): each context runs once,
+        batch_size contexts (longest first, left-padded) into a generation cache, and every continuation of it
+        continues from its row of that cache, batch_size continuations (right-padded) per forward pass."""
+        trunks = sorted(trees, key=len, reverse=True)
+        first_width = 1 << (max(len(_first_asks(trees[t])) for t in trunks) - 1).bit_length()
+        later_width = 1 << (max((len(lasts) for b in trees.values() for lasts in b.values()), default=1)
+                            - 1).bit_length()
+        graphdef, state = nnx.split(self.model)
+        out = {}
+        bar = tqdm(total=len(trunks), desc="moejax loglikelihood", disable=disable_tqdm)
+        with on_mesh(state) as place:
+            for start in range(0, len(trunks), self.batch_size):
+                batch = trunks[start:start + self.batch_size]
+                rows, width = min(self.batch_size, 1 << (len(batch) - 1).bit_length()), bucket(len(batch[0]))
+                ids, segment_ids, positions = (np.zeros((rows, width), np.int32) for _ in range(3))
+                asked = np.zeros((rows, first_width), np.int32)
+                for r, trunk in enumerate(batch):
+                    n = len(trunk)
+                    ids[r, width - n:], segment_ids[r, width - n:], positions[r, width - n:] = trunk, 1, range(n)
+                    asked[r, :len(_first_asks(trees[trunk]))] = _first_asks(trees[trunk])
+                pairs = sorted(((r, branch) for r, trunk in enumerate(batch) for branch in trees[trunk] if branch),
+                               key=lambda pair: -len(pair[1]))
+                room = _short_bucket(len(pairs[0][1])) if pairs else 0
+                cache, logp, greedy = _prefill_contexts(graphdef, state, *place(ids, segment_ids, positions),
+                                                        width + room, *place(asked), self._control)
+                for r, trunk in enumerate(batch):
+                    logp_r, greedy_r = np.asarray(logp[r]), np.asarray(greedy[r])
+                    first = {token: (float(logp_r[x]), bool(greedy_r[x]))
+                             for x, token in enumerate(_first_asks(trees[trunk]))}
+                    out.update({(trunk, branch): [first] for branch in trees[trunk]})
+                for at in range(0, len(pairs), self.batch_size):
+                    self._continue_pass(graphdef, state, place, cache, batch, trees, pairs[at:at + self.batch_size],
+                                        later_width, out)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+    def _continue_pass(self, graphdef, state, place, cache, batch, trees, pairs, asked_width: int, out: dict) -> None:
+        """One forward pass of continuations from their contexts' cache rows; each (trunk, branch) in `pairs` (its
+        context's row, its branch) gets its per-token scores appended in `out`."""
+        rows, width = min(self.batch_size, 1 << (len(pairs) - 1).bit_length()), _short_bucket(len(pairs[0][1]))
+        context, ids, segment_ids, positions = (np.zeros(shape, np.int32) for shape in
+                                                ((rows,), (rows, width), (rows, width), (rows, width)))
+        asked = np.zeros((rows, width, asked_width), np.int32)
+        for row, (r, branch) in enumerate(pairs):
+            n = len(branch)
+            context[row], ids[row, :n], segment_ids[row, :n] = r, branch, 1
+            positions[row, :n] = range(len(batch[r]), len(batch[r]) + n)
+            for column, tokens in _branch_asks(branch, trees[batch[r]][branch]).items():
+                asked[row, column, :len(tokens)] = tokens
+        logp, greedy = jax.device_get(_continue_contexts(graphdef, state, cache, *place(context, ids, segment_ids,
+                                                                                          positions, asked),
+                                                         self._control))
+        for row, (r, branch) in enumerate(pairs):
+            asks = _branch_asks(branch, trees[batch[r]][branch])
+            out[batch[r], branch] += [{token: (float(logp[row, column, x]), bool(greedy[row, column, x]))
+                                       for x, token in enumerate(asks[column])} for column in range(len(branch))]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """lm-eval's rolling windows (as its Hugging Face backend cuts them), scored as loglikelihood requests."""

@@ -30,6 +30,11 @@ class DecodeCache:
     valid_bs: jax.Array
     slot: jax.Array | int
 
+    def rows(self, index_r: jax.Array) -> DecodeCache:
+        """The cache of rows index_r [r] (a row may repeat): each copy continues from its row's tokens."""
+        # Every layer's cache leads with its stack's repeats, then the batch.
+        return DecodeCache(jax.tree.map(lambda a: a[:, index_r], self.layers), self.valid_bs[index_r], self.slot)
+
 
 @struct.dataclass
 class CausalLMOutput:

@@ -4,8 +4,9 @@ lm-eval backend's loglikelihoods that use them.
 A tree row's logits equal those of each branch run as a document of its own after the trunk (float32, within 1e-5:
 the same keys in another order of summation); the same row with every token on the trunk (branches that see each
 other) does not. The backend's loglikelihoods and greedy flags equal a numpy log-softmax over each request run alone
-(within 1e-4 per request, the tolerance the lm-eval comparison holds it to), shared trunk (Qwen3-MoE) or repeated
-trunk (Nemotron-H, whose Mamba-2 layers cannot read a tree).
+(within 1e-4 per request, the tolerance the lm-eval comparison holds it to), with a shared trunk (Qwen3-MoE) or,
+for a model that cannot read a tree (Nemotron-H's Mamba-2 layers, a sliding window), each context run once into a
+cache and its continuations continued from it.
 """
 
 from __future__ import annotations
@@ -83,18 +84,13 @@ def test_segments_layout():
     from moejax.evaluation.harness import _segments
 
     trees = {(1, 2, 3): {(4, 5): {6, 7}, (8,): {9}, (): {4, 10}}, (11,): {(): {12}}}
-    segments, where = _segments(trees, shared=True)
+    segments, where = _segments(trees)
     assert [s.tokens for s in segments] == [[1, 2, 3, 4, 5, 8], [11]]
     assert segments[0].branches == [0, 0, 0, 1, 1, 2] and segments[0].positions == [0, 1, 2, 3, 4, 3]
     # The trunk's end asks for every first token (4 is asked by a branch and by a one-token continuation alike).
     assert segments[0].asked == {2: [4, 8, 10], 3: [5], 4: [6, 7], 5: [9]} and segments[1].asked == {0: [12]}
     assert where == {((1, 2, 3), (4, 5)): [(0, 2), (0, 3), (0, 4)], ((1, 2, 3), (8,)): [(0, 2), (0, 5)],
                      ((1, 2, 3), ()): [(0, 2)], ((11,), ()): [(1, 0)]}
-    segments, where = _segments(trees, shared=False)
-    assert [s.tokens for s in segments] == [[1, 2, 3, 4, 5], [1, 2, 3, 8], [11]]
-    assert all(b == 0 for s in segments for b in s.branches)
-    assert [s.asked for s in segments] == [{2: [4, 8, 10], 3: [5], 4: [6, 7]}, {3: [9]}, {0: [12]}]
-    assert where[(1, 2, 3), (8,)] == [(0, 2), (1, 3)]
 
 
 def log_softmax(logits):
@@ -102,13 +98,23 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "nemotron_h"])
-def test_loglikelihoods_equal_each_request_alone(arch, qwen, tmp_path):
+@pytest.mark.parametrize("arch, batch_size", [("qwen3_moe", 8), ("nemotron_h", 8), ("nemotron_h", 2),
+                                              ("qwen3_moe_window", 3)])
+def test_loglikelihoods_equal_each_request_alone(arch, batch_size, qwen, tmp_path):
+    """Trees (Qwen3-MoE) or contexts continued from their cache rows (Nemotron-H, a sliding window): contexts of
+    several lengths share a left-padded batch, continuations of several lengths a right-padded one, and with a small
+    batch_size every batch of contexts needs several passes of continuations."""
     pytest.importorskip("lm_eval")
     from moejax.evaluation.harness import MoejaxLM
 
-    path = qwen if arch == "qwen3_moe" else make_checkpoint(arch, tmp_path / arch, seed=4, byte_tokenizer=True)[1]
-    lm = MoejaxLM(pretrained=str(path), max_length=40, **OVERRIDES[arch])
+    if arch == "qwen3_moe":
+        path = qwen
+    elif arch == "qwen3_moe_window":
+        path = make_checkpoint("qwen3_moe", tmp_path / arch, seed=4, byte_tokenizer=True, use_sliding_window=True,
+                               sliding_window=6)[1]
+    else:
+        path = make_checkpoint(arch, tmp_path / arch, seed=4, byte_tokenizer=True)[1]
+    lm = MoejaxLM(pretrained=str(path), max_length=40, batch_size=batch_size, **OVERRIDES.get(arch, {}))
     assert lm.model.reads_branches == (arch == "qwen3_moe")
     rng = np.random.default_rng(1)
     requests = []

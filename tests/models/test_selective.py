@@ -359,7 +359,7 @@ def test_selective_step_equals_the_full_gradient_masked(tmp_path, arch, selectio
                else load_balancing_loss(out.router_logits, config.num_experts_per_tok, valid))
         return next_token_loss(out.logits, jnp.asarray(ids)) + 0.05 * aux
 
-    full = jax.grad(loss)(params)
+    full = jax.jit(jax.grad(loss))(params)
     graphdef, state, tx = init_state(model, cfg)
     start = jax.tree.map(np.array, state.params)
     train = trainable(cfg.resolved(config), state.params, config)
