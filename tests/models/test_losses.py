@@ -55,7 +55,7 @@ def moejax_loss(model, ids, mask, labels):
         aux = load_balancing_loss(out.router_logits, k, jnp.asarray(mask))
         return ce + COEF * aux, (ce, aux, out.router_logits)
 
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
 @pytest.mark.slow

@@ -178,7 +178,7 @@ def test_selected_gradients_equal_torch_autograd(checkpoint, tmp_path):
                else load_balancing_loss(out.router_logits, config.num_experts_per_tok, valid))
         return ce + (0.0 if sigmoid else 0.05 * aux), out
 
-    (total, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (total, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     reference.zero_grad()
     arrays = {"allowed_e": np.asarray(route_control(cfg, config).allowed_e)}
     with steered(reference, arrays):
