@@ -60,12 +60,13 @@ def one_per_row(lengths: list[int]) -> list[Layout]:
             for width, members in itertools.groupby(order, key=lambda i: bucket(lengths[i]))]
 
 
-def passes(layout: Layout, batch_size: int):
-    """The layout's rows in forward passes of batch_size rows -> (rows of the pass, the pass's row count): the last
-    pass takes the next power of two of the rows left (one shape more, at most), not a whole batch of empty rows."""
-    for start in range(0, len(layout.rows), batch_size):
-        rows = layout.rows[start:start + batch_size]
-        yield rows, min(batch_size, 1 << (len(rows) - 1).bit_length())
+def passes(rows: list, batch_size: int):
+    """Rows (a layout's, or anything run a row each) in forward passes of batch_size rows -> (rows of the pass, the
+    pass's row count): the last pass takes the next power of two of the rows left (one shape more, at most), not a
+    whole batch of empty rows."""
+    for start in range(0, len(rows), batch_size):
+        taken = rows[start:start + batch_size]
+        yield taken, min(batch_size, 1 << (len(taken) - 1).bit_length())
 
 
 def segment_positions(segment_ids_bt: np.ndarray) -> np.ndarray:

@@ -74,9 +74,8 @@ def _score(graphdef, state, ids_bt, segment_ids_bt, positions_bt, targets_bt, la
     branch_ids_bt: documents laid out as trees (CausalLM.forward)."""
     logits_btv = nnx.merge(graphdef, state).forward(ids_bt, segment_ids_bt, positions_bt, False, control=control,
                                                     branch_ids_bt=branch_ids_bt).logits
-    target_bt1, greedy_bt = _asked_log_probs(logits_btv, targets_bt[..., None])
-    extra_btx, _ = _asked_log_probs(logits_btv, extra_btx)
-    return target_bt1[..., 0], greedy_bt, jnp.where(last_bt[..., None], extra_btx, 0.0)
+    logp_bt1x, greedy_bt = _asked_log_probs(logits_btv, jnp.concatenate([targets_bt[..., None], extra_btx], axis=-1))
+    return logp_bt1x[..., 0], greedy_bt, jnp.where(last_bt[..., None], logp_bt1x[..., 1:], 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -291,7 +290,7 @@ class MoejaxLM(TemplateLM):
         out = {}
         bar = tqdm(total=len(segments), desc="moejax loglikelihood", disable=disable_tqdm)
         with on_mesh(state) as place:
-            for rows, size in passes(layout, self.batch_size):
+            for rows, size in passes(layout.rows, self.batch_size):
                 ids, segment_ids, branch_ids, positions, targets = (np.zeros((size, layout.width), np.int32)
                                                                     for _ in range(5))
                 last = np.zeros((size, layout.width), bool)
@@ -328,22 +327,22 @@ class MoejaxLM(TemplateLM):
         batch_size contexts (longest first, left-padded) into a generation cache, and every continuation of it
         continues from its row of that cache, batch_size continuations (right-padded) per forward pass."""
         trunks = sorted(trees, key=len, reverse=True)
-        first_width = 1 << (max(len(_first_asks(trees[t])) for t in trunks) - 1).bit_length()
+        firsts = {trunk: _first_asks(trees[trunk]) for trunk in trunks}
+        first_width = 1 << (max(map(len, firsts.values())) - 1).bit_length()
         later_width = 1 << (max((len(lasts) for b in trees.values() for lasts in b.values()), default=1)
                             - 1).bit_length()
         graphdef, state = nnx.split(self.model)
         out = {}
         bar = tqdm(total=len(trunks), desc="moejax loglikelihood", disable=disable_tqdm)
         with on_mesh(state) as place:
-            for start in range(0, len(trunks), self.batch_size):
-                batch = trunks[start:start + self.batch_size]
-                rows, width = min(self.batch_size, 1 << (len(batch) - 1).bit_length()), bucket(len(batch[0]))
+            for batch, rows in passes(trunks, self.batch_size):
+                width = bucket(len(batch[0]))
                 ids, segment_ids, positions = (np.zeros((rows, width), np.int32) for _ in range(3))
                 asked = np.zeros((rows, first_width), np.int32)
                 for r, trunk in enumerate(batch):
                     n = len(trunk)
                     ids[r, width - n:], segment_ids[r, width - n:], positions[r, width - n:] = trunk, 1, range(n)
-                    asked[r, :len(_first_asks(trees[trunk]))] = _first_asks(trees[trunk])
+                    asked[r, :len(firsts[trunk])] = firsts[trunk]
                 pairs = sorted(((r, branch) for r, trunk in enumerate(batch) for branch in trees[trunk] if branch),
                                key=lambda pair: -len(pair[1]))
                 room = _short_bucket(len(pairs[0][1])) if pairs else 0
@@ -351,36 +350,36 @@ class MoejaxLM(TemplateLM):
                                                         width + room, *place(asked), self._control)
                 for r, trunk in enumerate(batch):
                     logp_r, greedy_r = np.asarray(logp[r]), np.asarray(greedy[r])
-                    first = {token: (float(logp_r[x]), bool(greedy_r[x]))
-                             for x, token in enumerate(_first_asks(trees[trunk]))}
+                    first = {token: (float(logp_r[x]), bool(greedy_r[x])) for x, token in enumerate(firsts[trunk])}
                     out.update({(trunk, branch): [first] for branch in trees[trunk]})
-                for at in range(0, len(pairs), self.batch_size):
-                    self._continue_pass(graphdef, state, place, cache, batch, trees, pairs[at:at + self.batch_size],
-                                        later_width, out)
+                for chunk, chunk_rows in passes(pairs, self.batch_size):
+                    self._continue_pass(graphdef, state, place, cache, batch, trees, chunk, chunk_rows, later_width,
+                                        out)
                 bar.update(len(batch))
         bar.close()
         return out
 
-    def _continue_pass(self, graphdef, state, place, cache, batch, trees, pairs, asked_width: int, out: dict) -> None:
-        """One forward pass of continuations from their contexts' cache rows; each (trunk, branch) in `pairs` (its
-        context's row, its branch) gets its per-token scores appended in `out`."""
-        rows, width = min(self.batch_size, 1 << (len(pairs) - 1).bit_length()), _short_bucket(len(pairs[0][1]))
+    def _continue_pass(self, graphdef, state, place, cache, batch, trees, pairs, rows: int, asked_width: int,
+                       out: dict) -> None:
+        """One forward pass (`rows` rows) of continuations from their contexts' cache rows; each (trunk, branch) in
+        `pairs` (its context's row, its branch) gets its per-token scores appended in `out`."""
+        width = _short_bucket(len(pairs[0][1]))
         context, ids, segment_ids, positions = (np.zeros(shape, np.int32) for shape in
                                                 ((rows,), (rows, width), (rows, width), (rows, width)))
         asked = np.zeros((rows, width, asked_width), np.int32)
+        asks = [_branch_asks(branch, trees[batch[r]][branch]) for r, branch in pairs]
         for row, (r, branch) in enumerate(pairs):
             n = len(branch)
             context[row], ids[row, :n], segment_ids[row, :n] = r, branch, 1
             positions[row, :n] = range(len(batch[r]), len(batch[r]) + n)
-            for column, tokens in _branch_asks(branch, trees[batch[r]][branch]).items():
+            for column, tokens in asks[row].items():
                 asked[row, column, :len(tokens)] = tokens
         logp, greedy = jax.device_get(_continue_contexts(graphdef, state, cache, *place(context, ids, segment_ids,
                                                                                           positions, asked),
                                                          self._control))
         for row, (r, branch) in enumerate(pairs):
-            asks = _branch_asks(branch, trees[batch[r]][branch])
             out[batch[r], branch] += [{token: (float(logp[row, column, x]), bool(greedy[row, column, x]))
-                                       for x, token in enumerate(asks[column])} for column in range(len(branch))]
+                                       for x, token in enumerate(asks[row][column])} for column in range(len(branch))]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """lm-eval's rolling windows (as its Hugging Face backend cuts them), scored as loglikelihood requests."""

@@ -108,7 +108,7 @@ def collect(model, tokenizer, texts: list[str], *, exclude_ids, batch_size: int,
 
     def batches():
         for layout in layouts:
-            for rows, size in passes(layout, batch_size):
+            for rows, size in passes(layout.rows, batch_size):
                 shapes.add((size, layout.width))
                 ids = np.full((size, layout.width), tokenizer.pad_id, np.int64)
                 segment_ids = np.zeros((size, layout.width), np.int32)
