@@ -18,10 +18,13 @@ whole [layers, E, d, f] tensor is ever formed.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +54,35 @@ BATCH_FIELDS = ("input_ids", "segment_ids", "position_ids", "labels", "lang_ids"
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0, then a cosine to learning_rate * min_lr_ratio (cfg resolved)."""
+    """Linear warmup from 0, then a cosine to learning_rate * min_lr_ratio (cfg resolved): optax's, on the host.
+    The step computes the same formula from its numbers (`learning_rate`)."""
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
                                               max(cfg.total_steps, cfg.warmup_steps + 1),
                                               cfg.learning_rate * cfg.min_lr_ratio)
+
+
+# The settings that enter the compiled step as data rather than as constants, so that runs differing only in them (a
+# learning-rate sweep, a balance-coefficient ablation, another number of steps) run one program.
+NUMBERS = ("learning_rate", "warmup_steps", "total_steps", "min_lr_ratio", "lb_coef", "z_coef", "bias_update_rate")
+
+
+def step_numbers(cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The step's numbers from a resolved cfg, as the step takes them (float32 and int32 scalars)."""
+    warmup = max(cfg.warmup_steps, 1)
+    return {"learning_rate": np.float32(cfg.learning_rate), "warmup": np.int32(warmup),
+            "decay": np.float32(max(cfg.total_steps, cfg.warmup_steps + 1) - warmup),
+            "min_lr_ratio": np.float32(cfg.min_lr_ratio), "lb_coef": np.float32(cfg.lb_coef),
+            "z_coef": np.float32(cfg.z_coef), "bias_update_rate": np.float32(cfg.bias_update_rate)}
+
+
+def learning_rate(numbers: Mapping[str, jax.Array], count: jax.Array) -> jax.Array:
+    """`schedule`'s learning rate at step `count`, from step_numbers (traced): a linear warmup from 0 over `warmup`
+    steps, then a cosine over `decay` steps to learning_rate * min_lr_ratio, where it stays."""
+    lr, warmup, decay, ratio = (numbers[k] for k in ("learning_rate", "warmup", "decay", "min_lr_ratio"))
+    ramp = lr * (jnp.clip(count, 0, warmup) / warmup)
+    t = jnp.minimum(count - warmup, decay)
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * t / decay))
+    return jnp.where(count < warmup, ramp, lr * ((1 - ratio) * cosine + ratio))
 
 
 def _dotted(path) -> str:
@@ -210,12 +238,50 @@ def route_control(cfg: TrainConfig, model_config) -> RouterControl | None:
     return RouterControl(allowed_e=allowed)
 
 
-def optimizer(cfg: TrainConfig, params, model_config) -> optax.GradientTransformation:
+class Optimizer(NamedTuple):
+    """`optimizer`'s transformation, with `made_for`: what it was made from (the settings, the model's config and the
+    parameters' structure), by which make_train_step knows it may reuse a step compiled with an equal one."""
+
+    init: optax.TransformInitFn
+    update: optax.TransformUpdateFn
+    made_for: tuple
+
+
+def optimizer(cfg: TrainConfig, params, model_config, learning_rate_at: optax.Schedule | None = None) -> Optimizer:
     """Clipping, then AdamW (decay on weight matrices); frozen parameters (not matching `trainable`, outside an
-    expert selection, and the correction bias, which moves by its own rule) get no update at all."""
+    expert selection, and the correction bias, which moves by its own rule) get no update at all. learning_rate_at:
+    the schedule (default `schedule(cfg)`; the step passes its numbers' `learning_rate`)."""
     train = trainable(cfg, params, model_config)
     decay = jax.tree.map(lambda var: jax.tree.map(lambda _: _is_matrix(var), var), params, is_leaf=_is_variable)
-    return clipped_adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm, train, decay)
+    tx = clipped_adamw(learning_rate_at or schedule(cfg), cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm, train,
+                       decay)
+    return Optimizer(tx.init, tx.update, (_program_key(cfg), model_config, jax.tree.structure(params)))
+
+
+def _program_key(cfg: TrainConfig) -> str:
+    """What of cfg the compiled step depends on, as a hashable value: everything but its NUMBERS (whether a correction
+    bias moves at all is kept)."""
+    fields = dataclasses.asdict(cfg) | {name: None for name in NUMBERS}
+    return json.dumps(fields | {"bias_update_rate": bool(cfg.bias_update_rate)}, sort_keys=True, default=str)
+
+
+# The steps compiled in this process, by what they compute (the most recent few): a run equal to an earlier one in
+# everything but its data (a study's runs over other mixtures, a resumed run, a test's second run) reuses that
+# program instead of tracing and compiling it again (seconds on a tiny model, minutes at 30B).
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_KEPT = 8
+
+
+def _reused(key, build):
+    """build() the first time `key` is seen (key None: always); the same object again after that."""
+    if key is None:
+        return build()
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+        while len(_COMPILED) > _COMPILED_KEPT:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
 
 
 @jax.tree_util.register_dataclass
@@ -255,12 +321,12 @@ def _cast(params, compute):
     return jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute)
 
 
-def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int):
-    """jitted(first, batch) with the batch completed and, when `params` live on a mesh, split over its batch
+def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int, *rest):
+    """jitted(first, batch, *rest) with the batch completed and, when `params` live on a mesh, split over its batch
     axes under that mesh (so MoE blocks run expert-parallel)."""
     batch = _complete(batch, accum_steps)
     with on_mesh(params) as place:
-        return jitted(first, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
+        return jitted(first, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)), *rest)
 
 
 def _compute_dtypes(model_config, compute_dtype: str):
@@ -279,19 +345,38 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     metrics: loss (cross-entropy), aux_loss, z_loss, total_loss, grad_norm (of what trains: the norm the clipping
     sees), lr (of this step), finite,
     tokens (predicted labels), expert_counts [moe layers, num_langs, E] (int32; moejax.training.run turns them
-    into usage entropies)."""
+    into usage entropies).
+
+    tx: the optimizer init_state made for cfg. A step equal to one made before in this process (the same graph,
+    settings, model and languages, and an optimizer `optimizer` made for them) reuses its compiled program."""
     cfg = cfg.resolved(model_config)
+    if cfg.bias_update_rate and model_config.router_kind != "sigmoid":
+        raise SettingsError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
+                            f"bias (Nemotron-H); {model_config.model_type} has none")
+    made_for = getattr(tx, "made_for", None)
+    ours = made_for is not None and made_for[:2] == (_program_key(cfg), model_config)
+    jitted = _reused(("train", graphdef, made_for, num_langs) if ours else None,
+                     lambda: _jitted_step(graphdef, None if ours else tx, cfg, model_config, num_langs))
+    numbers = step_numbers(cfg)
+
+    def step(state: TrainState, batch: Mapping[str, np.ndarray]):
+        return _call_placed(jitted, state, state.params, batch, cfg.accum_steps, numbers)
+
+    step.jitted, step.numbers = jitted, numbers  # for lowering from abstract shapes (moejax plan --train)
+    return step
+
+
+def _jitted_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | None, cfg: TrainConfig, model_config,
+                 num_langs: int):
+    """make_train_step's jitted (state, batch, numbers) -> (state, metrics), for a resolved cfg; its NUMBERS come as
+    data (step_numbers). tx None: `optimizer`'s, made in the trace with the numbers' learning rate."""
     compute = _compute_dtypes(model_config, cfg.compute_dtype)
     experts = model_config.num_routed_experts
     top_k = model_config.num_experts_per_tok
     sigmoid = model_config.router_kind == "sigmoid"
-    if cfg.bias_update_rate and not sigmoid:
-        raise SettingsError("bias_update_rate (aux-loss-free balancing) needs a sigmoid router with a correction "
-                            f"bias (Nemotron-H); {model_config.model_type} has none")
-
     control = route_control(cfg, model_config)
 
-    def loss_fn(trained, params, micro, train, as_rows):
+    def loss_fn(trained, params, micro, train, as_rows, numbers):
         # The gradient is taken with respect to `trained` alone: XLA computes none for the frozen parameters.
         cast = jax.tree.map(lambda dtype, x: None if x is None else x.astype(dtype), compute, trained)
         model = nnx.merge(graphdef, _with_trained(train, _cast(params, compute), cast, as_rows))
@@ -307,15 +392,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             aux = load_balancing_loss(out.router_logits, top_k, valid_bt)
         z = router_z_loss(out.router_logits, valid_bt)
         counts = expert_counts(out.router_expert_ids, experts, micro["lang_ids"], num_langs, valid_bt)
-        return ce + cfg.lb_coef * aux + cfg.z_coef * z, ({"loss": ce, "aux_loss": aux, "z_loss": z}, counts)
+        total = ce + numbers["lb_coef"] * aux + numbers["z_coef"] * z
+        return total, ({"loss": ce, "aux_loss": aux, "z_loss": z}, counts)
 
-    def accumulated(params, batch, train):
+    def accumulated(params, batch, train, numbers):
         """((total, (metrics, counts)), grads), averaged over accum_steps micro-batches (counts summed). grads: per
         parameter, the gradient of what trains (a Slices parameter's: of its slices alone, [slices, ...]), None for
         a frozen one."""
         as_rows = _read_as_rows(params, nnx.merge(graphdef, params).layers.index_experts)
         trained = _trained_part(train, params, as_rows)
-        grad_fn = jax.value_and_grad(functools.partial(loss_fn, train=train, as_rows=as_rows), has_aux=True)
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, train=train, as_rows=as_rows, numbers=numbers),
+                                     has_aux=True)
         if cfg.accum_steps == 1:
             out, grads = grad_fn(trained, params, batch)
         else:
@@ -334,18 +421,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     # The state is donated: the new parameters and optimizer state take the old ones' buffers, so a step
     # holds one copy of them, not two (callers rebind: state = step(state, batch)[0]).
     @functools.partial(jax.jit, donate_argnums=0)
-    def jitted(state: TrainState, batch):
+    def jitted(state: TrainState, batch, numbers):
         train = trainable(cfg, state.params, model_config)
-        (total, (metrics, counts_lge)), grads = accumulated(state.params, batch, train)
+        (total, (metrics, counts_lge)), grads = accumulated(state.params, batch, train, numbers)
+        update_fn = (tx or optimizer(cfg, state.params, model_config, lambda n: learning_rate(numbers, n))).update
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 
         def update(state, grads):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            updates, opt_state = update_fn(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates, train)
             if cfg.bias_update_rate:
                 params = _move_correction_bias(params, model_config, jnp.sum(counts_lge, axis=1),
-                                               cfg.bias_update_rate)
+                                               numbers["bias_update_rate"])
             return TrainState(state.step + 1, params, opt_state)
 
         # A non-finite loss or gradient leaves everything as it was; the caller stops on finite == False. A
@@ -353,20 +441,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         new = jax.lax.cond(finite, update, lambda state, grads: state, state, grads)
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return new, metrics | {"total_loss": total, "grad_norm": grad_norm, "finite": finite, "tokens": tokens,
-                               "lr": schedule(cfg)(state.step), "expert_counts": counts_lge}
+                               "lr": learning_rate(numbers, state.step), "expert_counts": counts_lge}
 
-    def step(state: TrainState, batch: Mapping[str, np.ndarray]):
-        return _call_placed(jitted, state, state.params, batch, cfg.accum_steps)
-
-    step.jitted = jitted  # for lowering from abstract shapes (moejax plan --train)
-    return step
+    return jitted
 
 
 def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
     """evaluate(params, batch) -> (summed next-token cross-entropy, predicted tokens), jitted: the language-model
-    loss alone, in the train step's compute dtype, never a balance term. batch: as make_train_step's."""
-    compute = _compute_dtypes(model_config, cfg.resolved(model_config).compute_dtype)
+    loss alone, in the train step's compute dtype, never a balance term. batch: as make_train_step's. Reuses the
+    program of an equal evaluation made before in this process (the same graph, model and compute dtype)."""
+    compute_dtype = cfg.resolved(model_config).compute_dtype
+    jitted = _reused(("eval", graphdef, model_config, compute_dtype),
+                     lambda: _jitted_eval(graphdef, _compute_dtypes(model_config, compute_dtype)))
+    return lambda params, batch: _call_placed(jitted, params, params, batch, 1)
 
+
+def _jitted_eval(graphdef: nnx.GraphDef, compute):
     @jax.jit
     def jitted(params, batch):
         model = nnx.merge(graphdef, _cast(params, compute))
@@ -374,7 +464,7 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, model_config):
         tokens = jnp.sum(batch["labels"][:, 1:] != IGNORE_INDEX)
         return next_token_loss(out.logits, batch["labels"]) * tokens, tokens
 
-    return lambda params, batch: _call_placed(jitted, params, params, batch, 1)
+    return jitted
 
 
 def _complete(batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 from moejax.errors import DataError
 from moejax.parity.fixtures import make_checkpoint
 from moejax.training.config import TrainConfig
-from moejax.training.step import _dotted, init_state, make_train_step
+from moejax.training.step import _dotted, init_state, learning_rate, make_train_step, schedule, step_numbers
 
 pytestmark = pytest.mark.torch
 
@@ -172,3 +172,62 @@ def test_packed_documents_do_not_see_each_other(path):
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
     leaky = np.asarray(model(packed, np.ones_like(segments), position_ids=positions).logits)[0, 7:]
     assert np.abs(leaky - alone).max() > 1e-2  # without the segments the second document sees the first
+
+
+
+@pytest.mark.parametrize("settings", [dict(learning_rate=1e-2, warmup_steps=5, total_steps=60),
+                                      dict(learning_rate=3e-4, warmup_steps=0, total_steps=7, min_lr_ratio=0.0),
+                                      dict(learning_rate=1.0, total_steps=1000),
+                                      dict(learning_rate=2e-5, warmup_steps=40, total_steps=20, min_lr_ratio=0.5)])
+def test_learning_rate_from_numbers_is_the_schedule(path, settings):
+    """The step's learning rate, computed from its numbers as data, is optax's schedule (to float32 rounding) at
+    every step of the warmup, the cosine and past its end; a wrong warmup or floor is caught."""
+    cfg = TrainConfig(**settings).resolved(moejax.load_config(path))
+    counts = np.arange(cfg.total_steps + cfg.warmup_steps + 10, dtype=np.int32)
+    at = jax.jit(learning_rate)
+    want = np.asarray([schedule(cfg)(int(n)) for n in counts])
+    np.testing.assert_allclose(np.asarray(at(step_numbers(cfg), counts)), want, rtol=2e-6,
+                               atol=1e-6 * cfg.learning_rate)
+    assert want[0] == 0.0 and want[-1] == pytest.approx(cfg.learning_rate * cfg.min_lr_ratio, rel=1e-6)
+    for wrong in ({"warmup": np.int32(cfg.warmup_steps + 2)}, {"min_lr_ratio": np.float32(cfg.min_lr_ratio + 0.2)}):
+        assert not np.allclose(np.asarray(at(step_numbers(cfg) | wrong, counts)), want, rtol=1e-3, atol=0)
+
+
+def test_runs_that_differ_in_numbers_share_one_program(path):
+    """Two runs that differ only in the step's numbers (learning rate, schedule, balance and z-loss coefficients)
+    run one compiled step, and each gets its own numbers: its learning rate is its schedule's and its total loss
+    its own coefficients' sum. A run that differs in what the step computes (remat) gets another program; a custom
+    optimizer is used as given."""
+    import optax
+
+    runs = {}
+    for name, settings in {"a": dict(learning_rate=1e-3, warmup_steps=2, total_steps=9, lb_coef=1e-2),
+                           "b": dict(learning_rate=5e-2, warmup_steps=1, total_steps=4, lb_coef=0.3, z_coef=1e-2),
+                           "remat": dict(learning_rate=1e-3, warmup_steps=2, total_steps=9, remat="full")}.items():
+        cfg = TrainConfig(compute_dtype="float32", **settings)
+        model = moejax.from_pretrained(path)
+        graphdef, state, tx = init_state(model, cfg)
+        step = make_train_step(graphdef, tx, cfg, model.config)
+        resolved = cfg.resolved(model.config)
+        for n in range(3):
+            state, metrics = step(state, {"input_ids": BATCH})
+            assert float(metrics["lr"]) == pytest.approx(float(schedule(resolved)(n)), rel=2e-6, abs=1e-12)
+            want = metrics["loss"] + resolved.lb_coef * metrics["aux_loss"] + resolved.z_coef * metrics["z_loss"]
+            assert float(metrics["total_loss"]) == pytest.approx(float(want), rel=1e-6)
+        runs[name] = step.jitted
+    assert runs["a"] is runs["b"] and runs["remat"] is not runs["a"]
+
+    cfg = TrainConfig(compute_dtype="float32", learning_rate=1e-3, warmup_steps=2, total_steps=9, lb_coef=1e-2)
+    model = moejax.from_pretrained(path)
+    graphdef, state, _ = init_state(model, cfg)
+
+    def no_update(grads, opt_state, params):  # a custom optimizer: zero updates, its state kept
+        return jax.tree.map(jnp.zeros_like, grads), opt_state
+
+    step = make_train_step(graphdef, optax.GradientTransformation(lambda params: state.opt_state, no_update), cfg,
+                           model.config)
+    before = jax.tree.map(np.array, state.params)
+    state, _ = step(state, {"input_ids": BATCH})
+    assert step.jitted is not runs["a"]
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(new), old)
