@@ -7,17 +7,22 @@ tests/multidevice/conftest.py).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # The commands the tests run keep their XLA compilation cache inside this test run, never in the user's home:
-# one directory for the session (and the processes it starts), so an identical program compiles once.
-_CACHE = tempfile.mkdtemp(prefix="moejax-test-xla-")
-os.environ.setdefault("MOEJAX_COMPILATION_CACHE", _CACHE)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# one directory for the session (and the processes it starts, pytest-xdist's workers included), so an identical
+# program compiles once. The process that made it removes it when it exits.
+if "MOEJAX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["MOEJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="moejax-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["MOEJAX_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ.setdefault("MOEJAX_COMPILATION_CACHE", os.environ["MOEJAX_TEST_XLA_CACHE"])
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MOEJAX_TEST_XLA_CACHE"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
