@@ -117,7 +117,7 @@ def plan_train(model: str, mesh_spec: str | None = None, topology: str | None = 
     inputs = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
               for name, shape in shapes.items()}
     with jax.set_mesh(mesh):
-        compiled = step.jitted.lower(state, inputs, step.numbers).compile()
+        compiled = step.jitted.lower(state, inputs).compile()
     memory = compiled.memory_analysis()
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     param_bytes = device_bytes(state.params)

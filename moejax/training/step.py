@@ -321,12 +321,12 @@ def _cast(params, compute):
     return jax.tree.map(lambda x, dtype: x.astype(dtype), params, compute)
 
 
-def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int, *rest):
-    """jitted(first, batch, *rest) with the batch completed and, when `params` live on a mesh, split over its batch
+def _call_placed(jitted, first, params, batch: Mapping[str, np.ndarray], accum_steps: int):
+    """jitted(first, batch) with the batch completed and, when `params` live on a mesh, split over its batch
     axes under that mesh (so MoE blocks run expert-parallel)."""
     batch = _complete(batch, accum_steps)
     with on_mesh(params) as place:
-        return jitted(first, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)), *rest)
+        return jitted(first, dict(zip(BATCH_FIELDS, place(*(batch[k] for k in BATCH_FIELDS)), strict=True)))
 
 
 def _compute_dtypes(model_config, compute_dtype: str):
@@ -357,13 +357,28 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     ours = made_for is not None and made_for[:2] == (_program_key(cfg), model_config)
     jitted = _reused(("train", graphdef, made_for, num_langs) if ours else None,
                      lambda: _jitted_step(graphdef, None if ours else tx, cfg, model_config, num_langs))
-    numbers = step_numbers(cfg)
+    bound = RunStep(jitted, step_numbers(cfg))
 
     def step(state: TrainState, batch: Mapping[str, np.ndarray]):
-        return _call_placed(jitted, state, state.params, batch, cfg.accum_steps, numbers)
+        return _call_placed(bound, state, state.params, batch, cfg.accum_steps)
 
-    step.jitted, step.numbers = jitted, numbers  # for lowering from abstract shapes (moejax plan --train)
+    step.jitted = bound  # for lowering from abstract shapes (moejax plan --train)
     return step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStep:
+    """A compiled step (`program`, jitted (state, batch, numbers), shared by equal runs) with one run's numbers
+    bound: called and lowered as (state, batch)."""
+
+    program: object
+    numbers: dict
+
+    def __call__(self, state, batch):
+        return self.program(state, batch, self.numbers)
+
+    def lower(self, state, batch):
+        return self.program.lower(state, batch, self.numbers)
 
 
 def _jitted_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | None, cfg: TrainConfig, model_config,
