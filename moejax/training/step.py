@@ -3,6 +3,8 @@ a load-balancing loss (and optionally the router z-loss), global-norm clipping, 
 schedule, a parameter mask, gradient accumulation, rematerialisation, and a non-finite guard that
 leaves the weights untouched. One jitted function; on a mesh, the parameters and their optimizer
 state keep the shardings of the logical-axis rules and the batch is split over the data axes.
+The learning rate, its schedule and the loss coefficients (NUMBERS) are data to that function, and a step made again
+for the same model and settings up to those numbers reuses it: a sweep over them compiles once.
 
 Qwen3-MoE's balance term is transformers' `load_balancing_loss_func`; Nemotron-H's is DeepSeek-V3's
 sequence-wise loss on its sigmoid scores, and the aux-loss-free alternative its published model was
