@@ -174,7 +174,6 @@ def test_packed_documents_do_not_see_each_other(path):
     assert np.abs(leaky - alone).max() > 1e-2  # without the segments the second document sees the first
 
 
-
 @pytest.mark.parametrize("settings", [dict(learning_rate=1e-2, warmup_steps=5, total_steps=60),
                                       dict(learning_rate=3e-4, warmup_steps=0, total_steps=7, min_lr_ratio=0.0),
                                       dict(learning_rate=1.0, total_steps=1000),
@@ -200,13 +199,17 @@ def test_runs_that_differ_in_numbers_share_one_program(path):
     optimizer is used as given."""
     import optax
 
-    runs = {}
+    runs, params = {}, {}
     for name, settings in {"a": dict(learning_rate=1e-3, warmup_steps=2, total_steps=9, lb_coef=1e-2),
                            "b": dict(learning_rate=5e-2, warmup_steps=1, total_steps=4, lb_coef=0.3, z_coef=1e-2),
-                           "remat": dict(learning_rate=1e-3, warmup_steps=2, total_steps=9, remat="full")}.items():
+                           "remat": dict(learning_rate=1e-3, warmup_steps=2, total_steps=9, remat="full"),
+                           "b with constants": dict(learning_rate=5e-2, warmup_steps=1, total_steps=4, lb_coef=0.3,
+                                                    z_coef=1e-2)}.items():
         cfg = TrainConfig(compute_dtype="float32", **settings)
         model = moejax.from_pretrained(path)
         graphdef, state, tx = init_state(model, cfg)
+        if name == "b with constants":  # the optimizer as a plain optax transformation: its own program, lr constant
+            tx = optax.GradientTransformation(tx.init, tx.update)
         step = make_train_step(graphdef, tx, cfg, model.config)
         resolved = cfg.resolved(model.config)
         for n in range(3):
@@ -214,8 +217,15 @@ def test_runs_that_differ_in_numbers_share_one_program(path):
             assert float(metrics["lr"]) == pytest.approx(float(schedule(resolved)(n)), rel=2e-6, abs=1e-12)
             want = metrics["loss"] + resolved.lb_coef * metrics["aux_loss"] + resolved.z_coef * metrics["z_loss"]
             assert float(metrics["total_loss"]) == pytest.approx(float(want), rel=1e-6)
-        runs[name] = step.jitted.program
-    assert runs["a"] is runs["b"] and runs["remat"] is not runs["a"]
+        runs[name], params[name] = step.jitted.program, jax.tree.leaves(state.params)
+    assert runs["a"] is runs["b"] and runs["remat"] is not runs["a"] and runs["b with constants"] is not runs["b"]
+    # b's updates, made by the program compiled for a, are b's own: those of b's optimizer with its constants (to
+    # float32 rounding of the learning rate), and far from a's.
+    moved = max(float(np.abs(np.asarray(new) - np.asarray(old)).max()) for new, old in
+                zip(params["b"], params["a"], strict=True))
+    assert moved > 1e-3
+    for got, want in zip(params["b"], params["b with constants"], strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * moved)
 
     cfg = TrainConfig(compute_dtype="float32", learning_rate=1e-3, warmup_steps=2, total_steps=9, lb_coef=1e-2)
     model = moejax.from_pretrained(path)
