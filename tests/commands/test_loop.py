@@ -168,11 +168,3 @@ def test_resume_writes_each_step_once_and_announces_compiling(tmp_path, capsys):
     losses = sorted(step for tag, step in events if tag == "loss")
     assert losses == [1, 2, 3, 4]
     assert len(events) == len(set(events))
-
-
-@pytest.mark.slow
-def test_a_study_runs_from_outside_the_repository(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "experiments.multilingual_routing", "--pairs", "he-en",
-                           "--chunk-words", "400", "--out", "study"], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "study" / "summary.md").is_file() and (tmp_path / "study" / "he-en" / "report.md").is_file()

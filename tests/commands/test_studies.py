@@ -93,20 +93,6 @@ def test_window_from_divergence_curves():
     assert derive_window(holed, 0.5) == (8, 35)
 
 
-@pytest.mark.slow
-def test_steering_study_end_to_end_with_derived_window_and_hard_eq5(tmp_path):
-    out = tmp_path / "steer"
-    done = study("steering", ["--mode", "hard", "--limit", "3", "--out", str(out), "--seed", "1"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    protocol = json.loads((out / "protocol.json").read_text())
-    assert protocol["window_source"]["column"] in ("njsd", "njsd_pooled") and protocol["seed"] == 1
-    first, last = map(int, protocol["window"].split("-"))
-    assert 0 <= first <= last
-    assert protocol["selected_share"]["promoted_min"] > 0.9
-    summary = (out / "summary.md").read_text()
-    assert "derived from the divergence" in summary and "eq. 5" in summary and "95%" in summary
-
-
 def test_resumable_directory_rules(tmp_path):
     from moejax.errors import OutputError
     from moejax.io import STUDY_MARKER, resumable_directory
