@@ -317,7 +317,13 @@ def chats(t: Path, lang: str, prompt_words: int = 40) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, setup, status, words", CASES, ids=[c[0] for c in CASES])
+# The quick loop leaves out the cases that run a whole command before the bad input (the full suite runs them).
+SLOW_CASES = ("analyze-again-with-user-notes", "plan-json-users-file")
+
+
+@pytest.mark.parametrize("name, setup, status, words", [
+    pytest.param(*case, marks=pytest.mark.slow) if case[0] in SLOW_CASES else case for case in CASES],
+    ids=[c[0] for c in CASES])
 def test_bad_input(name, setup, status, words, checkpoint, tmp_path, monkeypatch, capsys):
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()

@@ -65,6 +65,7 @@ def expected_metrics(npz: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_interrupted_and_resumed(tmp_path):
     """Two ratios x two seeds, plus the shuffled-language control, from a directory outside the repository: killed
     once two runs have finished, then run again. The finished runs are kept as they were, the rest train, and every

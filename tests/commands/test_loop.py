@@ -50,6 +50,7 @@ def test_default_run_and_export_carry_the_tokenizer(exported):
     assert {t.dtype for t in tensors.values()} == {np.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_generate_and_chat_on_the_export(exported, tmp_path, capsys):
     _, export = exported
     assert main(["generate", "--model", str(export), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
@@ -105,6 +106,7 @@ def test_export_keeps_the_dtype(tmp_path, capsys):
     assert config["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_selective_training_export_keeps_frozen_tensors_bit_for_bit(tmp_path):
     """Only experts 1 and 2 of MoE layer 7 train: the export holds every other tensor of the built-in model exactly."""
     selection = tmp_path / "sel.json"

@@ -163,6 +163,7 @@ def test_killed_runs_leave_out_absent_or_complete(checkpoint, tmp_path, command)
     assert done.returncode == 128 + signal.SIGTERM and leftovers(out) == [] and complete()
 
 
+@pytest.mark.slow
 def test_corpus_as_spreadsheets_export_it(tmp_path, capsys):
     """A TSV written by Python's csv module (quoted cells with tabs and newlines inside, CRLF line ends, a BOM), and
     a CSV: read cell for cell. An empty cell names its row, or with --skip-incomplete drops it, counted per

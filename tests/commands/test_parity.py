@@ -399,6 +399,7 @@ def test_failing_tolerance_exits_1(fp32, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["verdict"] == "fail"
 
 
+@pytest.mark.slow
 def test_text_file_source(fp32, tmp_path):
     _, path = fp32
     text = tmp_path / "t.txt"

@@ -95,6 +95,7 @@ def test_greedy_equals_transformers(checkpoint):
     assert eos not in stopped.sequences[0, prompt:]
 
 
+@pytest.mark.slow
 def test_greedy_with_a_sliding_window_equals_transformers(tmp_path):
     """Qwen3-MoE with use_sliding_window (6 tokens): prompts of 13-19 tokens and 24 new ones decode far past the
     window, each step seeing only its last 6 tokens, as transformers' generate does."""

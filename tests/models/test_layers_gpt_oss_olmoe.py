@@ -307,6 +307,7 @@ def assert_close_trees(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_biased_dispatch_paths_and_gradients_match_a_dense_reference():
     """Tiled (custom VJP), indexed (a layer of stacked weights, read in place) and ragged_dot: outputs and gradients
     w.r.t. x, the combine weights and every weight and bias; and each with a device's share of the experts."""

@@ -60,6 +60,7 @@ def test_raw_counts_are_top_k_of_softmax_of_the_logits(bias):
     np.testing.assert_array_equal(np.asarray(out["raw"].prob_sums), np.asarray(out["model"].prob_sums))
 
 
+@pytest.mark.slow
 def test_softmax_router_views_agree():
     model = tiny(qwen3_moe, 2)
     _, out = views(model)
