@@ -318,7 +318,7 @@ def chats(t: Path, lang: str, prompt_words: int = 40) -> Path:
 
 
 # The quick loop leaves out the cases that run a whole command before the bad input (the full suite runs them).
-SLOW_CASES = ("analyze-again-with-user-notes", "plan-json-users-file")
+SLOW_CASES = ("analyze-again-with-user-notes", "analyze-again-with-edited-report", "plan-json-users-file")
 
 
 @pytest.mark.parametrize("name, setup, status, words", [

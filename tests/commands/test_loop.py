@@ -79,6 +79,7 @@ def test_moejax_eval_and_lm_eval_on_the_export(exported, tmp_path):
     assert "moejax_choice_en" in done.stdout and "acc" in done.stdout
 
 
+@pytest.mark.slow
 def test_sft_on_the_default_model(tmp_path):
     records = tmp_path / "chat.jsonl"
     records.write_text("".join(json.dumps({"prompt": f"{i} plus 1?", "response": str(i + 1)}) + "\n"

@@ -97,6 +97,7 @@ def failed(result) -> set[str]:
     return {c["check"] for c in result.summary["checks"] if not c["passed"]}
 
 
+@pytest.mark.slow  # the quick loop's honest checkpoints pass in tests/commands/test_parity.py
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", QUICK_ARCHS)
 def test_honest_checkpoint_passes(checkpoints, arch, dtype):
@@ -116,8 +117,9 @@ CASES = [(arch, kind, m) for arch in ARCHS for kind, m in NAMED
          if not (arch == "nemotron_h" and kind in ("rope_theta", "qk_norm_eps"))]  # Nemotron-H has neither
 
 
-# The quick loop keeps Qwen3-MoE's errors of the experts and the head; the full suite runs every case.
-QUICK_KINDS = ("experts_all", "expert_rare", "experts_layer", "final_norm_eps", "final_norm_weight")
+# The quick loop keeps Qwen3-MoE's errors of the experts and the head's weight (its epsilon is caught in float32 below);
+# the full suite runs every case.
+QUICK_KINDS = ("experts_all", "expert_rare", "experts_layer", "final_norm_weight")
 
 
 @pytest.mark.parametrize("arch, kind, magnitude", [
@@ -151,6 +153,7 @@ def test_final_norm_epsilon_fails_in_float32(checkpoints, arch):
     assert result.summary["overall"]["kl_mean"] < 1e-6  # what the former verdict looked at
 
 
+@pytest.mark.slow
 def test_injection_cannot_miss(checkpoints):
     ckpt = checkpoints("qwen3_moe")
     model = ckpt.model("bfloat16")

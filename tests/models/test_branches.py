@@ -98,8 +98,10 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-@pytest.mark.parametrize("arch, batch_size", [("qwen3_moe", 8), ("nemotron_h", 8), ("nemotron_h", 2),
-                                              ("qwen3_moe_window", 3)])
+@pytest.mark.parametrize("arch, batch_size", [  # the quick loop runs the shared trunk; the full suite every case
+    ("qwen3_moe", 8), pytest.param("nemotron_h", 8, marks=pytest.mark.slow),
+    pytest.param("nemotron_h", 2, marks=pytest.mark.slow),
+    pytest.param("qwen3_moe_window", 3, marks=pytest.mark.slow)])
 def test_loglikelihoods_equal_each_request_alone(arch, batch_size, qwen, tmp_path):
     """Trees (Qwen3-MoE) or contexts continued from their cache rows (Nemotron-H, a sliding window): contexts of
     several lengths share a left-padded batch, continuations of several lengths a right-padded one, and with a small

@@ -29,7 +29,7 @@ KEYS = {"qwen3_moe": "model.layers.0.mlp.experts.3.gate_proj.weight",
         "nemotron_h": "backbone.layers.1.mixer.experts.3.up_proj.weight"}
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     make_checkpoint(request.param, root / "hf", seed=8, vocab_size=259)

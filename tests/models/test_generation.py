@@ -39,6 +39,10 @@ LENGTHS, NEW = [19, 16, 13], 24
 ARGMAX_TIE = 1e-5
 
 
+# Tests that run both architectures in the full suite and Qwen3-MoE alone in the quick loop.
+QUICK_ONE = ["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
 def checkpoint(request, tmp_path_factory):
     reference, path = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=3)
@@ -115,6 +119,7 @@ def test_greedy_with_a_sliding_window_equals_transformers(tmp_path):
     assert not np.array_equal(unwindowed.generate(ids, mask, max_new_tokens=NEW).sequences, full.sequences)
 
 
+@pytest.mark.parametrize("checkpoint", QUICK_ONE, indirect=True)
 def test_decode_logits_equal_forward(checkpoint):
     _, model = checkpoint
     ids, mask = prompts(1)
@@ -207,6 +212,7 @@ def test_sampler_keeps_what_numpy_keeps(temperature, top_k, top_p):
         assert want[np.arange(len(logits)), picked].all()
 
 
+@pytest.mark.parametrize("checkpoint", QUICK_ONE, indirect=True)
 def test_sampling_is_reproducible(checkpoint):
     _, model = checkpoint
     ids, mask = prompts(2)

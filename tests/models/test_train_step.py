@@ -192,6 +192,7 @@ def test_learning_rate_from_numbers_is_the_schedule(path, settings):
         assert not np.allclose(np.asarray(at(step_numbers(cfg) | wrong, counts)), want, rtol=1e-3, atol=0)
 
 
+@pytest.mark.slow
 def test_runs_that_differ_in_numbers_share_one_program(path):
     """Two runs that differ only in the step's numbers (learning rate, schedule, balance and z-loss coefficients)
     run one compiled step, and each gets its own numbers: its learning rate is its schedule's and its total loss
