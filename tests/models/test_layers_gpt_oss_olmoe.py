@@ -18,6 +18,7 @@ References and bounds, float32 throughout:
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -81,6 +82,12 @@ def copy_projections(attn: Attention, ref: torch.nn.Module, n: int, k: int, h: i
         attn.o_bias_d[...] = arr(ref.o_proj.bias)
 
 
+@functools.partial(nnx.jit, static_argnums=5)
+def attend(attn: Attention, x_btd, mask, tables, cache=None, slot=0):
+    """The attention module jitted (as the models run it): one program, not one per operation."""
+    return attn(x_btd, mask, tables, cache, slot)
+
+
 def gpt_oss_config(**overrides) -> GptOssConfig:
     config = GptOssConfig(**dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=3,
@@ -119,7 +126,7 @@ def test_gpt_oss_attention_with_sinks_matches_transformers(layer):
         want = ref(x, (cos, sin), additive(allowed))[0].numpy()
     tables = tuple(jnp.concatenate([arr(a), arr(a)], axis=-1) for a in (cos, sin))
     mask = attention_mask(segments, t)  # the module applies its own window
-    got = np.asarray(attn(arr(x), mask, tables))
+    got = np.asarray(attend(attn, arr(x), mask, tables))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert np.abs(want).max() > 0.3
     np.testing.assert_array_equal(got[1, :3], np.broadcast_to(np.asarray(attn.o_bias_d[...]), (3, d)))
@@ -130,8 +137,8 @@ def test_gpt_oss_attention_with_sinks_matches_transformers(layer):
     outs = []
     for start, stop in ((0, 60), (60, 69)):
         valid = jnp.arange(length)[None] < stop
-        y, cache = attn(x_j[:, start:stop], cache_attention_mask(valid, start, stop - start),
-                        tuple(a[:1, start:stop] for a in tables), cache, start)
+        y, cache = attend(attn, x_j[:, start:stop], cache_attention_mask(valid, start, stop - start),
+                          tuple(a[:1, start:stop] for a in tables), cache, start)
         outs.append(y)
 
     @jax.jit
@@ -172,7 +179,7 @@ def test_olmoe_attention_whole_projection_qk_norm_and_clip_match_transformers():
         want = ref(x, (cos, sin), additive(mask))[0].numpy()
     for a in normed:  # the clamp does something, and not to everything
         assert 0.05 < float((a.abs() > clip).float().mean()) < 0.8
-    got = np.asarray(attn(arr(x), mask, (arr(cos), arr(sin))))
+    got = np.asarray(attend(attn, arr(x), mask, (arr(cos), arr(sin))))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
@@ -246,9 +253,11 @@ def test_gpt_oss_experts_match_transformers():
     for name, value in w.items():
         getattr(experts, name)[...] = value
     for tiles in (None, ()):  # the CPU tiles and the ragged_dot path
-        got = np.asarray(mix_experts(arr(x), arr(ids).astype(jnp.int32), arr(weights), w, GPT_OSS_SWIGLU, tiles))
+        got = np.asarray(jax.jit(mix_experts, static_argnums=(4, 5))(arr(x), arr(ids).astype(jnp.int32), arr(weights),
+                                                                     w, GPT_OSS_SWIGLU, tiles))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    got = np.asarray(experts(arr(x), arr(ids).astype(jnp.int32), arr(weights)))
+    got = np.asarray(nnx.jit(lambda experts, *args: experts(*args))(experts, arr(x), arr(ids).astype(jnp.int32),
+                                                                     arr(weights)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
