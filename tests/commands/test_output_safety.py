@@ -70,6 +70,7 @@ def test_a_failure_inside_leaves_the_old_output(tmp_path):
     assert (out / "result.txt").read_text() == "old" and leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     """Orbax's errors from a file system (disk full here) become one OutputError naming OUT and the reason; the
     command exits 2 and leaves nothing."""

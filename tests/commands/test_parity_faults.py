@@ -143,6 +143,7 @@ def test_named_errors_fail_in_bfloat16(checkpoints, arch, kind, magnitude):
         assert wrong["kind"] in ("moe", "attention", "mlp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", QUICK_ARCHS)
 def test_final_norm_epsilon_fails_in_float32(checkpoints, arch):
     """KL is quadratic in a logit error: this one passed on KL alone (1.7e-8 against 1e-6); the logits' own bound in

@@ -159,7 +159,7 @@ def test_callbacks_see_the_loops_tokens(checkpoint):
     np.testing.assert_array_equal(padded, want)
 
 
-@pytest.mark.parametrize("chunk", [8, 16])
+@pytest.mark.parametrize("chunk", [8, pytest.param(16, marks=pytest.mark.slow)])
 def test_ssd_step_continues_chunked(chunk):
     rng = np.random.default_rng(0)
     b, t, h, p, g, n = 2, 21, 4, 6, 2, 5

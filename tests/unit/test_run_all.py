@@ -135,6 +135,7 @@ STAND_INS = {
 }
 
 
+@pytest.mark.slow
 def test_the_runner_records_a_failure_and_carries_on(tmp_path, monkeypatch, capsys):
     (tmp_path / "benchmarks").mkdir()
     for name, code in STAND_INS.items():

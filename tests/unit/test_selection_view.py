@@ -69,6 +69,7 @@ def test_softmax_router_views_agree():
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_raw_view_equals_paper_a_hooks_on_transformers_gates(tmp_path):
     """Paper A's protocol in PyTorch: a forward hook on each of transformers' gate modules takes the hidden states
     entering it, computes the raw logits (the gate's linear projection), their softmax and its top-K. moejax's
