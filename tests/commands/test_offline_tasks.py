@@ -393,8 +393,8 @@ def test_mgsm_generates_two_shot_and_scores_its_filters(data_dir, tmp_path):
 @pytest.mark.slow
 def test_multiblimp_loglikelihoods_are_the_models_sentence_loglikelihoods(data_dir, tmp_path):
     """What the comparison ranks: log P(sentence | BOS) of the whole sentence, from the built-in model's own forward
-    pass on one unpacked row (float32; packing puts each request in a segment of its own, so within 1e-4)."""
-    import jax
+    pass on one unpacked row (float32; packing puts each request in a segment of its own, so within 1e-4). Each row
+    is right-padded to one width (one compiled forward; a causal model's tokens do not see what follows them)."""
     import numpy as np
 
     from moejax.data.tokenize import byte_level_tokenizer
@@ -403,12 +403,17 @@ def test_multiblimp_loglikelihoods_are_the_models_sentence_loglikelihoods(data_d
     out = tmp_path / "out"
     assert main(["eval", "--data-dir", str(data_dir), "--tasks", "moejax_multiblimp_heb", "--out", str(out)]) == 0
     model, tokenizer = builtin_model(), byte_level_tokenizer()
-    for sample in samples_of(out, "moejax_multiblimp_heb"):
-        for (_, sentence), got in zip((tuple(a.values()) for a in sample["arguments"].values()),
-                                      choice_lls(sample), strict=True):
-            ids = [tokenizer.bos_token_id, *tokenizer.encode(sentence, add_special_tokens=False)]
-            ids_bt = np.array([ids], np.int32)
-            logits = model.forward(ids_bt, np.ones_like(ids_bt), np.arange(len(ids))[None], False).logits
-            logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
-            want = float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
-            assert got == pytest.approx(want, abs=1e-4), sentence
+    cases = [([tokenizer.bos_token_id, *tokenizer.encode(sentence, add_special_tokens=False)], sentence, got)
+             for sample in samples_of(out, "moejax_multiblimp_heb")
+             for (_, sentence), got in zip((tuple(a.values()) for a in sample["arguments"].values()),
+                                           choice_lls(sample), strict=True)]
+    assert cases
+    width = max(len(ids) for ids, _, _ in cases)
+    for ids, sentence, got in cases:
+        ids_bt = np.zeros((1, width), np.int32)
+        ids_bt[0, :len(ids)] = ids
+        logits = np.asarray(model(ids_bt, (np.arange(width) < len(ids))[None].astype(np.int32)).logits[0], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        want = float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
+        assert got == pytest.approx(want, abs=1e-4), sentence
