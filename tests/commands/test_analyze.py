@@ -22,7 +22,7 @@ import torch
 import transformers
 from scipy import stats as sps
 from scipy.spatial import distance
-from support import assert_same_statistics, tie_forcing
+from support import QUICK_ARCHS, assert_same_statistics, tie_forcing
 
 import moejax
 from moejax.cli import main
@@ -50,7 +50,7 @@ def write_corpus(directory, text=TEXT):
     return directory
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def checkpoint(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     reference, path = make_checkpoint(request.param, root / "model", seed=31, byte_tokenizer=True)

@@ -396,6 +396,7 @@ def test_multiblimp_loglikelihoods_are_the_models_sentence_loglikelihoods(data_d
     pass on one unpacked row (float32; packing puts each request in a segment of its own, so within 1e-4). Each row
     is right-padded to one width (one compiled forward; a causal model's tokens do not see what follows them)."""
     import numpy as np
+    from support import log_softmax
 
     from moejax.data.tokenize import byte_level_tokenizer
     from moejax.models.builtin import builtin_model
@@ -412,8 +413,6 @@ def test_multiblimp_loglikelihoods_are_the_models_sentence_loglikelihoods(data_d
     for ids, sentence, got in cases:
         ids_bt = np.zeros((1, width), np.int32)
         ids_bt[0, :len(ids)] = ids
-        logits = np.asarray(model(ids_bt, (np.arange(width) < len(ids))[None].astype(np.int32)).logits[0], np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        logp = log_softmax(np.asarray(model(ids_bt, (np.arange(width) < len(ids))[None].astype(np.int32)).logits[0]))
         want = float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
         assert got == pytest.approx(want, abs=1e-4), sentence

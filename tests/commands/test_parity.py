@@ -35,6 +35,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 
 import torch
 import transformers
+from support import QUICK_ARCHS
 
 import moejax
 import moejax.layers.moe as moe
@@ -69,12 +70,12 @@ def _checkpoint(tmp_path_factory, arch, save_dtype=None, seed=17):
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def fp32(request, tmp_path_factory):
     return request.param, _checkpoint(tmp_path_factory, request.param)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def bf16(request, tmp_path_factory):
     return request.param, _checkpoint(tmp_path_factory, request.param, torch.bfloat16)
 

@@ -30,6 +30,8 @@ import pytest
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
+from support import QUICK_ARCHS
+
 import moejax
 import moejax.layers.norms as norms
 from moejax.data.tokenize import HFTokenizer
@@ -45,8 +47,7 @@ from moejax.parity.tolerances import UNIT_ROUNDOFF, tolerances_for
 pytestmark = pytest.mark.torch
 
 ARCHS = ("qwen3_moe", "nemotron_h")
-# The quick loop (-m "not slow") runs the Qwen3-MoE cases; the full suite runs both architectures.
-QUICK_ARCHS = ("qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow))
+# The quick loop (-m "not slow") runs the Qwen3-MoE cases (support.QUICK_ARCHS); the full suite runs both architectures.
 
 
 class Checkpoint:

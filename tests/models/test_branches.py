@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("torch")  # the test extra: the random checkpoints come from transformers
 
+from support import log_softmax
+
 import moejax
 from moejax.parity.fixtures import make_checkpoint
 
@@ -91,11 +93,6 @@ def test_segments_layout():
     assert segments[0].asked == {2: [4, 8, 10], 3: [5], 4: [6, 7], 5: [9]} and segments[1].asked == {0: [12]}
     assert where == {((1, 2, 3), (4, 5)): [(0, 2), (0, 3), (0, 4)], ((1, 2, 3), (8,)): [(0, 2), (0, 5)],
                      ((1, 2, 3), ()): [(0, 2)], ((11,), ()): [(1, 0)]}
-
-
-def log_softmax(logits):
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 @pytest.mark.parametrize("arch, batch_size", [  # the quick loop runs the shared trunk; the full suite every case

@@ -18,6 +18,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 
 import torch
 import transformers
+from support import QUICK_ARCHS
 
 import moejax
 from moejax.cli import main
@@ -29,7 +30,7 @@ KEYS = {"qwen3_moe": "model.layers.0.mlp.experts.3.gate_proj.weight",
         "nemotron_h": "backbone.layers.1.mixer.experts.3.up_proj.weight"}
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     make_checkpoint(request.param, root / "hf", seed=8, vocab_size=259)

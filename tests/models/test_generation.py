@@ -21,7 +21,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 
 import torch
 from flax import nnx
-from support import padded_batch
+from support import QUICK_ARCHS, padded_batch
 
 import moejax
 from moejax.errors import DataError
@@ -37,10 +37,6 @@ LENGTHS, NEW = [19, 16, 13], 24
 # Greedy choices may differ only where the reference's two best logits are this close (a tie of the argmax, which
 # another order of summation can flip); from such a step on, that row is no longer comparable.
 ARGMAX_TIE = 1e-5
-
-
-# Tests that run both architectures in the full suite and Qwen3-MoE alone in the quick loop.
-QUICK_ONE = ["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
@@ -119,7 +115,7 @@ def test_greedy_with_a_sliding_window_equals_transformers(tmp_path):
     assert not np.array_equal(unwindowed.generate(ids, mask, max_new_tokens=NEW).sequences, full.sequences)
 
 
-@pytest.mark.parametrize("checkpoint", QUICK_ONE, indirect=True)
+@pytest.mark.parametrize("checkpoint", QUICK_ARCHS, indirect=True)
 def test_decode_logits_equal_forward(checkpoint):
     _, model = checkpoint
     ids, mask = prompts(1)
@@ -212,7 +208,7 @@ def test_sampler_keeps_what_numpy_keeps(temperature, top_k, top_p):
         assert want[np.arange(len(logits)), picked].all()
 
 
-@pytest.mark.parametrize("checkpoint", QUICK_ONE, indirect=True)
+@pytest.mark.parametrize("checkpoint", QUICK_ARCHS, indirect=True)
 def test_sampling_is_reproducible(checkpoint):
     _, model = checkpoint
     ids, mask = prompts(2)

@@ -19,7 +19,7 @@ from flax import nnx
 
 pytest.importorskip("torch")  # the test extra; without it these tests are skipped
 
-from support import assert_same_statistics, tie_forcing
+from support import QUICK_ARCHS, assert_same_statistics, tie_forcing
 
 import moejax
 from moejax.data.corpus import chunk, read_corpus
@@ -38,7 +38,7 @@ OVERRIDES = {"nemotron_h": {"dt_floor": "time_step_min"}, "qwen3_moe": {}}
 LENGTHS = (13, 3, 21)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "model"
     make_checkpoint(request.param, path, seed=31, vocab_size=259)
