@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,18 @@ def extra_args(text: str | None) -> dict[str, str]:
 
 
 def _offline() -> None:
-    """No network for the hub and datasets libraries (set before they are imported), and no per-split progress
-    bars from datasets."""
+    """No network for the hub and datasets libraries, and no per-split progress bars from datasets. They read the
+    variables when they are imported; where this process imported them already (`evaluate` called from Python, after
+    transformers), their offline switches are set too: otherwise a task whose data is not here waits ~20 s on the
+    hub's retries before it is named."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ[name] = "1"
+    switches = {"huggingface_hub.constants": ("HF_HUB_OFFLINE",),
+                "datasets.config": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    for module, names in switches.items():
+        if module in sys.modules:
+            for name in names:
+                setattr(sys.modules[module], name, True)
 
 
 def _task_manager(settings: EvalSettings, offline: Path | None = None):
