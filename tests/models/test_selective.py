@@ -217,15 +217,18 @@ def test_training_routes_only_to_the_selected_experts(checkpoint):
     arch, _, path = checkpoint
     model = moejax.from_pretrained(path)
     config = model.config
-    ids = np.random.default_rng(3).integers(1, 97, (2, 12))
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, 97, (2, 12)))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit  # the restriction is data: one program for both selections
+    def first_layer_routing(params, control):
+        out = nnx.merge(graphdef, params).forward(ids, jnp.ones(ids.shape, jnp.int32),
+                                                  jnp.broadcast_to(jnp.arange(12), ids.shape), True, control=control)
+        return out.router_expert_ids[0], out.router_weights[0]
+
     for layer0 in (SELECTIONS[arch]["0"], [2]):
         cfg = TrainConfig(train_experts={"0": layer0}, route_to_trained=True)
-        graphdef, params = nnx.split(model)
-        out = nnx.merge(graphdef, params).forward(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
-                                                  jnp.broadcast_to(jnp.arange(12), ids.shape), True,
-                                                  control=route_control(cfg, config))
-        chosen = np.asarray(out.router_expert_ids[0])
-        weights = np.asarray(out.router_weights[0])
+        chosen, weights = map(np.asarray, first_layer_routing(params, route_control(cfg, config)))
         inside = np.isin(chosen, layer0)
         assert inside.any(axis=-1).all()
         assert (weights[~inside] == 0).all(), "a restricted expert carries weight"
@@ -235,17 +238,21 @@ def test_training_routes_only_to_the_selected_experts(checkpoint):
 
 def test_restriction_is_training_only_and_export_loads_in_transformers(checkpoint, tmp_path):
     """After --route-to-trained training, the model (forward, export) routes with the unrestricted router, and
-    transformers loads the export with logits matching moejax's."""
+    transformers loads the export with logits matching moejax's. The training is test_only_the_selected_slices_change's
+    without routers (the same train step, compiled once): k experts selected in the first MoE layer, so a leaked
+    restriction would route every token there to those k alone."""
     arch, _, path = checkpoint
-    cfg = TrainConfig(learning_rate=1e-2, total_steps=10, warmup_steps=1, train_experts={"0": [1]},
-                      route_to_trained=True)
+    selected = SELECTIONS[arch]["0"]
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, total_steps=10, warmup_steps=1,
+                      train_experts=SELECTIONS[arch], route_to_trained=True)
     config, _, state = run_steps(path, arch, cfg, steps=2)
+    assert len(selected) == config.num_experts_per_tok
     model = moejax.from_pretrained(path, **overrides(arch))
     nnx.update(model, state.params)
     ids = np.random.default_rng(2).integers(1, 97, (2, 12))
     out = model(ids, return_router_logits=True)
     chosen = np.unique(np.asarray(out.router_expert_ids[0]))
-    assert len(chosen) > 1, "evaluation routes as in training: the restriction leaked"
+    assert set(chosen.tolist()) - set(selected), "evaluation routes as in training: the restriction leaked"
     moejax.export_pretrained(model, tmp_path / "hf")
     shutil.copy(path / "config.json", tmp_path / "hf" / "config.json")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
