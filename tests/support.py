@@ -11,14 +11,13 @@ from moejax.parity.fixtures import run_reference
 
 # The two architectures of the heavy checks: both in the full suite, Qwen3-MoE alone in the quick loop.
 QUICK_ARCHS = ("qwen3_moe", pytest.param("nemotron_h", marks=pytest.mark.slow))
+LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
 
 
 def log_softmax(logits):
     """log softmax over the last axis, in float64 (numpy)."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-LOGITS_TOL, ROUTER_TOL = 1e-4, 1e-5
 
 
 def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], seq: int, side: str):

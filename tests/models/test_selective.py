@@ -72,6 +72,12 @@ def selected_rows(name: str, config, selection: dict[str, list[int]], routers: b
     return set()
 
 
+def selection_training(arch: str, routers: bool) -> TrainConfig:
+    """Training of SELECTIONS[arch] with the routing restriction (the tests that share it share its compiled step)."""
+    return TrainConfig(learning_rate=1e-2, weight_decay=0.1, total_steps=10, warmup_steps=1,
+                       train_experts=SELECTIONS[arch], train_routers=routers, route_to_trained=True)
+
+
 def run_steps(path, arch, cfg, steps=3):
     model = moejax.from_pretrained(path, **overrides(arch))
     graphdef, state, tx = init_state(model, cfg)
@@ -88,9 +94,7 @@ def run_steps(path, arch, cfg, steps=3):
 def test_only_the_selected_slices_change(checkpoint, routers):
     arch, _, path = checkpoint
     SELECTION = SELECTIONS[arch]
-    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, total_steps=10, warmup_steps=1,
-                      train_experts=SELECTION, train_routers=routers, route_to_trained=True)
-    config, before, state = run_steps(path, arch, cfg)
+    config, before, state = run_steps(path, arch, selection_training(arch, routers))
     changed_somewhere = set()
     for (p, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(state.params),
                              strict=True):
@@ -243,9 +247,7 @@ def test_restriction_is_training_only_and_export_loads_in_transformers(checkpoin
     restriction would route every token there to those k alone."""
     arch, _, path = checkpoint
     selected = SELECTIONS[arch]["0"]
-    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, total_steps=10, warmup_steps=1,
-                      train_experts=SELECTIONS[arch], route_to_trained=True)
-    config, _, state = run_steps(path, arch, cfg, steps=2)
+    config, _, state = run_steps(path, arch, selection_training(arch, routers=False), steps=2)
     assert len(selected) == config.num_experts_per_tok
     model = moejax.from_pretrained(path, **overrides(arch))
     nnx.update(model, state.params)
