@@ -34,6 +34,7 @@ import numpy as np
 from experiments.common import scale_options, study_main
 from moejax.commands.experts import ExpertsSettings, find_experts, read_sequences
 from moejax.evaluation import TASKS as TASK_DIR
+from moejax.evaluation.task_index import cache_task_index
 from moejax.io import write_csv
 from moejax.models.builtin import NAME as BUILTIN
 from moejax.models.steering import Steering
@@ -152,6 +153,7 @@ def evaluate(args, tasks: list[str], include: list[str], steering: Steering | No
 
     from moejax.evaluation.harness import MoejaxLM
 
+    cache_task_index()
     lm = MoejaxLM(pretrained=args.model or BUILTIN, batch_size=args.batch_size, steering=steering, dtype=args.dtype,
                   mesh=args.mesh)
     manager = TaskManager(include_path=[str(TASK_DIR), *include], verbosity="ERROR")

@@ -15,13 +15,15 @@ import tempfile
 
 import pytest
 
-# The commands the tests run keep their XLA compilation cache inside this test run, never in the user's home:
-# one directory for the session (and the processes it starts, pytest-xdist's workers included), so an identical
-# program compiles once. The process that made it removes it when it exits.
+# The commands the tests run keep their XLA compilation cache and lm-eval's task index inside this test run, never in
+# the user's home: one directory for the session (and the processes it starts, pytest-xdist's workers included), so
+# an identical program compiles once and lm-eval's ~14,000 task files are parsed once. The process that made it
+# removes it when it exits.
 if "MOEJAX_TEST_XLA_CACHE" not in os.environ:
     os.environ["MOEJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="moejax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["MOEJAX_TEST_XLA_CACHE"], ignore_errors=True)
 os.environ.setdefault("MOEJAX_COMPILATION_CACHE", os.environ["MOEJAX_TEST_XLA_CACHE"])
+os.environ.setdefault("MOEJAX_TASK_INDEX_CACHE", os.path.join(os.environ["MOEJAX_TEST_XLA_CACHE"], "lm_eval"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MOEJAX_TEST_XLA_CACHE"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

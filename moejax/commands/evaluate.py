@@ -22,6 +22,7 @@ from moejax.data.tokenize import transformers_tokenizer
 from moejax.errors import DataError, SettingsError
 from moejax.evaluation import TASKS
 from moejax.evaluation.offline import DATA_DIR_HELP, task_folder
+from moejax.evaluation.task_index import cache_task_index
 from moejax.io import output_directory, write_csv
 from moejax.models.builtin import NAME as BUILTIN
 
@@ -95,6 +96,7 @@ def _task_manager(settings: EvalSettings, offline: Path | None = None):
     """lm-eval's tasks, the bundled ones, those under --include-path and `offline` (--data-dir's tasks)."""
     from lm_eval.tasks import TaskManager
 
+    cache_task_index()
     for folder in settings.include_path:
         if not folder.is_dir():
             raise DataError(f"--include-path {folder}: no such folder")
