@@ -78,9 +78,12 @@ def _stats(graphdef, state, input_ids_bt, segment_ids_bt, positions_bt, content_
     pair_valid_bmp = ((slot_of_bt[rows_b11, pairs_bmp2[..., 0]] == own_m)
                       & (slot_of_bt[rows_b11, pairs_bmp2[..., 1]] == own_m)
                       & (pairs_bmp2[..., 0] != pairs_bmp2[..., 1])).astype(jnp.float32)
-    per_layer = [_layer_stats(logits, ids, slot_btm, pairs_bmp2, pair_valid_bmp, probabilities, selection)
-                 for logits, ids in zip(out.router_logits, out.router_expert_ids, strict=True)]
-    topk, top1, prob_sums, entropy, jaccard = (jnp.stack(x, axis=2) for x in zip(*per_layer, strict=True))
+    # One program for all MoE layers (vmapped over the layer axis, which goes third): the same operations as layer
+    # by layer, in a fraction of the compile time.
+    layer = functools.partial(_layer_stats, slot_btm=slot_btm, pairs_bmp2=pairs_bmp2, pair_valid_bmp=pair_valid_bmp,
+                              probabilities=probabilities, selection=selection)
+    topk, top1, prob_sums, entropy, jaccard = jax.vmap(layer, out_axes=2)(jnp.stack(out.router_logits),
+                                                                           jnp.stack(out.router_expert_ids))
     kept = {}
     if keep_routing:
         kept = {"expert_ids": jnp.stack(out.router_expert_ids, axis=1),
