@@ -132,6 +132,14 @@ def _layer(tokens=64, hidden=32, ffn=24, experts=16, k=4, seed=0):
     return x_td, ids_tk, weights_tk, w
 
 
+@jax.jit
+def _one_device_value_and_grads(x_td, ids_tk, weights_tk, w):
+    """The reference of the test below: sum(sin(experts(x))) and its gradients in x, the weights and w, on one
+    device (compiled once for each token count the cases use)."""
+    return jax.value_and_grad(lambda x, wt, w: jnp.sum(jnp.sin(mix_experts(x, ids_tk, wt, w, "swiglu"))),
+                              argnums=(0, 1, 2))(x_td, weights_tk, w)
+
+
 @pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=4,expert=2"])
 def test_all_to_all_and_all_gather_outputs_and_gradients(spec):
     """One MoE layer's experts (16 of them, top-4, 64 tokens; 61 on one case so that padding enters): the output and
@@ -141,14 +149,12 @@ def test_all_to_all_and_all_gather_outputs_and_gradients(spec):
         x_td, ids_tk, weights_tk = x_td[:61], ids_tk[:61], weights_tk[:61]
     mesh = make_mesh(spec)
 
-    def loss(run):
-        return lambda x, wt, w: jnp.sum(jnp.sin(run(x, ids_tk, wt, w)))
-
-    one = jax.value_and_grad(loss(lambda x, i, wt, w: mix_experts(x, i, wt, w, "swiglu")), argnums=(0, 1, 2))
-    want_value, want_grads = one(x_td, weights_tk, w)
+    want_value, want_grads = _one_device_value_and_grads(x_td, ids_tk, weights_tk, w)
     results = {}
     for exchange in ("all_gather", "all_to_all"):
-        run = loss(lambda x, i, wt, w, ex=exchange: expert_parallel(x, i, wt, w, "swiglu", mesh, exchange=ex))
+        def run(x, wt, w, ex=exchange):
+            return jnp.sum(jnp.sin(expert_parallel(x, ids_tk, wt, w, "swiglu", mesh, exchange=ex)))
+
         with jax.set_mesh(mesh):
             results[exchange] = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2)))(x_td, weights_tk, w)
     for exchange, (value, grads) in results.items():
