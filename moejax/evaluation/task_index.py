@@ -52,6 +52,7 @@ def cache_task_index() -> None:
         return index
 
     build._moejax = True
+    build.__wrapped__ = original  # lm-eval's own parse
     _index.TaskIndex.build = staticmethod(build)
 
 

@@ -37,7 +37,7 @@ class Parser:
         self.calls += 1
         return type(self).original(paths, resolve_includes=resolve_includes)
 
-    original = staticmethod(_index.TaskIndex.build)  # the unpatched parse, whatever this session patched since
+    original = staticmethod(getattr(_index.TaskIndex.build, "__wrapped__", _index.TaskIndex.build))  # lm-eval's parse
 
 
 @pytest.fixture
