@@ -163,10 +163,11 @@ def test_ssd_step_continues_chunked(chunk):
     dt = rng.uniform(0.05, 0.6, (b, t + 1, h)).astype(np.float32)
     a = -rng.uniform(0.5, 2.0, h).astype(np.float32)
     bm, cm = (rng.normal(size=(b, t + 1, g, n)).astype(np.float32) for _ in range(2))
-    y_all, state_all = ssd_chunked(x, dt, a, bm, cm, chunk)
-    _, state_t = ssd_chunked(x[:, :t], dt[:, :t], a, bm[:, :t], cm[:, :t], chunk)
-    y_next, state_next = ssd_step(jnp.asarray(x[:, t]), jnp.asarray(dt[:, t]), a, jnp.asarray(bm[:, t]),
-                                  jnp.asarray(cm[:, t]), state_t)
+    chunked = jax.jit(ssd_chunked, static_argnums=5)  # compiled whole, as the model runs it
+    y_all, state_all = chunked(x, dt, a, bm, cm, chunk)
+    _, state_t = chunked(x[:, :t], dt[:, :t], a, bm[:, :t], cm[:, :t], chunk)
+    y_next, state_next = jax.jit(ssd_step)(jnp.asarray(x[:, t]), jnp.asarray(dt[:, t]), a, jnp.asarray(bm[:, t]),
+                                           jnp.asarray(cm[:, t]), state_t)
     np.testing.assert_allclose(np.asarray(y_next), np.asarray(y_all)[:, t], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(state_next), np.asarray(state_all), atol=1e-5, rtol=1e-5)
 

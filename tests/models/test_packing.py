@@ -68,12 +68,13 @@ def test_chunked_ssd_with_segments_equals_the_recurrence_with_resets(chunk_size)
     segments[1, 66:] = 0
     runs = segment_runs(jnp.asarray(segments))
     initial = jnp.asarray(rng.normal(size=(batch, heads, head_dim, state)), jnp.float32)
-    y_chunked, final_chunked = ssd_chunked(x, dt, a, b, c, chunk_size, initial, runs)
-    y_oracle, final_oracle = ssd_sequential(x, dt, a, b, c, initial, runs)
+    y_chunked, final_chunked = jax.jit(ssd_chunked, static_argnums=5)(x, dt, a, b, c, chunk_size, initial, runs)
+    sequential = jax.jit(ssd_sequential)  # compiled whole, as the model runs it, not operation by operation
+    y_oracle, final_oracle = sequential(x, dt, a, b, c, initial, runs)
     np.testing.assert_allclose(np.asarray(y_chunked), np.asarray(y_oracle), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(final_chunked), np.asarray(final_oracle), rtol=0, atol=1e-5)
     # The reset really happens: without the runs the outputs after the first boundary differ.
-    unsegmented, _ = ssd_sequential(x, dt, a, b, c, initial)
+    unsegmented, _ = sequential(x, dt, a, b, c, initial)
     assert np.abs(np.asarray(unsegmented)[:, 8:] - np.asarray(y_oracle)[:, 8:]).max() > 1e-2
 
 
