@@ -63,8 +63,8 @@ def main() -> None:
     @jax.jit
     def read_busy(busy_j, w):
         def one(j, total):
-            e = busy_j[j]
-            return total + sum(jnp.sum(jax.lax.dynamic_index_in_dim(w[name], e, keepdims=False)) for name in w)
+            expert = busy_j[j]  # not `e`, the expert count above
+            return total + sum(jnp.sum(jax.lax.dynamic_index_in_dim(w[name], expert, keepdims=False)) for name in w)
         return jax.lax.fori_loop(0, busy_j.shape[0], one, jnp.float32(0))
 
     whole = jnp.ones((e * 3 * d * f,), jnp.float32)
