@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -373,10 +372,7 @@ def train_and_measure(path: Path, cond: Condition, ratio: float, seed: int, init
                       s: ImbalanceSettings) -> dict[str, float]:
     """Trains (or resumes) one run, then measures it into RUN/heldout_routing.npz; returns the seconds each took."""
     from moejax.commands.train import TrainSettings, train
-    from moejax.opening import RUN_FILE
 
-    if path.is_dir() and not (path / RUN_FILE).is_file():
-        shutil.rmtree(path)  # a start killed before its run.json: the model's files only, nothing trained
     began = time.perf_counter()
     train(TrainSettings(model=str(init), data=mixture(cond, ratio, files), out=path, steps=s.steps,
                         seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr, lb_coef=cond.lb_coef,

@@ -175,6 +175,33 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def new_directory(out: Path, command: str) -> Iterator[Path]:
+    """Yields a temporary directory beside OUT (absent or an empty directory) that becomes OUT when the block
+    completes, so that OUT never holds part of what the block writes: the block raising, SIGINT or SIGTERM leave OUT
+    as it was and remove the temporary; one left by SIGKILL is removed by the next run beside OUT. For a directory
+    that later work fills in place (a training run's): only its start is written whole. A symbolic link at OUT is
+    followed: the directory it names is the one replaced."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moejax-{command}-{os.getpid()}-", dir=out.parent))
+    try:
+        with _terminate_as_exit():
+            (tmp / PARTIAL).write_text(json.dumps({"pid": os.getpid(), "command": command}))
+            yield tmp
+            _normal_permissions(tmp)
+            try:
+                os.replace(tmp, out)  # replaces an empty OUT; one the user has filled meanwhile stays as it is
+            except OSError:
+                raise OutputError(f"{out} is no longer empty (something was put there while {command} started); "
+                                  "move that away, or give another path") from None
+            (out / PARTIAL).unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def output_directory(out: str | Path, command: str, inputs=(), flag: str = "--out") -> Iterator[Path]:
     """Yields a temporary directory beside OUT (check_output decides whether OUT may be written, before and again
     just before it is replaced) that replaces OUT when the block completes: OUT holds its old complete contents or

@@ -41,7 +41,7 @@ from moejax.data.mixture import Mixture, load_documents, parse_mixture
 from moejax.data.sft import ConversationRows, load_conversations
 from moejax.data.tokenize import ByteTokenizer, HFTokenizer
 from moejax.errors import RunError
-from moejax.io import refuse_unsafe
+from moejax.io import new_directory, refuse_unsafe
 from moejax.models.builtin import save_builtin_files
 from moejax.opening import CHECKPOINTS, RUN_FILE, open_model
 from moejax.parallel.mesh import make_mesh
@@ -311,19 +311,18 @@ def _write_eval(path: Path, writer, step: int, losses: dict[str, float], primary
 
 
 def _start_run_dir(out: Path, settings: RunSettings) -> None:
-    """run.json, the model's config and tokenizer, written before the first step (run.json last, atomically)."""
+    """run.json, the model's config and tokenizer, written before the first step, all at once (new_directory): a
+    start that is interrupted leaves OUT as it was, never a directory without run.json that no run can use."""
     if jax.process_index() != 0:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    if settings.model is None:
-        save_builtin_files(out)
-    else:
-        for name in COPIED:
-            if (Path(settings.model) / name).is_file():
-                shutil.copy2(Path(settings.model) / name, out / name)
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(settings.to_json(), indent=2))
-    os.replace(tmp, out / RUN_FILE)
+    with new_directory(out, "train") as tmp:
+        if settings.model is None:
+            save_builtin_files(tmp)
+        else:
+            for name in COPIED:
+                if (Path(settings.model) / name).is_file():
+                    shutil.copy2(Path(settings.model) / name, tmp / name)
+        (tmp / RUN_FILE).write_text(json.dumps(settings.to_json(), indent=2))
 
 
 def _row(step: int, metrics: dict, seconds: float) -> dict:

@@ -27,7 +27,7 @@ from moejax.checkpoint import orbax_errors
 from moejax.cli import main
 from moejax.data.corpus import read_corpus
 from moejax.errors import OutputError
-from moejax.io import MARKER, output_directory
+from moejax.io import MARKER, PARTIAL, new_directory, output_directory
 
 pytestmark = pytest.mark.torch
 # The rules of OUT do not depend on the corpus: two short chunks per language (rows of 1024 tokens, not 4096) keep
@@ -68,6 +68,59 @@ def test_a_failure_inside_leaves_the_old_output(tmp_path):
         (tmp / "result.txt").write_text("half")
         raise OSError(28, "No space left on device")
     assert (out / "result.txt").read_text() == "old" and leftovers(out) == []
+
+
+def test_a_new_directory_appears_whole(tmp_path):
+    """new_directory (a training run's start): OUT appears with everything the block wrote or not at all. Absent or
+    empty before; unchanged when the block raises; refused, the user's file kept, when it was filled meanwhile; a
+    symbolic link keeps pointing at the directory it names, which is the one replaced."""
+    mask = os.umask(0)
+    os.umask(mask)
+    out = tmp_path / "run"
+    with new_directory(out, "train") as tmp:
+        assert not out.exists() and (tmp / PARTIAL).is_file()
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and leftovers(out) == []
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    for before in ("absent", "empty"):
+        out = tmp_path / f"run-{before}"
+        if before == "empty":
+            out.mkdir()
+        with pytest.raises(KeyboardInterrupt), new_directory(out, "train") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+        assert (out.exists(), leftovers(out)) == ((before == "empty"), [])
+        assert not out.exists() or list(out.iterdir()) == []
+    out = tmp_path / "filled"
+    out.mkdir()
+    with pytest.raises(OutputError, match="no longer empty"), new_directory(out, "train") as tmp:
+        (tmp / "config.json").write_text("{}")
+        (out / "notes.txt").write_text("the user's")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and leftovers(out) == []
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with new_directory(tmp_path / "link", "train") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "link").is_symlink() and (target / "config.json").is_file()
+
+
+def test_a_killed_start_leaves_out_as_it_was(tmp_path):
+    """SIGKILL while new_directory's block writes: OUT stays absent, and the next start beside it removes the
+    temporary the killed process left (never one of a process still running)."""
+    out = tmp_path / "run"
+    code = ("import os, signal, sys; from pathlib import Path; from moejax.io import new_directory\n"
+            "with new_directory(Path(sys.argv[1]), 'train') as tmp:\n"
+            "    (tmp / 'config.json').write_text('{}'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not out.exists() and len(leftovers(out)) == 1
+    alive = tmp_path / f".run.moejax-train-{os.getpid()}-running"  # this process's: still being written
+    alive.mkdir()
+    (alive / PARTIAL).write_text("{}")
+    with new_directory(out, "train") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert leftovers(out) == [alive.name] and sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 @pytest.mark.slow

@@ -206,6 +206,30 @@ def test_another_run_in_the_directory_is_refused(model_dir, uninterrupted, tmp_p
 
 
 @pytest.mark.slow
+def test_an_interrupted_start_leaves_no_half_run(model_dir, tmp_path, monkeypatch, capsys):
+    """Interrupted while it writes the run directory's first files (the model's config and tokenizer, then
+    run.json): OUT is left as it was, absent or empty, so the same command starts it again; before, it left a
+    directory without run.json that every later run refused (and that a study removed whole)."""
+    from moejax.training.run import RunSettings
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    for before in ("absent", "empty"):
+        out = tmp_path / before
+        if before == "empty":
+            out.mkdir()
+        with monkeypatch.context() as patch:
+            patch.setattr(RunSettings, "to_json", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                main(args(model_dir, out, "--steps", "1"))
+        assert not out.exists() or list(out.iterdir()) == [], before
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{before}.")] == []
+    assert main(args(model_dir, out, "--steps", "1")) == 0
+    assert (out / RUN_FILE).is_file() and (out / "config.json").is_file() and len(rows(out)) == 1
+
+
+@pytest.mark.slow
 def test_config_file_and_command_line(model_dir, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text('steps = 2\nlb_coef = 0.05\nseq_len = 32\nremat = "full"\n')
