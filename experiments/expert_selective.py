@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import scale_options, study_main
-from moejax.commands.evaluate import EvalSettings, evaluate
+from moejax.commands.evaluate import EvalSettings, evaluate, loadable_tasks
 from moejax.commands.experts import ExpertsSettings, find_experts, selected_experts
 from moejax.commands.options import add_options, from_mapping
 from moejax.commands.train import TrainSettings, train
@@ -382,8 +382,6 @@ def demo_data(target: str, folder: Path, eval_data: str | None) -> tuple[str, st
 def task_include(plan: Plan, out: Path) -> tuple[Path, ...]:
     """The lm-eval task folder for --data-dir (written under OUT), with every task checked to exist and to load
     offline before anything trains."""
-    from moejax.commands import evaluate as evaluate_command
-
     a = plan.args
     include: tuple[Path, ...] = ()
     if a.data_dir:
@@ -393,9 +391,7 @@ def task_include(plan: Plan, out: Path) -> tuple[Path, ...]:
             raise SettingsError("--data-dir: this moejax has no moejax.evaluation.offline (the writer of local "
                                 "MultiBLiMP and Belebele tasks)") from None
         include = (Path(task_folder(Path(a.data_dir), out / "tasks", list(plan.tasks))),)
-    check = EvalSettings(tasks=plan.tasks, include_path=include)
-    evaluate_command._offline()  # before lm-eval imports datasets
-    evaluate_command._check_loadable(check, evaluate_command._task_manager(check))
+    loadable_tasks(EvalSettings(tasks=plan.tasks, include_path=include))
     return include
 
 

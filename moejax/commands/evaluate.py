@@ -92,6 +92,17 @@ def _offline() -> None:
                 setattr(sys.modules[module], name, True)
 
 
+def loadable_tasks(settings: EvalSettings, offline: Path | None = None):
+    """lm-eval's TaskManager for `settings` (lm-eval's tasks, the bundled ones, --include-path's and `offline`,
+    --data-dir's task folder), with each of settings.tasks in it and its documents loaded once: a task that is not
+    there or needs the network is named (DataError) before any model work. The hub and datasets libraries are turned
+    offline first."""
+    _offline()
+    manager = _task_manager(settings, offline)
+    _check_loadable(settings, manager)
+    return manager
+
+
 def _task_manager(settings: EvalSettings, offline: Path | None = None):
     """lm-eval's tasks, the bundled ones, those under --include-path and `offline` (--data-dir's tasks)."""
     from lm_eval.tasks import TaskManager
@@ -192,8 +203,7 @@ def evaluate(settings: EvalSettings) -> tuple[Path, dict]:
                                 "tokenizer_config.json or chat_template.jinja)")
         # --data-dir's benchmarks: task YAML over the user's files, written with the run's output (never into DIR).
         offline = task_folder(settings.data_dir, tmp / "tasks", list(settings.tasks)) if settings.data_dir else None
-        manager = _task_manager(settings, offline)
-        _check_loadable(settings, manager)
+        manager = loadable_tasks(settings, offline)
         # By name, as `lm_eval --model moejax --model_args ...` runs it (the results are named after the model).
         model_args = {"pretrained": str(settings.model) if settings.model else BUILTIN, "dtype": settings.dtype,
                       "allow_nonfinite": settings.allow_nonfinite, **extra_args(settings.model_args)}
