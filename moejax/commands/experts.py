@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moejax.commands.options import MESH_HELP, check_options, option
-from moejax.data.corpus import SAMPLE_LANGS, read_corpus
+from moejax.data.corpus import SAMPLE_LANGS, first_jsonl_object, read_corpus
 from moejax.data.languages import check_codes, file_names, identity
 from moejax.data.mixture import jsonl_texts
 from moejax.errors import DataError, SettingsError
@@ -125,13 +125,9 @@ def read_sequences(label: str, path: str) -> list[str]:
     where = Path(path)
     if not where.exists():
         raise DataError(f"{label}={path}: no such file or directory")
-    if where.is_file() and where.suffix == ".jsonl":
-        first = next((line for line in where.read_text(encoding="utf-8").splitlines() if line.strip()), "")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:1: not valid JSON ({exc})") from None
-        if isinstance(row, dict) and "text" in row and not set(file_names(label)) & set(row):
+    if where.is_file() and where.suffix == ".jsonl":  # texts, or a table with a key per language (read_corpus)
+        row = first_jsonl_object(where)
+        if "text" in row and not set(file_names(label)) & set(row):
             return jsonl_texts(where)
     elif where.is_file() and where.suffix != ".csv":
         lines = where.read_text(encoding="utf-8").splitlines()

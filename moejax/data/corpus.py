@@ -91,22 +91,24 @@ def _lines(path: Path, lang: str) -> list[str]:
     return lines
 
 
-def _jsonl(path: Path, what: str, expected: str) -> list[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file; a DataError naming the line otherwise."""
+def jsonl_objects(path: Path, expected: str, what: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file: what every JSONL reader of moejax reads
+    (corpora, training text, SFT records). A line that is not valid JSON, or not an object, is a DataError naming the
+    file and the line; `expected` says what a line should be, `what` what the file was read as."""
     rows = []
     for i, line in enumerate(read_lines(path, what), 1):
         if line.strip():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON object ({e})") from None
+                raise DataError(f"{path}:{i}: not valid JSON ({e}); expected {expected}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{i}: expected {expected}")
             rows.append((i, row))
     return rows
 
 
-def _first_object(path: Path) -> dict:
+def first_jsonl_object(path: Path) -> dict:
     """The first line of a JSONL file as an object ({} if it is none): what tells a Belebele file from texts."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
@@ -139,7 +141,7 @@ def _belebele_file(root: Path, lang: str) -> Path | None:
     for name in file_names(lang):
         for d in BELEBELE_DIRS:
             path = root / d / f"{name}.jsonl"
-            if path.is_file() and "flores_passage" in _first_object(path):
+            if path.is_file() and "flores_passage" in first_jsonl_object(path):
                 return path
     return None
 
@@ -191,7 +193,7 @@ def _read_texts(root: Path, langs: list[str]) -> _Found:
         else:
             expected = 'a JSON object with a string "text" field'
             rows[lang] = []
-            for i, row in _jsonl(path, f"language {lang!r}", expected):
+            for i, row in jsonl_objects(path, expected, f"language {lang!r}"):
                 if not isinstance(row.get("text"), str):
                     raise DataError(f"{path}:{i}: expected {expected}")
                 rows[lang].append(row["text"].strip())
@@ -206,7 +208,7 @@ def _read_belebele(files: dict[str, Path]) -> _Found:
     for lang, path in files.items():
         passages[lang], first_line = {}, {}
         expected = "a Belebele question: a JSON object with \"link\" and \"flores_passage\" strings"
-        for i, row in _jsonl(path, f"a Belebele file (language {lang!r})", expected):
+        for i, row in jsonl_objects(path, expected, f"a Belebele file (language {lang!r})"):
             link, passage = row.get("link"), row.get("flores_passage")
             if not isinstance(link, str) or not isinstance(passage, str):
                 raise DataError(f"{path}:{i}: expected {expected}")
@@ -300,7 +302,7 @@ def _read_table(path: Path, langs: list[str]) -> _Found:
     line ends, an optional UTF-8 BOM. A language's column is the first of its names (file_names) the table has."""
     rows, lines = [], []
     if path.suffix == ".jsonl":
-        for i, row in _jsonl(path, "a JSONL corpus", "a JSON object with a key per language"):
+        for i, row in jsonl_objects(path, "a JSON object with a key per language", "a JSONL corpus"):
             rows.append({k: v if isinstance(v, str) else "" for k, v in row.items()})
             lines.append(i)
         row_name = lambda i: f"row {i + 1} (line {lines[i]})"  # noqa: E731

@@ -8,7 +8,6 @@ from a generator seeded by (seed, batch index). The state is a few integers, so 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import zipfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.data.corpus import read_lines
+from moejax.data.corpus import jsonl_objects, read_lines
 from moejax.data.packing import positions
 from moejax.errors import DataError
 
@@ -96,16 +95,11 @@ def parse_mixture(spec: str, *, with_ratios: bool = True) -> list[Source]:
 
 def jsonl_texts(path: Path) -> list[str]:
     """The "text" field of each line of a JSONL file (a DataError naming the line otherwise)."""
+    expected = 'a JSON object with a string "text" field'
     texts = []
-    for i, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}:{i}: expected a JSON object with a string \"text\" field")
+    for i, row in jsonl_objects(path, expected):
+        if not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{i}: expected {expected}")
         texts.append(row["text"])
     return texts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.data.corpus import read_lines
+from moejax.data.corpus import jsonl_objects
 from moejax.data.mixture import IGNORE_INDEX, STATE_VERSION, Batch, Documents, Source, _check_ratios, _count
 from moejax.errors import DataError
 
@@ -25,23 +25,18 @@ ROLES = ("system", "user", "assistant", "tool")
 
 def read_records(path: Path) -> list[list[dict]]:
     """Each line's conversation as a list of {"role", "content"} messages, checked (a DataError naming the line)."""
+    expected = 'an SFT record: {"messages": [...]} or {"prompt": ..., "response": ...}'
     conversations = []
-    for number, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_objects(path, expected):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})") from None
-        if isinstance(record, dict) and "messages" in record:
+        if "messages" in record:
             messages = record["messages"]
-        elif isinstance(record, dict) and {"prompt", "response"} <= set(record):
+        elif {"prompt", "response"} <= set(record):
             messages = [{"role": "user", "content": record["prompt"]},
                         {"role": "assistant", "content": record["response"]}]
         else:
             raise DataError(f"{where}: an SFT record is {{\"messages\": [...]}} or {{\"prompt\": ..., \"response\": "
-                            f"...}}, got {line.strip()[:80]!r}")
+                            f"...}}, got {json.dumps(record)[:80]!r}")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
             raise DataError(f"{where}: messages must be a list of {{\"role\": one of {', '.join(ROLES)}, "

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from moejax.commands.experts import read_sequences
 from moejax.data.corpus import read_corpus, read_lines, read_text
-from moejax.data.mixture import Source, load_documents
+from moejax.data.mixture import Source, jsonl_texts, load_documents
 from moejax.data.sft import read_records
 from moejax.data.tokenize import ByteTokenizer
 from moejax.errors import DataError
@@ -69,3 +70,24 @@ def test_corpora_training_data_and_sft_records_read_the_same_lines(tmp_path):
         assert [bytes(int(t) - 3 for t in docs.tokens[a:b] if t not in special).decode()
                 for a, b in zip(docs.offsets[:-1], docs.offsets[1:], strict=True)] == texts
     assert [r[0]["content"] for r in read_records(jsonl)] == texts
+
+
+@pytest.mark.parametrize("line, says", [('{"text": oops}', "not valid JSON"), ('["text"]', "expected"),
+                                        ('"text"', "expected"), ("3", "expected")])
+def test_every_jsonl_reader_names_the_bad_line(tmp_path, line, says):
+    """One JSONL reader (corpus.jsonl_objects) under the corpora, the CPT data, the SFT records and `moejax experts`'
+    text files: blank lines are skipped but counted, so the line named is the file's own, whatever the line ends."""
+    good = '{"text": "a", "prompt": "a", "response": "a", "en": "a", "he": "a"}'
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(f"{BOM}{good}\r\n\r\n{good}\r{line}\n{good}\n".encode())
+    readers = [lambda: read_corpus(path, ["en", "he"]), lambda: jsonl_texts(path), lambda: read_records(path),
+               lambda: read_sequences("en", str(path))]
+    for read in readers:
+        with pytest.raises(DataError) as caught:
+            read()
+        assert f"d.jsonl:4: {says}" in str(caught.value)
+    first_bad = tmp_path / "first.jsonl"  # `moejax experts` looks at the first object to tell texts from a table
+    first_bad.write_text(f"\n{line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_sequences("en", str(first_bad))
+    assert f"first.jsonl:2: {says}" in str(caught.value)
