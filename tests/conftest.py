@@ -39,6 +39,11 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 # A process's resident memory above which the compiled programs are dropped at the end of a test module.
 COMPILED_PROGRAMS_RSS_LIMIT = 4 << 30
+# The share of the kernel's limit on a process's memory mappings (vm.max_map_count, 65,530 by default) above which the
+# same happens. XLA:CPU maps each compiled program's code in sections of its own (about six mappings for a small
+# program, hundreds for a model), and a process that reaches the limit dies: LLVM's "Unable to allocate section
+# memory!" aborts the whole process while it compiles. A full run reached it in one xdist worker at 3 GiB resident.
+COMPILED_PROGRAMS_MAPPINGS_SHARE = 0.5
 
 
 def resident_bytes() -> int:
@@ -50,13 +55,30 @@ def resident_bytes() -> int:
         return 0
 
 
+def memory_mappings() -> tuple[int, int]:
+    """This process's memory mappings now and the kernel's limit on them (Linux /proc; (0, 1) elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            mapped = f.read().count(b"\n")
+        with open("/proc/sys/vm/max_map_count") as f:
+            return mapped, int(f.read())
+    except (OSError, ValueError):
+        return 0, 1
+
+
+def compiled_programs_too_many() -> bool:
+    """Whether this process should drop its compiled programs: its memory or its mappings are past their limits."""
+    mapped, limit = memory_mappings()
+    return resident_bytes() > COMPILED_PROGRAMS_RSS_LIMIT or mapped > COMPILED_PROGRAMS_MAPPINGS_SHARE * limit
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Modules share compiled programs (the same tiny configs and shapes compile once per process), until the
-    process's memory passes COMPILED_PROGRAMS_RSS_LIMIT: then the programs (and the module's models) are dropped when
-    the module ends. Without any release a full run grew until XLA aborted while compiling, late in the session."""
+    process's memory or its memory mappings pass their limits (above): then the programs (and the module's models)
+    are dropped when the module ends."""
     yield
     gc.collect()
-    if resident_bytes() > COMPILED_PROGRAMS_RSS_LIMIT:
+    if compiled_programs_too_many():
         jax.clear_caches()
         gc.collect()
