@@ -12,6 +12,7 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -44,6 +45,12 @@ COMPILED_PROGRAMS_RSS_LIMIT = 4 << 30
 # program, hundreds for a model), and a process that reaches the limit dies: LLVM's "Unable to allocate section
 # memory!" aborts the whole process while it compiles. A full run reached it in one xdist worker at 3 GiB resident.
 COMPILED_PROGRAMS_MAPPINGS_SHARE = 0.5
+# Within a module the mappings are also checked between tests, at most every MAPPINGS_CHECK_EVERY_S seconds (reading
+# /proc/self/maps takes ~1 ms per 1,000 mappings), against three quarters of the limit: one module can reach it alone
+# (tests/multidevice/test_sharded.py's 8-device worker ends at ~57,000 mappings; one of its tests adds up to ~6,000).
+WITHIN_MODULE_MAPPINGS_SHARE = 0.75
+MAPPINGS_CHECK_EVERY_S = 10.0
+_mappings_checked = {"at": 0.0}
 
 
 def resident_bytes() -> int:
@@ -80,5 +87,19 @@ def _release_compiled_programs():
     yield
     gc.collect()
     if compiled_programs_too_many():
+        jax.clear_caches()
+        gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_within_a_module():
+    """A module whose tests compile enough programs to near the limit on mappings drops them between its tests."""
+    yield
+    now = time.monotonic()
+    if now - _mappings_checked["at"] < MAPPINGS_CHECK_EVERY_S:
+        return
+    _mappings_checked["at"] = now
+    mapped, limit = memory_mappings()
+    if mapped > WITHIN_MODULE_MAPPINGS_SHARE * limit:
         jax.clear_caches()
         gc.collect()
