@@ -76,6 +76,7 @@ def assert_same_tokens(ref_sequences, ref_scores, ours, prompt: int):
     return whole
 
 
+@pytest.mark.parametrize("checkpoint", QUICK_ARCHS, indirect=True)
 def test_greedy_equals_transformers(checkpoint):
     reference, model = checkpoint
     ids, mask = prompts()

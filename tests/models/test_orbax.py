@@ -36,7 +36,7 @@ def params(model):
     return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("arch", ["qwen", "nemotron"])
+@pytest.mark.parametrize("arch", ["qwen", pytest.param("nemotron", marks=pytest.mark.slow)])
 def test_round_trip_is_exact(checkpoints, tmp_path, arch):
     out = tmp_path / "orbax"
     assert main(["convert", str(checkpoints / arch), str(out), "--dtype", "float32"]) == 0

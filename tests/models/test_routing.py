@@ -17,7 +17,7 @@ pytest.importorskip("torch")  # the test extra; without it these tests are skipp
 import torch
 from scipy import stats as sps
 from scipy.spatial import distance
-from support import padded_batch
+from support import QUICK_ARCHS, padded_batch
 
 import moejax
 from moejax.parity.fixtures import make_checkpoint, run_reference
@@ -33,7 +33,7 @@ def pairs_for(rng, lengths, seq, count=6):
     return np.stack([rng.integers(0, seq, (count, 2)) for _ in lengths])
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "nemotron_h"])
+@pytest.fixture(scope="module", params=QUICK_ARCHS)
 def routed(request, tmp_path_factory):
     arch = request.param
     reference, path = make_checkpoint(arch, tmp_path_factory.mktemp(arch), seed=21)
