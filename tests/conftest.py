@@ -79,6 +79,12 @@ def compiled_programs_too_many() -> bool:
     return resident_bytes() > COMPILED_PROGRAMS_RSS_LIMIT or mapped > COMPILED_PROGRAMS_MAPPINGS_SHARE * limit
 
 
+def drop_compiled_programs() -> None:
+    """This process's compiled programs (and what only they held) are freed."""
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_collection_finish(session):
     """What collection imported (jax, torch, transformers, lm-eval: ~10^6 objects) lives to the end, so it leaves
     the garbage collector's scans: each full collection walked all of it (~0.5 s, ~8% of a worker's time)."""
@@ -94,8 +100,7 @@ def _release_compiled_programs():
     yield
     gc.collect()
     if compiled_programs_too_many():
-        jax.clear_caches()
-        gc.collect()
+        drop_compiled_programs()
 
 
 @pytest.fixture(autouse=True)
@@ -108,5 +113,4 @@ def _release_compiled_programs_within_a_module():
     _mappings_checked["at"] = now
     mapped, limit = memory_mappings()
     if mapped > WITHIN_MODULE_MAPPINGS_SHARE * limit:
-        jax.clear_caches()
-        gc.collect()
+        drop_compiled_programs()
